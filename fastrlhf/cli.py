@@ -1,0 +1,49 @@
+"""`fastrlhf demo | sft | rm | ppo | report` (also `python -m fastrlhf`).
+
+Each subcommand imports its module only when run, so `fastrlhf --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, function taking the parsed args, help)
+_COMMANDS = {
+    "sft": ("fastrlhf.trainers.sft", "cli_main", "supervised fine-tuning (loss on response tokens only)"),
+    "rm": ("fastrlhf.trainers.reward", "cli_main", "reward model training (Bradley-Terry)"),
+    "ppo": ("fastrlhf.trainers.ppo", "cli_main", "PPO against a reward model"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastrlhf", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the whole SFT -> RM -> PPO pipeline on the built-in task, no downloads")
+    demo.add_argument("--out", default="runs/demo", help="output directory (re-running resumes)")
+    demo.add_argument("--quick", action="store_true", help="CI-sized run (a few minutes on 2 CPU cores)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--rollout", choices=("hf", "vllm"), default="hf")
+    for name, (_, _, help_) in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", required=True, help="YAML config file")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides (dotted for sections)")
+    rep = sub.add_parser("report", help="plots and a summary of a run's metrics")
+    rep.add_argument("run_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from fastrlhf.demo import run_demo_cli
+        return int(run_demo_cli(args) or 0)
+    if args.command == "report":
+        from fastrlhf.telemetry.report import report_cli
+        return int(report_cli(args.run_dir) or 0)
+    module, func, _ = _COMMANDS[args.command]
+    return int(getattr(importlib.import_module(module), func)(args.config, args.overrides) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Metrics to ``metrics.jsonl`` (one JSON object a line) and, when installed, TensorBoard."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+
+def to_float(v: Any) -> float:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().cpu().item())
+    return float(v)
+
+
+class MetricsLogger:
+    """Append-only metrics log. ``log(step, {"name": value, ...}, stage="ppo")``.
+
+    Values may be 0-dim tensors (reduced here, once per step, not inside the math). Only rank 0
+    should create one with ``enabled=True``; others pass ``enabled=False``.
+    """
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 filename: str = "metrics.jsonl"):
+        self.enabled = enabled
+        self.path = Path(out_dir) / filename
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self._tb = None
+
+    def log(self, step: int, values: Mapping[str, Any], *, stage: str = "") -> dict:
+        row = {k: to_float(v) if isinstance(v, (torch.Tensor, int, float)) and not isinstance(v, bool) else v
+               for k, v in values.items()}
+        if not self.enabled:
+            return row
+        record = {"stage": stage, "step": int(step), "time": time.time(), **row}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(f"{stage}/{k}" if stage else k, v, step)
+        return row
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All rows of a ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
