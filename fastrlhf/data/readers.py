@@ -94,22 +94,26 @@ def validate_rows(rows: Iterable[tuple[str, object]], *, kind: str, source) -> l
 
 # --- sources ----------------------------------------------------------------------------------------------
 
+def _json_fault(err: json.JSONDecodeError) -> str:
+    return f"bad JSON at column {err.colno}: {err.msg.removesuffix(' at')}"
+
+
 def _jsonl_rows(path: Path):
     with path.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue  # blank lines (a trailing newline, a separator) are not rows
             try:
-                yield f"line {lineno}", json.loads(line)
+                yield f"line {lineno}", json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                raise DataError(path, f"line {lineno}", f"bad JSON: {err.msg} (column {err.colno})") from None
+                raise DataError(path, f"line {lineno}", _json_fault(err)) from None
 
 
 def _json_rows(path: Path, split: str):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise DataError(path, f"line {err.lineno}", f"bad JSON: {err.msg} (column {err.colno})") from None
+        raise DataError(path, f"line {err.lineno}", _json_fault(err)) from None
     if isinstance(data, dict):
         # {"train": [...], "test": [...]} or {"data": [...]}
         key = split if split in data else "data" if "data" in data else None
