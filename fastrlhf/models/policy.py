@@ -1,0 +1,89 @@
+"""PolicyWithLoss: an HF causal LM whose forward returns PPO losses or token log-probs, never [B, T, V] logits.
+
+Why a wrapper: under FSDP2 the lm_head weight is only unsharded inside a forward of the module that
+owns it (DESIGN.md, "integration points"). So the fused loss (``fastrlhf.kernels.fused_ppo_loss``)
+and the log-probs (``linear_token_logprobs``) are computed here, from the body's hidden states and
+``lm_head.weight``, inside ``forward``; the trainer never touches the head's weight.
+
+Sequence layout used by every mode: ``input_ids [B, P + R]`` = prompts left-padded to ``P`` followed
+by responses right-padded to ``R``; ``attention_mask`` marks real tokens of both. The hidden state at
+position ``P - 1 + j`` predicts response token ``j``, so ``hidden[:, P-1 : P+R-1]`` lines up with
+``labels = input_ids[:, P:]``. Position ids follow the attention mask (left padding is invisible).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastrlhf.kernels import fused_ppo_loss, linear_token_logprobs
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` 0/1 mask -> position ids ``[B, T]`` int64: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PolicyWithLoss(nn.Module):
+    """Wraps ``lm`` (an HF ``*ForCausalLM``). ``shared_critic=True`` adds a value head (3-model PPO).
+
+    Modes of ``forward``:
+      - ``"lm"``: the plain HF call (used by the HF rollout for cached decoding).
+      - ``"logprobs"``: ``(logprobs [B, R], entropy [B, R], values [B, R] or None)``, fp32.
+      - ``"loss"``: ``fused_ppo_loss`` over the responses -> ``(loss, stats, values [B, R] or None)``.
+    """
+
+    def __init__(self, lm: nn.Module, *, shared_critic: bool = False, temperature: float = 1.0,
+                 backend: str = "auto", chunk_size: int | None = None):
+        super().__init__()
+        self.lm = lm
+        self.temperature = float(temperature)
+        self.backend = backend
+        self.chunk_size = chunk_size
+        hidden = lm.get_output_embeddings().weight.shape[1]
+        self.value_head = nn.Linear(hidden, 1, bias=False) if shared_critic else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)  # start from V = 0: no bias in the first advantages
+            self.value_head.to(lm.get_output_embeddings().weight.dtype)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def _response_hidden(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+        body = self.lm.get_decoder()
+        out = body(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=positions_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state[:, prompt_len - 1: input_ids.shape[1] - 1]
+
+    def _head(self):
+        head = self.lm.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    def _values(self, hidden: torch.Tensor):
+        if self.value_head is None:
+            return None
+        return self.value_head(hidden).squeeze(-1).float()
+
+    def forward(self, input_ids, attention_mask=None, *, mode: str = "lm", prompt_len: int | None = None,
+                **kwargs):
+        if mode == "lm":
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if prompt_len is None or not 1 <= prompt_len < input_ids.shape[1]:
+            raise ValueError(f"mode={mode!r} needs 1 <= prompt_len < {input_ids.shape[1]}, got {prompt_len}")
+        hidden = self._response_hidden(input_ids, attention_mask, prompt_len)
+        labels = input_ids[:, prompt_len:]
+        weight, bias = self._head()
+        if mode == "logprobs":
+            return self._logprobs(hidden, weight, bias, labels)
+        if mode == "loss":
+            if bias is not None:
+                raise NotImplementedError("fused_ppo_loss takes no lm_head bias; this model's head has one")
+            loss, stats = fused_ppo_loss(hidden, weight, labels, temperature=self.temperature,
+                                         chunk_size=self.chunk_size, backend=self.backend, **kwargs)
+            return loss, stats, self._values(hidden)
+        raise ValueError(f"mode must be 'lm', 'logprobs' or 'loss', got {mode!r}")
+
+    def _logprobs(self, hidden, weight, bias, labels):
+        lp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                                        return_entropy=True, chunk_size=self.chunk_size, backend=self.backend)
+        return lp, ent, self._values(hidden)

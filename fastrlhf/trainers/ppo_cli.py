@@ -1,0 +1,47 @@
+"""``fastrlhf ppo --config FILE.yaml [key=value ...]``: PPO on HF models and datasets.
+
+Config keys (``PPOConfig``): ``model`` (the SFT policy: hub name or local dir; actor and reference
+are loaded from it), ``reward_model`` (a ``RewardModel.save_pretrained`` dir), ``critic_model``
+(default: the reward model), ``data`` (rows ``{"prompt"}``: jsonl / json / parquet / HF dataset),
+``output_dir``, and every PPO setting. Re-running the same command resumes from the last checkpoint.
+The final policy is written to ``output_dir/final`` (HF format, with the tokenizer).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from fastrlhf.config import load_config
+
+
+def _chat_or_plain(tokenizer, prompt: str) -> str:
+    """Prompts are wrapped in the tokenizer's chat template when it has one (a user turn)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
+    from fastrlhf.data import read_rows
+    from fastrlhf.engine import runtime as rt
+    from fastrlhf.models import RewardModel, ValueModel, load_causal_lm, load_tokenizer
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    cfg = load_config(PPOConfig, config_path, overrides)
+    for key in ("model", "reward_model", "data"):
+        if not getattr(cfg, key):
+            raise ValueError(f"{config_path}: `{key}` is required for `fastrlhf ppo`")
+    rows = read_rows(cfg.data, kind="ppo")  # validates every row before any model is loaded
+    runtime = rt.init_runtime()
+    tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    prompts = [_chat_or_plain(tokenizer, r["prompt"]) for r in rows]
+    actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
+    ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
+    reward_model = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype)
+    critic = None if cfg.shared_critic else ValueModel.from_pretrained(cfg.critic_model or cfg.reward_model,
+                                                                       dtype=cfg.dtype)
+    trainer = PPOTrainer(cfg, actor=actor, ref=ref, reward_model=reward_model, critic=critic,
+                         tokenizer=tokenizer, prompts=prompts, runtime=runtime)
+    trainer.train()
+    trainer.save_final()
+    return 0

@@ -1,0 +1,132 @@
+"""PPOConfig: every PPO default, once (frozen dataclasses; YAML / key=value only set fields).
+
+Defaults follow the seed's recipe (Ziegler et al. 2019; Ouyang et al. 2022; the "N implementation
+details of RLHF with PPO" notes): gamma 1, lambda 0.95, clip 0.2, value clip 0.2, 4 PPO epochs,
+actor LR in 1e-6..5e-6 with the critic at a few times that, grad norm 1.0, an adaptive KL
+coefficient aiming at a per-sequence KL of 6 nats.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KL_CONTROLLERS = ("adaptive", "step", "fixed")
+REWARD_NORMS = ("none", "batch", "running", "length")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling and the rollout engine. ``bucket_mb`` / ``gpu_memory_utilization`` are for vLLM."""
+
+    backend: str = "hf"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    bucket_mb: int = 256
+    gpu_memory_utilization: float = 0.3
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """KL to the reference policy.
+
+    ``controller`` sets the reward penalty coefficient: "adaptive" (Ziegler's proportional rule,
+    ``horizon``), "step" (x/÷ ``step_factor`` outside ``[target/tol, target*tol]``) or "fixed".
+    ``target`` is in nats per sequence: the mean over responses of the summed per-token k1 estimate
+    ``sum_t log pi(y_t) - log ref(y_t)``. ``kind`` is the per-token estimator in the reward penalty;
+    ``loss_coef`` / ``loss_kind`` add a KL term to the policy loss (GRPO style, off by default).
+    """
+
+    controller: str = "adaptive"
+    init_coef: float = 0.1
+    target: float = 6.0
+    horizon: int = 10000
+    step_factor: float = 2.0
+    step_tolerance: float = 1.5
+    min_coef: float = 0.01
+    max_coef: float = 0.5
+    kind: str = "k1"
+    loss_coef: float = 0.0
+    loss_kind: str = "k3"
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    """Rules that end training early, each logged when it fires (None disables a rule).
+
+    ``kl_factor``: KL > kl_factor * target. ``length_factor``: mean response length > length_factor x
+    the SFT policy's (measured at the first iteration). ``score_falling_iters``: the EMA (``score_ema``)
+    of the mean RM score fell for that many iterations in a row.
+    """
+
+    kl_factor: float | None = 2.0
+    length_factor: float | None = 2.0
+    score_falling_iters: int | None = 20
+    score_ema: float = 0.9
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    # what to train (``fastrlhf ppo``; the demo builds models in memory and ignores these)
+    model: str = ""
+    reward_model: str = ""
+    critic_model: str | None = None  # None: initialise the critic from the reward model
+    data: str = ""
+    output_dir: str = "runs/ppo"
+    dtype: str = "float32"
+    max_prompt_length: int = 512
+    seed: int = 0
+    # schedule
+    iterations: int = 100
+    rollout_batch_size: int = 64  # prompts per rank per iteration
+    minibatch_size: int = 32  # rows per optimizer step (per rank)
+    micro_batch_size: int | None = None  # rows per forward/backward; None = whole minibatch
+    ppo_epochs: int = 4
+    # advantages and losses
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    clip: float = 0.2
+    clip_high: float | None = None
+    dual_clip: float | None = None
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.5  # weight of the value loss when the value head sits on the actor
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    reward_norm: str = "running"
+    reward_clip: float | None = 10.0
+    # optimisation
+    actor_lr: float = 2e-6
+    critic_lr: float = 1e-5
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    shared_critic: bool = False
+    # bookkeeping
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    kernel_backend: str = "auto"
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+
+    def __post_init__(self):
+        checks = [
+            (self.kl.controller in KL_CONTROLLERS, f"kl.controller must be one of {KL_CONTROLLERS}"),
+            (self.reward_norm in REWARD_NORMS, f"reward_norm must be one of {REWARD_NORMS}"),
+            (self.loss_agg in LOSS_AGGS, f"loss_agg must be one of {LOSS_AGGS}"),
+            (self.iterations >= 0, "iterations must be >= 0"),
+            (self.rollout_batch_size >= 1, "rollout_batch_size must be >= 1"),
+            (1 <= self.minibatch_size <= self.rollout_batch_size,
+             "minibatch_size must be in [1, rollout_batch_size]"),
+            (self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.kl.target > 0, "kl.target must be > 0"),
+            (self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"PPOConfig: {message}")
