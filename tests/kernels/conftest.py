@@ -76,6 +76,12 @@ class LargeFloatGuard(TorchDispatchMode):
         return out
 
 
+@pytest.fixture(autouse=True)
+def _seed_every_kernel_test():
+    """Tests that draw from the global RNG see the same numbers whatever ran before them."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def make_mask():
     return build_mask

@@ -228,8 +228,9 @@ def test_linear_chunk_invariance_and_no_bias(chunk):
     g_lp, g_ent = torch.randn(4, 9), torch.randn(4, 9)
     want = _linear_run(hidden, weight, None, y, g_lp, g_ent, _chunked, chunk_size=36)
     got = _linear_run(hidden, weight, None, y, g_lp, g_ent, _chunked, chunk_size=chunk)
-    for w, g in zip(want, got):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    # grad_weight sums over chunks in another order: equal up to fp32 rounding, not bitwise
+    for name, w, g in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), want, got):
+        _rel_close(g, w, 2e-6, name)
 
 
 def test_linear_garbage_hidden_does_not_reach_grad_weight(make_mask, garbage):
