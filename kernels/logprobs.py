@@ -1,23 +1,205 @@
 """token_logprobs: log-probability (and entropy) of labels under softmax(logits / T).
 
-Triton path: one pass with an online logsumexp over vocabulary blocks; backward writes dlogits directly.
+Triton path: one program per token row, one pass over the vocabulary with an online logsumexp that also
+carries the entropy; backward writes dlogits directly in the logits dtype (no float32 ``[N, V]``
+intermediate). The two row kernels are reused by ``linear_logprobs.py`` and ``ppo_loss.py``.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from . import reference
-from ._backend import resolve_backend
+from ._backend import check_labels_in_range, check_logits_labels, check_temperature, resolve_backend
+from ._triton_utils import check_launchable, lazy_jit, row_warps, rows_3d, vocab_block
+
+
+@lazy_jit
+def _logprobs_fwd_kernel(
+    x_ptr, stride_xa, stride_xr, R,  # [A, R, V] logits, fp32/bf16/fp16, row n = (n // R, n % R)
+    labels_ptr,  # [N] int64
+    lp_ptr,  # [N] fp32 out: log p(label), 0 at ignored rows, NaN for an out-of-range label
+    ent_ptr,  # [N] fp32 out: entropy (written only when HAS_ENTROPY), 0 at ignored rows
+    lse_ptr,  # [N] fp32 out: logsumexp(z), saved for backward
+    V, inv_temp, ignore_index,
+    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One token row: z = x / T, lse = logsumexp(z), lp = z[y] - lse, H = -sum_v p_v log p_v, p = softmax(z).
+
+    Online over vocabulary blocks with running max m, s = sum e^(z - m) and t = sum e^(z - m) (z - m)
+    (Milakov & Gimelshein, 2018, extended to the entropy): when m grows to m', s' = a s and
+    t' = a (t + (m - m') s) with a = e^(m - m'). At the end lse = m + log s and H = log s - t / s
+    (= lse - E_p[z], without the cancellation of a large |z|). Entries at -inf contribute 0.
+    Ignored rows (label == ignore_index) read nothing from x.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    # Columns to read: V, or none for an ignored row. (cols < V) & valid says the same, but the
+    # interpreter mistypes a vector & scalar bool mask.
+    v_read = tl.where(valid, V, 0)
+    x_row = x_ptr + (row // R) * stride_xa + (row % R) * stride_xr
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.full((), 0.0, tl.float32)
+    t = tl.full((), 0.0, tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(x_row + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.reduce(z, 0, tl.standard._elementwise_max))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: any finite reference
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref)
+        if HAS_ENTROPY:
+            shift = tl.where(m == float("-inf"), 0.0, m - m_ref)  # s = t = 0 then; avoid -inf * 0
+            t = alpha * (t + shift * s) + tl.reduce(tl.where(e > 0, e * (z - m_ref), 0.0), 0, tl.standard._sum_combine)
+        s = alpha * s + tl.reduce(e, 0, tl.standard._sum_combine)
+        m = m_new
+    lse = m + tl.log(s)
+    in_range = (label >= 0) & (label < V)
+    z_label = tl.load(x_row + label, mask=valid & in_range, other=0.0).to(tl.float32) * inv_temp
+    lp = tl.where(in_range, z_label - lse, float("nan"))
+    tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if HAS_ENTROPY:
+        tl.store(ent_ptr + row, tl.where(valid, tl.log(s) - t / s, 0.0))
+
+
+@lazy_jit
+def _logprobs_bwd_kernel(
+    x_ptr, stride_xa, stride_xr, R,  # [A, R, V] logits, fp32/bf16/fp16
+    dx_ptr, stride_da, stride_dr,  # [A, R, V] out: dlogits, dtype of its buffer (may alias x: in place)
+    labels_ptr,  # [N] int64
+    lse_ptr, ent_ptr,  # [N] fp32 from the forward kernel (ent read only when HAS_ENT_GRAD)
+    g_lp_ptr, g_ent_ptr,  # [N] fp32 upstream grads dL/dlp, dL/dH (g_ent read only when HAS_ENT_GRAD)
+    V, inv_temp, ignore_index,
+    HAS_ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """VJP of one token row: with p = softmax(z), log p_v = z_v - lse, z = x / T,
+
+        dL/dx_v = (g_lp (1[v = y] - p_v) - g_ent p_v (log p_v + H)) / T
+
+    (dlp/dz_v = 1[v = y] - p_v; dH/dz_v = -p_v (z_v - E_p z) = -p_v (log p_v + H)). Terms with p_v = 0
+    are 0. Ignored rows get exact zeros whatever x and the upstream grads hold there. Each block is read
+    before it is written, so ``dx`` may be ``x`` itself.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    x_row = x_ptr + (row // R) * stride_xa + (row % R) * stride_xr
+    dx_row = dx_ptr + (row // R) * stride_da + (row % R) * stride_dr
+    v_read = tl.where(valid, V, 0)  # see the forward kernel
+    lse = tl.load(lse_ptr + row)
+    g_lp = tl.where(valid, tl.load(g_lp_ptr + row), 0.0)
+    if HAS_ENT_GRAD:
+        g_ent = tl.where(valid, tl.load(g_ent_ptr + row), 0.0)
+        ent = tl.load(ent_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(x_row + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * inv_temp
+        logp = z - lse
+        p = tl.exp(logp)
+        coef = g_lp
+        if HAS_ENT_GRAD:
+            coef = coef + g_ent * (logp + ent)
+        dz = tl.where(p > 0, -p * coef, 0.0) + tl.where(cols == label, g_lp, 0.0)
+        tl.store(dx_row + cols, (dz * inv_temp).to(dx_ptr.dtype.element_ty), mask=cols < V)
+
+
+def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                     want_entropy: bool):
+    """Launch the forward row kernel on ``x3 [A, R, V]`` (see ``rows_3d``), ``labels [A*R]`` int64.
+
+    Returns fp32 ``(lp, ent, lse)`` each ``[A*R]`` (``ent`` is zeros unless ``want_entropy``).
+    """
+    n, V = labels.numel(), x3.shape[-1]
+    lp = torch.empty(n, dtype=torch.float32, device=x3.device)
+    lse = torch.empty_like(lp)
+    ent = torch.empty_like(lp) if want_entropy else torch.zeros_like(lp)
+    if n == 0:
+        return lp, ent, lse
+    block = vocab_block(V)
+    _logprobs_fwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1], labels, lp, ent, lse,
+                               V, 1.0 / temperature, ignore_index,
+                               HAS_ENTROPY=want_entropy, BLOCK_V=block, num_warps=row_warps(block))
+    return lp, ent, lse
+
+
+def logprobs_backward(x3: torch.Tensor, dx3: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                      ent: torch.Tensor, g_lp: torch.Tensor, g_ent: torch.Tensor | None, temperature: float,
+                      ignore_index: int) -> torch.Tensor:
+    """Launch the backward row kernel: writes dL/dlogits into ``dx3 [A, R, V]`` (may be ``x3``); returns it.
+
+    ``g_lp``, ``g_ent`` ``[A*R]`` (any float dtype; ``g_ent=None`` means no entropy term).
+    """
+    n, V = labels.numel(), x3.shape[-1]
+    if n == 0:
+        return dx3
+    has_ent = g_ent is not None
+    g_lp = g_lp.reshape(-1).float().contiguous()
+    g_ent = g_ent.reshape(-1).float().contiguous() if has_ent else g_lp
+    block = vocab_block(V)
+    _logprobs_bwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1],
+                               dx3, dx3.stride(0), dx3.stride(1), labels, lse, ent, g_lp, g_ent,
+                               V, 1.0 / temperature, ignore_index,
+                               HAS_ENT_GRAD=has_ent, BLOCK_V=block, num_warps=row_warps(block))
+    return dx3
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """logits ``[..., V]`` -> ``(lp [N], ent [N])`` fp32 through the Triton row kernels (no host sync)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, want_entropy):
+        x3 = rows_3d(logits)
+        lp, ent, lse = logprobs_forward(x3, labels, temperature, ignore_index, want_entropy)
+        ctx.save_for_backward(x3, labels, lse, ent)
+        ctx.temperature, ctx.ignore_index, ctx.want_entropy = temperature, ignore_index, want_entropy
+        ctx.logits_shape = logits.shape
+        ctx.set_materialize_grads(False)
+        if not want_entropy:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        x3, labels, lse, ent = ctx.saved_tensors
+        if g_lp is None:
+            g_lp = torch.zeros_like(lse)
+        g_ent = g_ent if ctx.want_entropy else None
+        dx3 = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+        logprobs_backward(x3, dx3, labels, lse, ent, g_lp, g_ent, ctx.temperature, ctx.ignore_index)
+        return dx3.view(ctx.logits_shape), None, None, None, None
+
+
+def _token_logprobs_triton(logits, labels, temperature, ignore_index, return_entropy):
+    check_launchable("token_logprobs", logits, labels)
+    if logits.dtype == torch.float64:
+        raise TypeError("token_logprobs: the Triton path takes fp32/bf16/fp16 logits, got float64; "
+                        "use backend='torch' (the float64 reference)")
+    labels1d = labels.reshape(-1).long().contiguous()
+    lp, ent = TokenLogprobsFunction.apply(logits, labels1d, float(temperature), int(ignore_index),
+                                          return_entropy)
+    lp = lp.view(labels.shape)
+    return (lp, ent.view(labels.shape)) if return_entropy else lp
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False, backend: str = "auto"):
-    """``logits [..., V]``, ``labels [...]`` int64 -> ``logprobs [...]`` fp32 (and ``entropy [...]``).
+    """``logits [..., V]`` (fp32/bf16/fp16), ``labels [...]`` int64 -> ``logprobs [...]`` fp32 (and
+    ``entropy [...]`` fp32): log softmax(logits / T)[label] and the entropy of softmax(logits / T).
 
-    logprob = x[label]/T - logsumexp(x/T); entropy = logsumexp(x/T) - sum_v p_v x_v/T.
-    0.0 where ``labels == ignore_index``.
+    0.0 (and 0 gradient) where ``labels == ignore_index``. Differentiable w.r.t. ``logits`` through both
+    outputs. ``backend="auto"`` runs Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``), except for
+    float64 logits, which take the PyTorch path.
     """
-    if resolve_backend(backend, logits) == "torch":
+    vocab = check_logits_labels(logits, labels)
+    check_temperature(temperature)
+    chosen = resolve_backend(backend, logits)
+    if chosen == "torch" or (backend == "auto" and logits.dtype == torch.float64):
         return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                         return_entropy=return_entropy)
-    raise NotImplementedError("token_logprobs: the Triton backend is not built yet; use backend='torch'")
+    check_labels_in_range(labels, vocab, ignore_index)
+    return _token_logprobs_triton(logits, labels, temperature, ignore_index, return_entropy)

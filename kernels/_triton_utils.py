@@ -1,0 +1,118 @@
+"""Launch helpers shared by the Triton kernels: lazy kernel objects, block sizes, launch checks.
+
+``triton.jit`` decides between the compiler and the CPU interpreter when it decorates a function
+(``TRITON_INTERPRET`` read at import time). fastrlhf decides nothing at import time, so a kernel is
+kept as its plain Python function and built for the current mode at launch, once per mode.
+
+The same import-time choice applies to Triton's own ``@jit`` library functions (``tl.sum``, ``tl.max``,
+``tl.zeros``, ...): imported without ``TRITON_INTERPRET=1`` they cannot run in the interpreter. So the
+kernels use only builtins of ``triton.language`` (``tl.full``, ``tl.where``, ``tl.exp``, ...) and reduce
+with ``tl.reduce(x, 0, tl.standard._sum_combine / _elementwise_max)``, which the compiler inlines and
+the interpreter recognises and runs in numpy. Then ``TRITON_INTERPRET=1`` may be set at any time.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._backend import interpreter_enabled
+
+# Largest vocabulary block a row program holds in registers; 8192 fp32 values over 16 warps is
+# 16 values per thread (Triton's reductions stay in registers at this size on sm80/sm90).
+_MAX_BLOCK_V = 8192
+
+
+class LazyKernel:
+    """A Triton kernel built on first launch for the mode in force then (compiled or interpreted).
+
+    Launch it as a ``triton.jit`` function: ``kernel[grid](*args, **meta)``. The kernel may not call other
+    ``@triton.jit`` functions (helpers would need the same treatment); each kernel here is self-contained.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._built = {}  # {interpret: bool -> JITFunction | InterpretedFunction}
+
+    def _kernel(self):
+        interpret = interpreter_enabled()
+        kernel = self._built.get(interpret)
+        if kernel is None:
+            if interpret:
+                from triton.runtime.interpreter import InterpretedFunction
+                kernel = InterpretedFunction(self.fn)
+            else:
+                kernel = triton.runtime.jit.JITFunction(self.fn)
+            self._built[interpret] = kernel
+        return kernel
+
+    def __getitem__(self, grid):
+        return self._kernel()[grid]
+
+    @property
+    def __name__(self):
+        return self.fn.__name__
+
+
+def lazy_jit(fn) -> LazyKernel:
+    """Decorator: ``@lazy_jit`` instead of ``@triton.jit`` (see the module docstring)."""
+    return LazyKernel(fn)
+
+
+def check_launchable(op: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error when the Triton path cannot run on these tensors (CPU without the interpreter)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+        return
+    raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+                       f"(got {device}); use backend='torch' or backend='auto'")
+
+
+def vocab_block(V: int) -> int:
+    """Vocabulary block of a row program: the whole row when small, else ``_MAX_BLOCK_V``."""
+    return min(triton.next_power_of_2(V), _MAX_BLOCK_V)
+
+
+def row_warps(block: int) -> int:
+    """Warps for a row program over ``block`` elements (one warp per 512 elements, 4 to 16)."""
+    return max(4, min(16, block // 512))
+
+
+def rows_3d(x: torch.Tensor) -> torch.Tensor:
+    """View ``x [..., V]`` as ``[A, R, V]`` so a kernel can address row ``n`` as ``(n // R, n % R)``.
+
+    Keeps strided inputs such as ``logits[:, :-1]`` as views (no copy of the logits); copies only when
+    the last dim is not contiguous or more than two leading dims cannot be merged.
+    """
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    if x.dim() == 3:
+        return x
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def compile_for_cuda(kernel: LazyKernel, signature: dict, constexprs: dict, *, num_warps: int = 4,
+                     capability: int = 90):
+    """Compile ``kernel`` ahead of time for an NVIDIA GPU of ``capability`` (90 = H100), no device needed.
+
+    ``signature`` maps each runtime argument to a Triton type string (``"*bf16"``, ``"i64"``, ``"fp32"``);
+    ``constexprs`` gives the values of the ``tl.constexpr`` ones. Lets CPU-only CI check the compiled path
+    (the interpreter accepts programs the compiler rejects). Returns the compiled kernel.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    fn = triton.runtime.jit.JITFunction(kernel.fn)
+    full = {**signature, **{k: "constexpr" for k in constexprs}}
+    missing = [a for a in fn.arg_names if a not in full]
+    if missing:
+        raise ValueError(f"compile_for_cuda({kernel.__name__}): no type for {missing}")
+    ordered = {a: full[a] for a in fn.arg_names}
+    return triton.compile(ASTSource(fn, ordered, constexprs), target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": True})

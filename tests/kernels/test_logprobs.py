@@ -1,0 +1,217 @@
+"""token_logprobs, Triton path (interpreter on CPU): against the PyTorch reference run in float64.
+
+Tolerances (fp32 math inside the kernel; inputs of every dtype are compared with the oracle on the same,
+exactly upcast values, so the only differences are fp32 rounding and the rounding of dlogits to the
+logits dtype):
+- logprobs / entropy: atol 2e-5 + rtol 1e-5 (|lp| up to ~1e4 / T for the extreme rows);
+- dlogits: fp32 atol 2e-6; bf16 / fp16 atol = 2 ulp of the largest |grad| (2^-7 / 2^-10 relative).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastrlhf.kernels import reference, token_logprobs
+
+pytestmark = pytest.mark.filterwarnings(
+    # numpy inside the interpreter evaluates both sides of tl.where (log 0, -inf * 0): harmless
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning",
+    "ignore:overflow encountered:RuntimeWarning")
+
+GRAD_ATOL_REL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _oracle(logits, labels, g_lp, g_ent, **kw):
+    """Reference outputs and dlogits in float64 from the same (exactly upcast) logits."""
+    x = logits.detach().double().requires_grad_(True)
+    lp, ent = reference.token_logprobs(x, labels, return_entropy=True, **kw)
+    (lp * g_lp.double() + ent * g_ent.double()).sum().backward()
+    return lp.detach(), ent.detach(), x.grad
+
+
+def _triton(logits, labels, g_lp, g_ent, **kw):
+    x = logits.detach().clone().requires_grad_(True)
+    lp, ent = token_logprobs(x, labels, return_entropy=True, backend="triton", **kw)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    return lp.detach(), ent.detach(), x.grad
+
+
+def _assert_close(got, want, dtype=torch.float32):
+    lp, ent, grad = got
+    lp0, ent0, grad0 = want
+    assert lp.dtype == ent.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), lp0, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), ent0, atol=2e-5, rtol=1e-5)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    atol = GRAD_ATOL_REL[dtype] * max(grad0.abs().max().item(), 1e-3)
+    torch.testing.assert_close(grad.double(), grad0, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["ragged", "left"])
+def test_matches_float64_reference(interpret, dtype, kind, make_mask, garbage):
+    """(3, 37, 1031) logits as a strided slice of (3, 38, 1031), ignored rows hold NaN/inf garbage,
+    temperature 0.7, non-unit upstream grads on both outputs."""
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 3, 37, 1031
+    mask = make_mask(B, T, kind)
+    full = (torch.randn(B, T + 1, V, generator=g) * 4).to(dtype)
+    full[:, :-1] = garbage(full[:, :-1], mask)
+    logits = full[:, :-1]  # not viewable as [N, V]: the kernel must address rows by strides
+    labels = torch.where(mask, torch.randint(0, V, (B, T), generator=g), -100)
+    g_lp, g_ent = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    got = _triton(logits, labels, g_lp, g_ent, temperature=0.7)
+    _assert_close(got, _oracle(logits, labels, g_lp, g_ent, temperature=0.7), dtype)
+    assert (got[0][~mask] == 0).all() and (got[1][~mask] == 0).all() and (got[2][~mask] == 0).all()
+
+
+def test_multi_block_extreme_and_neg_inf(interpret):
+    """V spans three 8192-wide blocks: max in the last block, a first block all -inf, |x| ~ 1e4,
+    -inf entries (also at no label), a one-hot-like row with entropy ~ 0."""
+    g = torch.Generator().manual_seed(2)
+    V = 2 * 8192 + 37
+    logits = torch.randn(6, V, generator=g) * 2
+    logits[0, -5] = 40.0                       # max in the last (partial) block
+    logits[1, :8192] = float("-inf")           # whole first block -inf
+    logits[2] *= 5000.0                        # |x| ~ 1e4
+    logits[3, ::3] = float("-inf")             # scattered -inf
+    logits[4, 7] = 1e4                         # one-hot: entropy ~ 0, p = 1 at the label
+    logits[5] = 0.0                            # uniform: entropy = log V
+    labels = torch.tensor([V - 5, 8200, 11, 1, 7, 3])
+    g_lp, g_ent = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    got = _triton(logits, labels, g_lp, g_ent, temperature=1.3)
+    _assert_close(got, _oracle(logits, labels, g_lp, g_ent, temperature=1.3))
+    assert got[1][5].item() == pytest.approx(torch.log(torch.tensor(float(V))).item(), rel=1e-6)
+    assert abs(got[1][4].item()) < 1e-6
+
+
+def test_logprobs_only_and_entropy_only_grads(interpret, make_mask):
+    """Without return_entropy the entropy term is skipped; a loss on the entropy alone still flows."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 2, 11, 517
+    mask = make_mask(B, T, "holes", empty_rows=False)
+    logits = torch.randn(B, T, V, generator=g)
+    labels = torch.where(mask, torch.randint(0, V, (B, T), generator=g), -7)
+    w = torch.randn(B, T, generator=g)
+    x = logits.clone().requires_grad_(True)
+    lp = token_logprobs(x, labels, ignore_index=-7, backend="triton")
+    (lp * w).sum().backward()
+    _, _, want = _oracle(logits, labels, w, torch.zeros(B, T), ignore_index=-7)
+    torch.testing.assert_close(x.grad.double(), want, atol=1e-6, rtol=0)
+    x.grad = None
+    _, ent = token_logprobs(x, labels, ignore_index=-7, return_entropy=True, backend="triton")
+    (ent * w).sum().backward()
+    _, _, want = _oracle(logits, labels, torch.zeros(B, T), w, ignore_index=-7)
+    torch.testing.assert_close(x.grad.double(), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(29,), (2, 3, 4, 5)])
+def test_other_ranks(interpret, shape):
+    """[V] with a 0-dim label and [2, 3, 4, V]: outputs keep labels' shape."""
+    g = torch.Generator().manual_seed(4)
+    V = 301
+    logits = torch.randn(*shape[:-1], V, generator=g)
+    labels = torch.randint(0, V, shape[:-1], generator=g)
+    g_lp, g_ent = torch.randn(shape[:-1], generator=g), torch.randn(shape[:-1], generator=g)
+    got = _triton(logits, labels, g_lp, g_ent)
+    assert got[0].shape == labels.shape and got[2].shape == logits.shape
+    _assert_close(got, _oracle(logits, labels, g_lp, g_ent))
+
+
+def _graph_names(t, depth=3):
+    """Names of the autograd nodes within ``depth`` steps of ``t``."""
+    names, frontier = [], [t.grad_fn]
+    for _ in range(depth):
+        frontier = [f for f in frontier if f is not None]
+        names += [f.name() for f in frontier]
+        frontier = [g for f in frontier for g, _ in f.next_functions]
+    return " ".join(names)
+
+
+def test_auto_picks_triton_only_under_interpreter(monkeypatch):
+    logits = torch.randn(4, 33, requires_grad=True)
+    labels = torch.tensor([0, 5, -100, 32])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ref = token_logprobs(logits, labels)
+    assert "TokenLogprobsFunction" not in _graph_names(ref)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        token_logprobs(logits, labels, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = token_logprobs(logits, labels)
+    assert "TokenLogprobsFunction" in _graph_names(out)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_bad_inputs(interpret):
+    logits = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=r"labels\[1\] = 10"):
+        token_logprobs(logits, torch.tensor([0, 10, 2]), backend="triton")
+    with pytest.raises(ValueError, match="labels must have shape"):
+        token_logprobs(logits, torch.tensor([0, 1]), backend="triton")
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(logits, torch.tensor([0, 1, 2]), temperature=0.0, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        token_logprobs(logits.double(), torch.tensor([0, 1, 2]), backend="triton")
+    # auto sends float64 to the reference (the oracle) instead
+    out = token_logprobs(logits.double(), torch.tensor([0, 1, 2]))
+    assert out.dtype == torch.float64
+
+
+def test_no_float32_copy_of_logits(interpret, float_guard):
+    """bf16 logits: forward + backward create no float32 tensor of N x V elements (only [N] vectors)."""
+    logits = torch.randn(16, 700).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 700, (16,))
+    with float_guard() as guard:
+        lp, ent = token_logprobs(logits, labels, return_entropy=True, backend="triton")
+        (lp + ent).sum().backward()
+    assert guard.largest <= 16 and logits.grad.dtype == torch.bfloat16
+
+
+def test_kernels_compile_for_sm90():
+    """The compiled (non-interpreter) path: both row kernels build to a cubin for sm90 without a GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    import sys
+
+    from fastrlhf.kernels._triton_utils import compile_for_cuda
+    mod = sys.modules["fastrlhf.kernels.logprobs"]
+    row = {"stride_xa": "i64", "stride_xr": "i64", "R": "i32", "labels_ptr": "*i64"}
+    scal = {"V": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+    for flag in (True, False):
+        compile_for_cuda(mod._logprobs_fwd_kernel, {
+            "x_ptr": "*bf16", **row, "lp_ptr": "*fp32", "ent_ptr": "*fp32", "lse_ptr": "*fp32", **scal},
+            {"HAS_ENTROPY": flag, "BLOCK_V": 8192}, num_warps=16)
+        compile_for_cuda(mod._logprobs_bwd_kernel, {
+            "x_ptr": "*bf16", "stride_xa": "i64", "stride_xr": "i64", "R": "i32", "dx_ptr": "*bf16",
+            "stride_da": "i64", "stride_dr": "i64", "labels_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+            "g_lp_ptr": "*fp32", "g_ent_ptr": "*fp32", **scal}, {"HAS_ENT_GRAD": flag, "BLOCK_V": 8192},
+            num_warps=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", [151936, 128256])
+def test_gpu_real_shapes_bf16(V):
+    """Compiled kernels at real vocabularies, bf16: against the PyTorch path in float32 on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N = 4096
+    logits = (torch.randn(N, V, device="cuda", generator=g) * 3).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda", generator=g)
+    labels[::7] = -100
+    g_lp, g_ent = torch.randn(N, device="cuda", generator=g), torch.randn(N, device="cuda", generator=g)
+    x = logits.clone().requires_grad_(True)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lp, ent = token_logprobs(x, labels, return_entropy=True, backend="triton")
+    (lp * g_lp + ent * g_ent).sum().backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 1.1 * logits.numel() * 2  # the bf16 grad, no float32 [N, V]
+    xr = logits.clone().requires_grad_(True)
+    lp0, ent0 = reference.token_logprobs(xr, labels, return_entropy=True)
+    (lp0 * g_lp + ent0 * g_ent).sum().backward()
+    torch.testing.assert_close(lp, lp0, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ent, ent0, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(x.grad.float(), xr.grad.float(), atol=2 ** -7 * xr.grad.abs().max().item(), rtol=0)
