@@ -66,3 +66,17 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def truncate_metrics(path: str | Path, *, stage: str, after_step: int) -> int:
+    """Drop the rows of ``stage`` with ``step > after_step`` (a resumed run re-logs them); returns how
+    many were dropped. Rows of other stages and a missing file are left alone; a torn line is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    rows = read_metrics(path)
+    keep = [r for r in rows if r.get("stage") != stage or int(r.get("step", 0)) <= after_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in keep))
+    tmp.replace(path)
+    return len(rows) - len(keep)

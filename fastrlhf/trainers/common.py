@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -203,3 +204,191 @@ def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
 
 def micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
     return [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------- data
+def load_rows(rows: list[dict] | None, source: str | None, *, kind: str, split: str) -> list[dict] | None:
+    """``rows`` validated as ``kind`` rows when given in memory, else ``read_rows(source)``; None if neither.
+
+    Every row is checked before anything trains: the first bad one raises ``DataError`` naming the
+    file and line (or ``<rows>`` and the index for in-memory rows).
+    """
+    from fastrlhf.data import read_rows, validate_rows
+
+    if rows is not None:
+        return validate_rows(((f"row index {i}", r) for i, r in enumerate(rows)), kind=kind, source="<rows>")
+    if source is None:
+        return None
+    return read_rows(source, kind=kind, split=split)
+
+
+def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> list:
+    """``[make(row) for row in rows]``; a row ``make`` rejects stops the run with ``DataError`` naming it,
+    except rows too long for ``max_length`` when ``drop_overlong`` (their count is printed)."""
+    from fastrlhf.data import DataError
+
+    out, dropped = [], 0
+    for i, row in enumerate(rows):
+        try:
+            out.append(make(row))
+        except ValueError as err:
+            if drop_overlong and "max_length" in str(err):
+                dropped += 1
+                continue
+            raise DataError(source, f"row index {i}", str(err)) from None
+    if dropped:
+        print(f"[fastrlhf] {source}: dropped {dropped} of {len(rows)} rows that do not fit max_length")
+    if not out:
+        raise DataError(source, None, "no row fits max_length")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ step loop
+# Config keys that may change between a crashed run and its resumption (they do not change the math).
+RESUMABLE_KEYS = frozenset({"progress", "tensorboard", "log_every", "eval_every", "save_every",
+                            "keep_checkpoints", "resume", "device", "max_steps"})
+
+
+class StepTrainer:
+    """The loop shared by the SFT and reward trainers: epochs of shuffled batches of row indices,
+    logging, periodic eval and checkpoints, resume from the last complete checkpoint, final save.
+
+    A subclass sets ``stage``, ``cfg`` (with ``output_dir``, ``seed``, ``epochs``, ``batch_size``, ``lr``,
+    ``weight_decay``, ``lr_scheduler``, ``warmup_ratio``, ``max_steps`` and the loop keys), ``model``,
+    ``device``, ``num_rows`` and implements ``train_step(indices) -> dict``, ``evaluate() -> dict``,
+    ``save_model(dir)`` and ``load_model(dir)``. Then ``run_loop()`` trains and returns the final metrics.
+    """
+
+    stage = ""
+
+    def setup_loop(self) -> None:
+        cfg = self.cfg
+        self.out = Path(cfg.output_dir)
+        self.steps_per_epoch = math.ceil(self.num_rows / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, num_training_steps=self.total_steps,
+                                         warmup_ratio=cfg.warmup_ratio)
+        self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard)
+
+    @property
+    def final_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / "final"
+
+    @property
+    def result_path(self) -> Path:
+        return Path(self.cfg.output_dir) / f"{self.stage}_result.json"
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Row indices of optimizer step ``step`` (1-based): fixed by (seed, step), resume-safe."""
+        epoch, k = divmod(step - 1, self.steps_per_epoch)
+        order = epoch_order(self.num_rows, seed=self.cfg.seed, epoch=epoch)
+        return order[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
+
+    def optimizer_step(self) -> dict[str, torch.Tensor | float]:
+        """Clip, step optimizer and schedule, zero grads; returns ``grad_norm`` and the ``lr`` used."""
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm, "lr": lr}
+
+    def run_loop(self) -> dict:
+        import json
+
+        from tqdm.auto import tqdm
+
+        if self.cfg.resume and self.result_path.is_file() and self.final_dir.is_dir():
+            return json.loads(self.result_path.read_text())  # the run already finished: same answer
+        start = self._resume() if self.cfg.resume else self._fresh()
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, disable=not self.cfg.progress)
+        for step in range(start + 1, self.total_steps + 1):
+            t0 = time.perf_counter()
+            stats = self.last_stats = self.train_step(self.batch_indices(step))
+            stats["epoch"] = (step - 1) // self.steps_per_epoch
+            stats["step_time"] = time.perf_counter() - t0
+            if step % max(self.cfg.log_every, 1) == 0 or step == self.total_steps:
+                row = self.logger.log(step, stats, stage=self.stage)
+                bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "accuracy") if k in row})
+            if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.total_steps:
+                self.logger.log(step, self.evaluate(), stage=self.stage)
+                self.model.train()
+            if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
+                self._checkpoint(step)
+            bar.update(1)
+        bar.close()
+        return self._finish()
+
+    def _finish(self) -> dict:
+        import json
+
+        metrics = self.evaluate()
+        if metrics:
+            self.logger.log(self.total_steps, metrics, stage=self.stage)
+        if getattr(self, "last_stats", None) and "loss" in self.last_stats:
+            metrics = {"train_loss": float(self.last_stats["loss"]), **metrics}
+        with atomic_save_dir(self.final_dir) as tmp:
+            self.save_model(tmp)
+        result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.result_path.write_text(json.dumps(result, indent=2) + "\n")
+        self.logger.close()
+        return result
+
+    def _config_dict(self) -> dict:
+        import dataclasses
+
+        return {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_KEYS}
+
+    def _checkpoint(self, step: int) -> None:
+        with atomic_save_dir(checkpoint_dir(self.out, step)) as tmp:
+            self.save_model(tmp)
+            save_trainer_state(tmp, step=step, optimizer=self.optimizer, scheduler=self.scheduler,
+                               extra={"config": self._config_dict()})
+        prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+
+    def _fresh(self) -> int:
+        from fastrlhf.telemetry.metrics import truncate_metrics
+
+        truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=0)
+        return 0
+
+    def _resume(self) -> int:
+        from fastrlhf.config import ConfigError
+        from fastrlhf.telemetry.metrics import truncate_metrics
+
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return self._fresh()
+        saved = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)["extra"].get("config")
+        mine = self._config_dict()
+        if saved is not None and saved != mine:
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            raise ConfigError(f"{self.out} holds a {self.stage} run with a different config (keys {diff}); "
+                              "use another output_dir or resume=false")
+        self.load_model(ckpt)
+        state = load_trainer_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler)
+        truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=state["step"])
+        print(f"[fastrlhf] {self.stage}: resuming from {ckpt} (step {state['step']} of {self.total_steps})")
+        return state["step"]
+
+
+class MetricsLoggerLazy:
+    """A ``MetricsLogger`` opened on first use, so a finished or failing run does not create files."""
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool):
+        self.out_dir, self.tensorboard, self._logger = out_dir, tensorboard, None
+
+    def log(self, step: int, values: dict, *, stage: str) -> dict:
+        if self._logger is None:
+            from fastrlhf.telemetry.metrics import MetricsLogger
+
+            self._logger = MetricsLogger(self.out_dir, tensorboard=self.tensorboard)
+        return self._logger.log(step, values, stage=stage)
+
+    def close(self) -> None:
+        if self._logger is not None:
+            self._logger.close()

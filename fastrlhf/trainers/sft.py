@@ -1,0 +1,312 @@
+"""Supervised fine-tuning: next-token loss on response tokens only (stage 1 of RLHF).
+
+Loss of one optimizer step over the sequences of its batch, split into micro-batches for memory:
+
+    L = - sum_{response tokens t of the batch} log p(x_t | x_<t) / (number of response tokens of the batch)
+
+Each micro-batch adds its token sum divided by the batch-wide count, so accumulation over micro-batches of
+uneven length gives the same loss and gradients as one big batch (not a mean of per-micro-batch means,
+which over-weights short micro-batches). Ouyang et al. 2022 (InstructGPT) §3.5 for the recipe.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastrlhf.config import ConfigError, load_config
+from fastrlhf.data import IGNORE_INDEX, chat_sft_features, pad_batch, sft_features
+from fastrlhf.kernels import linear_token_logprobs, token_logprobs
+from fastrlhf.models.heads import position_ids_from_mask
+from fastrlhf.models.loading import load_causal_lm, load_tokenizer
+from fastrlhf.trainers import common
+
+STAGE = "sft"
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Every SFT setting, with its default. ``model``, ``data`` and ``output_dir`` are required.
+
+    ``batch_size`` sequences per optimizer step, processed ``micro_batch_size`` at a time.
+    ``eval_every`` / ``save_every``: in optimizer steps, 0 = only at the end. ``max_steps`` > 0 caps
+    the run (smoke tests). ``bf16`` autocasts forward passes to bf16 on CUDA (master weights stay in
+    ``dtype``); on CPU it is ignored. ``loss_impl="fused"`` computes log-probs from hidden states and
+    the LM head chunk by chunk (``linear_token_logprobs``: no ``[B, T, V]`` logits); ``"logits"`` uses
+    the model's logits.
+    """
+
+    model: str = ""
+    data: str = ""
+    output_dir: str = ""
+    eval_data: str | None = None
+    tokenizer: str | None = None
+    data_split: str = "train"
+    eval_split: str = "test"
+    max_length: int = 1024
+    lr: float = 1e-5
+    epochs: int = 1
+    batch_size: int = 64
+    micro_batch_size: int = 8
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16: bool = True
+    dtype: str = "float32"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    loss_impl: str = "fused"
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    max_steps: int = 0
+    drop_overlong: bool = True
+    log_every: int = 1
+    progress: bool = True
+    tensorboard: bool = True
+    resume: bool = True
+
+    def __post_init__(self):
+        validate_common(self)
+        if self.loss_impl not in ("fused", "logits"):
+            raise ConfigError(f"loss_impl must be 'fused' or 'logits', got {self.loss_impl!r}")
+
+
+def validate_common(cfg) -> None:
+    """Checks shared by the SFT and reward configs; errors name the key."""
+    name = type(cfg).__name__
+    for key in ("model", "data", "output_dir"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{name}: {key!r} is required")
+    for key in ("max_length", "epochs", "batch_size", "micro_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{name}: {key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("eval_every", "save_every", "max_steps", "log_every", "keep_checkpoints"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{name}: {key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.lr_scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
+        raise ConfigError(f"{name}: lr_scheduler must be 'cosine' or 'linear' (or 'constant[_with_warmup]'), "
+                          f"got {cfg.lr_scheduler!r}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ConfigError(f"{name}: warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"{name}: lr must be > 0, got {cfg.lr}")
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def response_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
+                     loss_impl: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of -log p over response tokens, number of response tokens)`` of one padded batch.
+
+    ``batch``: ``input_ids``, ``labels`` (-100 off the response), ``attention_mask`` ``[B, T]``, and
+    optional ``position_ids`` / 4-D ``attention_mask`` for packed rows. Token ``t`` is predicted at
+    position ``t - 1``. The sum is fp32 and differentiable; the count is an int64 0-dim tensor.
+    """
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = position_ids_from_mask(batch["attention_mask"])
+    labels = batch["labels"][:, 1:]
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=position_ids, use_cache=False)
+    if loss_impl == "fused":
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, :-1]
+        head = model.get_output_embeddings()
+        weight = head.weight.to(hidden.dtype)
+        bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
+        lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX)
+    else:
+        logits = model(**inputs).logits[:, :-1]
+        lp = token_logprobs(logits, labels, ignore_index=IGNORE_INDEX)
+    return -lp.sum(), (labels != IGNORE_INDEX).sum()
+
+
+def accumulate_sft_gradients(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], *,
+                             device: torch.device, bf16: bool = False,
+                             loss_impl: str = "fused") -> tuple[torch.Tensor, int]:
+    """Forward + backward over ``micro_batches``; gradients of ``sum NLL / total response tokens``.
+
+    Returns ``(loss, total_tokens)``: the batch loss as a detached fp32 0-dim tensor and the token count
+    (one host sync per step, before any forward, to get the normaliser).
+    """
+    total = int(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches))
+    if total == 0:
+        raise ValueError("an SFT batch has no response tokens (every label is -100)")
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for mb in micro_batches:
+        mb = {k: v.to(device) for k, v in mb.items()}
+        with common.autocast(device, bf16):
+            nll, _ = response_nll_sum(model, mb, loss_impl=loss_impl)
+        (nll / total).backward()
+        loss += nll.detach().double() / total
+    return loss.float(), total
+
+
+@torch.no_grad()
+def evaluate_sft(model: torch.nn.Module, micro_batches, *, device: torch.device, bf16: bool = False,
+                 loss_impl: str = "fused") -> dict[str, float]:
+    """Token-level mean NLL over all response tokens of ``micro_batches`` and its perplexity."""
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for mb in micro_batches:
+        mb = {k: v.to(device) for k, v in mb.items()}
+        with common.autocast(device, bf16):
+            s, n = response_nll_sum(model, mb, loss_impl=loss_impl)
+        nll += s.double()
+        count += int(n)
+    model.train(was_training)
+    loss = float(nll) / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+# ------------------------------------------------------------------------------------- features, batches
+def sft_row_features(row: dict, tokenizer, max_length: int) -> dict:
+    """One sft row (``{"prompt", "response"}`` or ``{"messages"}``) -> token features with labels."""
+    if row.get("messages") is not None:
+        return chat_sft_features(row["messages"], tokenizer, max_length=max_length)
+    return sft_features(row["prompt"], row["response"], tokenizer, max_length=max_length)
+
+
+def pack_features(features: list[dict], max_length: int) -> list[dict]:
+    """Greedy first-fit packing of examples (in order) into rows of at most ``max_length`` tokens.
+
+    Each packed row keeps ``segment_ids`` (0, 1, ... per example) and per-example ``position_ids``;
+    the first label of every example is set to -100 so nothing is predicted across a boundary
+    (it is a prompt or template token in every feature builder anyway).
+    """
+    rows: list[dict] = []
+    for f in sorted(features, key=lambda f: -len(f["input_ids"])):  # longest first: tighter bins
+        n = len(f["input_ids"])
+        target = next((r for r in rows if len(r["input_ids"]) + n <= max_length), None)
+        if target is None:
+            target = {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": []}
+            rows.append(target)
+        seg = target["segment_ids"][-1] + 1 if target["segment_ids"] else 0
+        target["input_ids"] += f["input_ids"]
+        target["labels"] += [IGNORE_INDEX] + list(f["labels"][1:])
+        target["position_ids"] += list(range(n))
+        target["segment_ids"] += [seg] * n
+    return rows
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, attn_implementation: str,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, T, T]`` block-diagonal causal mask from ``segment_ids [B, T]`` (-1 = padding).
+
+    Token i attends to j iff same segment and j <= i; a padding token attends to itself only (a fully
+    masked query row would give NaN in SDPA). bool (True = attend) for "sdpa", additive float for "eager".
+    """
+    t = segment_ids.shape[1]
+    pos = torch.arange(t, device=segment_ids.device)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
+    allowed = (same & (pos[None, None, :] <= pos[None, :, None])) | torch.eye(t, dtype=torch.bool,
+                                                                           device=segment_ids.device)
+    if attn_implementation == "sdpa":
+        return allowed[:, None]
+    if attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    raise ValueError(f"packing needs attn_implementation 'sdpa' or 'eager', the model uses "
+                     f"{attn_implementation!r}; set packing=false")
+
+
+def collate(features: list[dict], pad_id: int, model_config=None, dtype=torch.float32) -> dict:
+    """Right-padded ``[B, T]`` tensors; packed rows also get ``position_ids`` and a 4-D mask."""
+    if "segment_ids" not in features[0]:
+        return pad_batch([{k: f[k] for k in ("input_ids", "labels", "attention_mask")} for f in features],
+                         pad_id, padding_side="right")
+    t = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": torch.full((len(features), t), pad_id),
+             "labels": torch.full((len(features), t), IGNORE_INDEX),
+             "position_ids": torch.zeros(len(features), t, dtype=torch.long),
+             "segment_ids": torch.full((len(features), t), -1)}
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        for key in ("input_ids", "labels", "position_ids", "segment_ids"):
+            batch[key][i, :n] = torch.tensor(f[key])
+    impl = getattr(model_config, "_attn_implementation", None) or "sdpa"
+    batch["attention_mask"] = packed_attention_mask(batch.pop("segment_ids"), impl, dtype)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class SFTTrainer(common.StepTrainer):
+    """``SFTTrainer(config).train()``: fine-tune ``config.model`` on ``config.data`` and save a checkpoint
+    that ``AutoModelForCausalLM.from_pretrained(output_dir / "final")`` loads (tokenizer included).
+
+    ``model``, ``tokenizer``, ``train_rows`` and ``eval_rows`` may be passed in (the demo does) instead of
+    being loaded from the config's paths. Rows are validated and tokenized here, before any training.
+    """
+
+    stage = STAGE
+
+    def __init__(self, config: SFTConfig, model=None, tokenizer=None, train_rows=None, eval_rows=None):
+        self.cfg = cfg = config
+        self.device = common.pick_device(cfg.device)
+        common.set_seed(cfg.seed)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
+        train = common.load_rows(train_rows, cfg.data, kind="sft", split=cfg.data_split)
+        evals = common.load_rows(eval_rows, cfg.eval_data, kind="sft", split=cfg.eval_split)
+        self.train_features = self._features(train, cfg.data if train_rows is None else "<train_rows>")
+        self.eval_features = (self._features(evals, cfg.eval_data if eval_rows is None else "<eval_rows>")
+                              if evals else [])
+        self.num_rows = len(self.train_features)
+        self.model = (model if model is not None else load_causal_lm(cfg.model, dtype=cfg.dtype)).to(self.device)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.pad_id = self.tokenizer.pad_token_id
+        self.setup_loop()
+
+    def _features(self, rows: list[dict], source: str) -> list[dict]:
+        feats = common.featurize(rows, lambda r: sft_row_features(r, self.tokenizer, self.cfg.max_length),
+                                 source=source, drop_overlong=self.cfg.drop_overlong)
+        return pack_features(feats, self.cfg.max_length) if self.cfg.packing else feats
+
+    def micro_batches(self, features: list[dict]) -> list[dict]:
+        dtype = next(self.model.parameters()).dtype
+        mbs = self.cfg.micro_batch_size
+        return [collate(features[i:i + mbs], self.pad_id, self.model.config, dtype)
+                for i in range(0, len(features), mbs)]
+
+    def train_step(self, indices: list[int]) -> dict:
+        batch = self.micro_batches([self.train_features[i] for i in indices])
+        loss, tokens = accumulate_sft_gradients(self.model, batch, device=self.device, bf16=self.cfg.bf16,
+                                                loss_impl=self.cfg.loss_impl)
+        return {"loss": loss, "tokens": tokens, **self.optimizer_step()}
+
+    def evaluate(self) -> dict:
+        if not self.eval_features:
+            return {}
+        return evaluate_sft(self.model, self.micro_batches(self.eval_features), device=self.device,
+                            bf16=self.cfg.bf16, loss_impl=self.cfg.loss_impl)
+
+    def save_model(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def load_model(self, directory: Path) -> None:
+        loaded = load_causal_lm(directory, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(loaded.state_dict())
+
+    def train(self) -> dict:
+        """Train (or resume, or return the recorded result of a finished run); returns the final eval
+        metrics (``eval_loss``, ``eval_ppl``, ``eval_tokens`` when there is eval data) and ``train_loss``."""
+        return self.run_loop()
+
+
+def cli_main(config_path: str, overrides: list[str]) -> int:
+    """``fastrlhf sft --config FILE.yaml [key=value ...]``."""
+    cfg = load_config(SFTConfig, config_path, overrides)
+    result = SFTTrainer(cfg).train()
+    print(f"[fastrlhf] sft done: {Path(cfg.output_dir) / 'final'}  {result}")
+    return 0
+
+
+__all__ = ["SFTConfig", "SFTTrainer", "accumulate_sft_gradients", "cli_main", "evaluate_sft", "pack_features",
+           "response_nll_sum"]
