@@ -1,4 +1,7 @@
-"""fastrlhf.algo: RL math on top of fastrlhf.kernels. Tensors and scalars in, tensors out; no config objects."""
+"""fastrlhf.algo: RL math on top of fastrlhf.kernels.
+
+Tensors and scalars in, tensors out; no config objects.
+"""
 from .kl_control import AdaptiveKLController, FixedKLController, StepKLController
 from .normalize import NORMALIZE_MODES, RunningMoments, normalize_rewards
 from .preference import bradley_terry_loss, calibration_bins, expected_calibration_error

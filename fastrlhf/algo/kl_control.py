@@ -3,8 +3,8 @@
 Each controller holds ``.value`` (a Python float, the current ``kl_coef``) and changes it in
 ``update(current_kl, n_steps)``, called once per PPO iteration with the measured mean KL per sequence
 (or per token, as long as ``target`` uses the same unit) and the number of samples (or steps) that
-iteration covered. ``state_dict()`` / ``load_state_dict()`` carry the only changing state, ``value``, so a resumed run
-continues exactly (the fixed settings come from the run's config).
+iteration covered. ``state_dict()`` / ``load_state_dict()`` carry the only changing state, ``value``,
+so a resumed run continues exactly (the fixed settings come from the run's config).
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ class StepKLController(_Controller):
         self.min_coef = _finite("min_coef", min_coef)
         self.max_coef = _finite("max_coef", max_coef)
         if self.factor <= 1 or self.tolerance < 1:
-            raise ValueError(f"need factor > 1 and tolerance >= 1, got factor={factor}, tolerance={tolerance}")
+            raise ValueError(f"need factor > 1 and tolerance >= 1, got factor={factor}, "
+                             f"tolerance={tolerance}")
         if not 0 <= self.min_coef <= self.max_coef:
             raise ValueError(f"need 0 <= min_coef <= max_coef, got [{min_coef}, {max_coef}]")
 

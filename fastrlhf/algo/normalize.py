@@ -104,7 +104,8 @@ def normalize_rewards(scores: torch.Tensor, *, mode: str = "batch", lengths: tor
         s = _whiten(s, s.mean(), var, eps)
     elif mode == "running":
         if not isinstance(stats, RunningMoments):
-            raise ValueError("mode='running' needs stats=RunningMoments() (kept across steps and checkpointed)")
+            raise ValueError("mode='running' needs stats=RunningMoments() "
+                             "(kept across steps and checkpointed)")
         stats.update(s)
         s = _whiten(s, stats.mean, stats.var, eps)
     elif mode == "length":

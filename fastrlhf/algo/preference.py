@@ -17,7 +17,8 @@ def _pair(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     return chosen.float() - rejected.float()
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | torch.Tensor | None = None):
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor,
+                       margin: float | torch.Tensor | None = None):
     """Bradley-Terry pairwise loss of reward-model scores.
 
     ``chosen, rejected``: ``[B]`` scores of the preferred and the other response (any float dtype).
@@ -70,7 +71,8 @@ def calibration_bins(chosen: torch.Tensor, rejected: torch.Tensor, n_bins: int =
     return sum_q / safe, sum_y / safe, count
 
 
-def expected_calibration_error(chosen: torch.Tensor, rejected: torch.Tensor, n_bins: int = 10) -> torch.Tensor:
+def expected_calibration_error(chosen: torch.Tensor, rejected: torch.Tensor,
+                               n_bins: int = 10) -> torch.Tensor:
     """ECE of ``sigmoid(chosen - rejected)`` as the probability that chosen is preferred.
 
     Definition (Guo et al. 2017, "On Calibration of Modern Neural Networks", eq. 3, with the binary

@@ -19,8 +19,8 @@ def last_valid_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return last.clamp(min=0), has_any
 
 
-def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                  *, kl_coef: float, kl_kind: str = "k1"):
+def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                  mask: torch.Tensor, *, kl_coef: float, kl_kind: str = "k1"):
     """Dense PPO rewards from sequence scores and a per-token KL penalty.
 
     ``scores [B]`` reward-model scores; ``logprobs, ref_logprobs [B, T]`` log-probs of the sampled

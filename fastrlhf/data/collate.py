@@ -51,10 +51,11 @@ def pad_batch(features: Sequence[dict], pad_id: int, padding_side: str = "right"
             value = _pad_value(key, pad_id)
             width = max(len(r) for r in rows)
             fill = [[value] * (width - len(r)) for r in rows]
-            padded = [p + r if padding_side == "left" else r + p for p, r in zip(fill, rows)]
+            padded = [p + r if padding_side == "left" else r + p for p, r in zip(fill, rows, strict=True)]
             batch[key] = torch.tensor(padded, dtype=torch.long)
         elif all(isinstance(f[key], (int, float)) and not isinstance(f[key], bool) for f in features):
             batch[key] = torch.tensor([f[key] for f in features])
         else:
-            raise ValueError(f"pad_batch cannot collate key {key!r}: neither sequences nor numbers in every row")
+            raise ValueError(f"pad_batch cannot collate key {key!r}: "
+                             "neither sequences nor numbers in every row")
     return batch

@@ -56,13 +56,46 @@ def sft_features(prompt: str, response: str, tokenizer, *, max_length: int | Non
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
 
 
+def prompt_features(prompt: str, tokenizer, *, max_length: int | None = None) -> dict:
+    """Generation input for PPO: the prompt's ids (with the tokenizer's leading specials, as in
+    :func:`sft_features`, so the policy sees the same context it was fine-tuned on).
+
+    A prompt longer than ``max_length`` raises ``ValueError`` (cutting it would change the task
+    silently); filter such rows up front. Returns ``{"input_ids", "attention_mask"}`` lists.
+    """
+    ids = _prompt_ids(tokenizer, prompt)
+    if not ids:
+        raise ValueError(f"prompt {prompt!r} has no tokens")
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"prompt has {len(ids)} tokens, more than max_length={max_length}")
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+def preference_features(prompt: str, chosen: str, rejected: str, tokenizer, *, max_length: int | None = None,
+                        margin: float | None = None) -> dict:
+    """Reward-model pair: ``prompt + chosen + [eos]`` and ``prompt + rejected + [eos]``, each built (and
+    truncated, keeping EOS, where the reward model reads its score) exactly as :func:`sft_features`.
+
+    Returns ``chosen_input_ids``, ``chosen_attention_mask``, ``rejected_input_ids``,
+    ``rejected_attention_mask`` (lists) and ``margin`` when given; ``pad_batch`` collates them.
+    """
+    out = {}
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        f = sft_features(prompt, response, tokenizer, max_length=max_length)
+        out[f"{name}_input_ids"] = f["input_ids"]
+        out[f"{name}_attention_mask"] = f["attention_mask"]
+    if margin is not None:
+        out["margin"] = float(margin)
+    return out
+
+
 def check_messages(messages) -> None:
     """Raise ``ValueError`` unless ``messages`` is a list of ``{"role": str, "content": str}`` with an
     assistant turn whose content is not empty."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
         if m["role"] == "assistant" and not m["content"].strip():
             raise ValueError(f"messages[{i}] is an assistant turn with empty content")
@@ -106,8 +139,9 @@ def _spans_from_prefixes(tokenizer, messages) -> tuple[list[int], list[tuple[int
         head = _render_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else []
         upto = _render_ids(tokenizer, messages[:i + 1])
         if ids[:len(head)] != head or ids[:len(upto)] != upto or len(head) >= len(upto):
-            raise ValueError(f"the chat template does not render messages[:{i + 1}] as a prefix of the whole "
-                             "conversation; add {% generation %} markers to it so assistant tokens can be found")
+            raise ValueError(f"the chat template does not render messages[:{i + 1}] as a prefix of the "
+                             "whole conversation; add {% generation %} markers to it so assistant tokens "
+                             "can be found")
         spans.append((len(head), len(upto)))
     return ids, spans
 

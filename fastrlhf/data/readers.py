@@ -76,7 +76,8 @@ _CHECKS: dict[str, Callable[[dict], None]] = {"sft": _check_sft, "rm": _check_rm
 
 
 def validate_rows(rows: Iterable[tuple[str, object]], *, kind: str, source) -> list[dict]:
-    """Check ``(location, row)`` pairs for ``kind``; return the rows or raise :class:`DataError` at the first bad one."""
+    """Check ``(location, row)`` pairs for ``kind``; return the rows, or raise :class:`DataError` at
+    the first bad one."""
     check = _CHECKS[kind]
     out = []
     for location, row in rows:
@@ -118,8 +119,8 @@ def _json_rows(path: Path, split: str):
         # {"train": [...], "test": [...]} or {"data": [...]}
         key = split if split in data else "data" if "data" in data else None
         if key is None or not isinstance(data[key], list):
-            raise DataError(path, None, f"a JSON object must map split {split!r} (or 'data') to a list of rows; "
-                                        f"keys are {sorted(data)}")
+            raise DataError(path, None, f"a JSON object must map split {split!r} (or 'data') to a list "
+                                        f"of rows; keys are {sorted(data)}")
         data = data[key]
     if not isinstance(data, list):
         raise DataError(path, None, f"expected a list of rows, got {type(data).__name__}")

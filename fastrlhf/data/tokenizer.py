@@ -79,7 +79,7 @@ def build_word_tokenizer(
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # WordLevel has no decoder of its own; join words with single spaces.
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    # Special tokens are matched before the pre-tokenizer, so "<|end|>" is one token even when glued to a word.
+    # Special tokens are matched before the pre-tokenizer: "<|end|>" is one token even glued to a word.
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*special, *markers)])
 
     kwargs = dict(

@@ -17,7 +17,8 @@ def test_adaptive_exact_sequence():
     c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     expected = 0.1
     # error clipped at +0.2, clipped at -0.2, unclipped +0.1, unclipped -0.05, zero steps
-    for kl, n, err in [(12.0, 256, 0.2), (3.0, 256, -0.2), (6.6, 100, 0.1), (5.7, 512, -0.05), (60.0, 0, 0.2)]:
+    steps = [(12.0, 256, 0.2), (3.0, 256, -0.2), (6.6, 100, 0.1), (5.7, 512, -0.05), (60.0, 0, 0.2)]
+    for kl, n, err in steps:
         expected *= 1 + err * n / 10000
         assert c.update(kl, n) == pytest.approx(expected, rel=1e-12)
     assert c.value == pytest.approx(0.1 * 1.00512 * 0.99488 * 1.001 * (1 - 0.05 * 512 / 10000), rel=1e-12)
@@ -27,7 +28,8 @@ def test_step_exact_sequence_and_clamp():
     c = StepKLController(0.1, target=1.0)  # factor 2, tolerance 1.5, clamp [0.01, 0.5]
     seq = [(2.0, 0.2), (2.0, 0.4), (2.0, 0.5),   # up, up, clamped at max
            (1.2, 0.5), (0.7, 0.5),                # inside [1/1.5, 1.5]: unchanged
-           (0.5, 0.25), (0.1, 0.125), (0.1, 0.0625), (0.1, 0.03125), (0.1, 0.015625), (0.1, 0.01), (0.0, 0.01)]
+           (0.5, 0.25), (0.1, 0.125), (0.1, 0.0625), (0.1, 0.03125), (0.1, 0.015625),
+           (0.1, 0.01), (0.0, 0.01)]
     for kl, value in seq:
         assert c.update(kl, 1) == pytest.approx(value, rel=1e-12)
 

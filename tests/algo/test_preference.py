@@ -47,7 +47,8 @@ def test_bt_loss_gradient_and_stability():
     rejected = torch.tensor([0.0, -1.0, 0.25, -50.0], requires_grad=True)
     loss, _, _ = bradley_terry_loss(chosen, rejected)
     assert torch.isfinite(loss)
-    assert loss.item() == pytest.approx((1000.0 + softplus(-4.0) + math.log(2.0) + softplus(-90.0)) / 4, rel=1e-6)
+    expected = (1000.0 + softplus(-4.0) + math.log(2.0) + softplus(-90.0)) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
     upstream = torch.tensor(2.5)
     loss.backward(upstream)
     d = (chosen - rejected).detach()
@@ -95,8 +96,9 @@ def test_ece_miscalibrated_hand_computed():
     assert ece.item() == pytest.approx(0.35, abs=1e-6)
     assert ece.dtype == torch.float32
     # always sure and always wrong: ECE 1
-    assert expected_calibration_error(torch.full((3,), -40.0), torch.zeros(3)).item() == pytest.approx(1.0, abs=1e-6)
-    # two groups in different bins: p=0.95 right 3/4 (|0.75-0.95| = 0.2), p=0.65 right 1/2 (0.15); equal weights
+    wrong = expected_calibration_error(torch.full((3,), -40.0), torch.zeros(3))
+    assert wrong.item() == pytest.approx(1.0, abs=1e-6)
+    # two groups in different bins, equal weights: p=0.95 right 3/4 (|0.75-0.95| = 0.2), p=0.65 right 1/2
     a, b = logit(0.95), logit(0.65)
     chosen = torch.tensor([a, a, a, -a, b, -b, b, -b])
     expected = 0.5 * 0.2 + 0.5 * 0.15

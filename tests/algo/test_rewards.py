@@ -3,15 +3,16 @@ import math
 
 import pytest
 import torch
+from fastrlhf.kernels import kl_estimate
 
 from fastrlhf.algo import last_valid_index, token_rewards
-from fastrlhf.kernels import kl_estimate
 
 NAN, INF = float("nan"), float("inf")
 
 
 def ragged_case():
-    """4 rows, T = 5: left-padded, right-padded (shorter), a hole inside, and an empty row; garbage in padding."""
+    """4 rows, T = 5: left-padded, right-padded (shorter), a hole inside, and an empty row.
+    Padding holds garbage (NaN, inf)."""
     mask = torch.tensor([[0, 0, 1, 1, 1],
                          [1, 1, 0, 0, 0],
                          [1, 0, 1, 1, 0],

@@ -2,7 +2,15 @@
 import pytest
 from tokenizers import processors
 
-from fastrlhf.data import IGNORE_INDEX, build_test_tokenizer, build_word_tokenizer, chat_sft_features, sft_features
+from fastrlhf.data import (
+    IGNORE_INDEX,
+    build_test_tokenizer,
+    build_word_tokenizer,
+    chat_sft_features,
+    preference_features,
+    prompt_features,
+    sft_features,
+)
 from fastrlhf.data.tokenizer import DEFAULT_CHAT_TEMPLATE, TEST_WORDS
 
 NO_TAGS = DEFAULT_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
@@ -93,11 +101,13 @@ def test_chat_labels_only_on_assistant_turns(template):
 
 @pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, NO_TAGS])
 def test_chat_template_bos_not_doubled(template):
-    tok = with_bos_eos_postprocessor(build_word_tokenizer(TEST_WORDS, chat_template="{{ bos_token }} " + template))
+    tok = build_word_tokenizer(TEST_WORDS, chat_template="{{ bos_token }} " + template)
+    tok = with_bos_eos_postprocessor(tok)
     f = chat_sft_features(CONVERSATION[1:3], tok)
     assert f["input_ids"][0] == tok.bos_token_id and f["input_ids"].count(tok.bos_token_id) == 1
     assert f["input_ids"][-1] != tok.eos_token_id
-    assert [t for t, l in zip(f["input_ids"], f["labels"]) if l != IGNORE_INDEX] == ids(tok, "7 <|end|>")
+    trained = [t for t, y in zip(f["input_ids"], f["labels"], strict=True) if y != IGNORE_INDEX]
+    assert trained == ids(tok, "7 <|end|>")
 
 
 def test_chat_truncation_keeps_whole_assistant_turns():
@@ -133,3 +143,18 @@ def test_chat_needs_a_template_and_a_prefix_stable_one():
            "{%- if add_generation_prompt -%}{{ '<|assistant|> ' }}{%- endif -%}")
     with pytest.raises(ValueError, match=r"not render messages\[:3\] as a prefix.*generation"):
         chat_sft_features(CONVERSATION, build_word_tokenizer(TEST_WORDS, chat_template=odd))
+
+
+def test_prompt_features_and_preference_features():
+    tok = with_bos_eos_postprocessor(build_test_tokenizer())
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    expected = {"input_ids": [bos] + ids(tok, "hello cat"), "attention_mask": [1] * 3}
+    assert prompt_features("hello cat", tok) == expected
+    with pytest.raises(ValueError, match="3 tokens, more than max_length=2"):
+        prompt_features("hello cat", tok, max_length=2)
+    f = preference_features("hello", "big red dog", "no", tok, max_length=5, margin=2)
+    assert f["chosen_input_ids"] == [bos] + ids(tok, "hello big red") + [eos]  # cut, EOS kept
+    assert f["rejected_input_ids"] == [bos] + ids(tok, "hello no") + [eos]
+    assert f["chosen_attention_mask"] == [1] * 5 and f["rejected_attention_mask"] == [1] * 4
+    assert f["margin"] == 2.0
+    assert "margin" not in preference_features("hello", "a", "b", tok)

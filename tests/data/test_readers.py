@@ -7,7 +7,8 @@ from fastrlhf.data import DataError, read_rows
 
 SFT = [{"prompt": "what is 3 + 4 ?", "response": "7"},
        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
-RM = [{"prompt": "p", "chosen": "good", "rejected": "bad"}, {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2}]
+RM = [{"prompt": "p", "chosen": "good", "rejected": "bad"},
+      {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2}]
 PPO = [{"prompt": "count to 3", "extra": 5}, {"prompt": "say hi"}]
 GOOD = {"sft": SFT, "rm": RM, "ppo": PPO}
 
@@ -51,7 +52,6 @@ def test_jsonl_json_parquet_and_saved_dataset(tmp_path, kind):
 
 
 def test_mixed_sft_forms_in_columnar_formats(tmp_path):
-    import datasets
     ds = to_dataset(SFT)  # union schema: missing keys become None
     ds.to_parquet(str(tmp_path / "d.parquet"))
     assert len(read_rows(tmp_path / "d.parquet", kind="sft")) == 2
@@ -75,7 +75,8 @@ def test_hf_data_directory_via_load_dataset(tmp_path):
     ("sft", {"messages": "hi"}, "non-empty list"),
     ("sft", {"messages": [{"role": "assistant", "content": "a"}], "prompt": "p"}, "both"),
     ("rm", {"prompt": "p", "chosen": "a"}, "missing key 'rejected'"),
-    ("rm", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a number, got str"),
+    ("rm", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"},
+     "'margin' must be a number, got str"),
     ("rm", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": True}, "'margin' must be a number"),
     ("ppo", {"prompt": "   "}, "'prompt' is an empty string"),
     ("ppo", {"query": "x"}, "missing key 'prompt'"),
@@ -106,8 +107,7 @@ def test_bad_json_and_non_object_rows(tmp_path):
 
 
 def test_bad_rows_in_parquet_and_datasets_name_row_index(tmp_path):
-    import datasets
-    rows = [dict(r, margin=None) for r in RM[:1]] + [{"prompt": "q", "chosen": "", "rejected": "b", "margin": 1.0}]
+    rows = [dict(RM[0], margin=None), {"prompt": "q", "chosen": "", "rejected": "b", "margin": 1.0}]
     ds = to_dataset(rows)
     ds.to_parquet(str(tmp_path / "rm.parquet"))
     with pytest.raises(DataError, match=r"rm\.parquet, row index 1: bad rm row: 'chosen' is an empty string"):

@@ -41,7 +41,8 @@ def test_save_reload_round_trip(tmp_path, side):
     back = AutoTokenizer.from_pretrained(tmp_path)
     assert back.padding_side == side
     assert back.get_vocab() == tok.get_vocab()
-    assert (back.pad_token, back.eos_token, back.bos_token, back.unk_token) == ("<pad>", "<eos>", "<bos>", "<unk>")
+    specials = (back.pad_token, back.eos_token, back.bos_token, back.unk_token)
+    assert specials == ("<pad>", "<eos>", "<bos>", "<unk>")
     assert back.chat_template == tok.chat_template
     text = "hello cat zebra <|user|> 3 + 4 = 7"
     assert back(text)["input_ids"] == tok(text)["input_ids"]
