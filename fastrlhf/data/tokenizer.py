@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 DEFAULT_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -77,8 +77,7 @@ def build_word_tokenizer(
 
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # WordLevel has no decoder of its own; join words with single spaces.
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    # No decoder: the tokenizers library joins word-level tokens with single spaces on decode.
     # Special tokens are matched before the pre-tokenizer: "<|end|>" is one token even glued to a word.
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*special, *markers)])
 
