@@ -60,6 +60,8 @@ def calibration_bins(chosen: torch.Tensor, rejected: torch.Tensor, n_bins: int =
     if int(n_bins) != n_bins or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     diff = _pair(chosen, rejected).double()
+    if not torch.isfinite(diff).all():  # NaN would land in an arbitrary bin; an eval metric may sync here
+        raise ValueError("chosen - rejected has NaN or inf; cannot bin it for calibration")
     p = torch.sigmoid(diff)
     q = torch.cat([p, 1.0 - p])
     label = torch.cat([torch.ones_like(p), torch.zeros_like(p)])

@@ -77,7 +77,8 @@ _CHECKS: dict[str, Callable[[dict], None]] = {"sft": _check_sft, "rm": _check_rm
 
 def validate_rows(rows: Iterable[tuple[str, object]], *, kind: str, source) -> list[dict]:
     """Check ``(location, row)`` pairs for ``kind``; return the rows, or raise :class:`DataError` at
-    the first bad one."""
+    the first bad one. Keys whose value is None are dropped from the returned rows (columnar formats
+    fill the keys a row lacks with None), so ``"margin" in row`` means the row has a margin."""
     check = _CHECKS[kind]
     out = []
     for location, row in rows:
@@ -87,7 +88,7 @@ def validate_rows(rows: Iterable[tuple[str, object]], *, kind: str, source) -> l
             check(row)
         except ValueError as err:
             raise DataError(source, location, f"bad {kind} row: {err}") from None
-        out.append(row)
+        out.append({k: v for k, v in row.items() if v is not None})
     if not out:
         raise DataError(source, None, f"no {kind} rows")
     return out
@@ -162,7 +163,8 @@ def read_rows(source: str | os.PathLike, *, kind: str, split: str = "train") -> 
     - ``"rm"``: ``{"prompt", "chosen", "rejected"}`` strings and an optional numeric ``"margin"``;
     - ``"ppo"``: ``{"prompt": str}``.
 
-    Strings must be non-empty; other keys are kept as they are. ``split`` picks the split of a
+    Strings must be non-empty; other keys are kept as they are, except None values (absent in a
+    columnar source), which are dropped. ``split`` picks the split of a
     dataset with several (and of a JSON object keyed by split). Raises :class:`DataError` (a
     ``ValueError``) at the first bad row or an unreadable source, before anything is trained.
     """

@@ -113,3 +113,5 @@ def test_calibration_bins_counts_both_orderings():
     assert conf[9].item() == pytest.approx(0.95) and conf[5].item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="n_bins"):
         calibration_bins(chosen, torch.zeros(2), n_bins=0)
+    with pytest.raises(ValueError, match="NaN"):
+        expected_calibration_error(torch.tensor([1.0, float("nan")]), torch.zeros(2))

@@ -40,11 +40,9 @@ def test_jsonl_json_parquet_and_saved_dataset(tmp_path, kind):
     if kind != "sft":  # mixed-form sft rows are tested below with a union schema
         ds = to_dataset(rows)
         ds.to_parquet(str(tmp_path / "d.parquet"))
-        got = read_rows(tmp_path / "d.parquet", kind=kind)
-        assert [{k: v for k, v in r.items() if v is not None} for r in got] == rows
+        assert read_rows(tmp_path / "d.parquet", kind=kind) == rows  # None-filled keys dropped
         ds.save_to_disk(str(tmp_path / "saved"))
-        got = read_rows(tmp_path / "saved", kind=kind)
-        assert [{k: v for k, v in r.items() if v is not None} for r in got] == rows
+        assert read_rows(tmp_path / "saved", kind=kind) == rows
         datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "dd"))
         assert len(read_rows(tmp_path / "dd", kind=kind, split="test")) == 1
         with pytest.raises(DataError, match=r"no split 'validation'; splits are \['test', 'train'\]"):
@@ -54,9 +52,9 @@ def test_jsonl_json_parquet_and_saved_dataset(tmp_path, kind):
 def test_mixed_sft_forms_in_columnar_formats(tmp_path):
     ds = to_dataset(SFT)  # union schema: missing keys become None
     ds.to_parquet(str(tmp_path / "d.parquet"))
-    assert len(read_rows(tmp_path / "d.parquet", kind="sft")) == 2
+    assert read_rows(tmp_path / "d.parquet", kind="sft") == SFT
     ds.save_to_disk(str(tmp_path / "saved"))
-    assert len(read_rows(tmp_path / "saved", kind="sft")) == 2
+    assert read_rows(tmp_path / "saved", kind="sft") == SFT
 
 
 def test_hf_data_directory_via_load_dataset(tmp_path):
