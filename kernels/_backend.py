@@ -132,6 +132,20 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     return h, vocab
 
 
+def autocast_linear_inputs(hidden, weight, bias=None):
+    """Under ``torch.autocast`` on the inputs' device, cast ``hidden``, ``weight``, ``bias`` to the autocast
+    dtype, as ``F.linear`` would (the casts are differentiable: an fp32 master weight gets an fp32 grad).
+
+    The op itself then runs with autocast off, so forward and the recomputing backward see the same
+    logits. Outside autocast the tensors come back unchanged (mixed dtypes stay an error).
+    """
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Every label is in ``[0, vocab_size)`` or equals ``ignore_index``.
 

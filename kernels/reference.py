@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import (check_chunk_size, check_gae_inputs, check_labels_in_range, check_linear_inputs,
-                       check_logits_labels, check_ppo_inputs, check_temperature)
+from ._backend import (autocast_linear_inputs, check_chunk_size, check_gae_inputs, check_labels_in_range,
+                       check_linear_inputs, check_logits_labels, check_ppo_inputs, check_temperature)
 from .losses import aggregate, kl_estimate, masked_mean, ppo_policy_loss
 
 # A chunk holds at most this many logits (128 MB in float32); a few fp32 temporaries of that size live at once.
@@ -56,12 +56,18 @@ def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, w
 
 
 def _chunk_grad(z, labels, valid, lse, ent, g_lp, g_ent, temperature: float) -> torch.Tensor:
-    """dL/dlogits for one chunk, compute dtype ``[n, V]``, exactly 0 on ignored rows."""
+    """dL/dlogits for one chunk, compute dtype ``[n, V]``, exactly 0 on ignored rows.
+
+    ``g_lp`` / ``g_ent`` are None when that output takes no part in the loss (no work is done for it).
+    """
     logp = z - lse.unsqueeze(-1)
     p = logp.exp()
-    g_lp = torch.where(valid, g_lp.to(z.dtype), 0)
-    dz = p * (-g_lp.unsqueeze(-1))
-    dz.scatter_add_(-1, torch.where(valid, labels, 0).unsqueeze(-1), g_lp.unsqueeze(-1))
+    if g_lp is not None:
+        g_lp = torch.where(valid, g_lp.to(z.dtype), 0)
+        dz = p * (-g_lp.unsqueeze(-1))
+        dz.scatter_add_(-1, torch.where(valid, labels, 0).unsqueeze(-1), g_lp.unsqueeze(-1))
+    else:
+        dz = torch.zeros_like(z)
     if g_ent is not None:
         g_ent = torch.where(valid, g_ent.to(z.dtype), 0)
         dz -= torch.where(p > 0, p * (logp + ent.unsqueeze(-1)), 0) * g_ent.unsqueeze(-1)
@@ -74,11 +80,16 @@ def _scaled_logits(chunk: torch.Tensor, valid: torch.Tensor, temperature: float,
     return z.masked_fill_(~valid.unsqueeze(-1), 0).div_(temperature)
 
 
+def _part(t, sl):
+    return None if t is None else t[sl]
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """logits ``[N, V]`` -> ``(logprobs [N], entropy [N])``; backward recomputes softmax chunk by chunk."""
 
     @staticmethod
     def forward(ctx, logits, labels, valid, temperature, want_entropy, rows):
+        ctx.set_materialize_grads(False)
         n, dtype = logits.shape[0], _compute_dtype(logits)
         lp = torch.zeros(n, dtype=dtype, device=logits.device)
         ent = torch.zeros_like(lp)
@@ -102,11 +113,12 @@ class _TokenLogprobs(torch.autograd.Function):
             return (None,) * 6
         grad = torch.empty_like(logits)
         dtype, rows = lse.dtype, ctx.rows
+        g_ent = g_ent if ctx.want_entropy else None
         for s in range(0, logits.shape[0], rows):
             sl = slice(s, s + rows)
             z = _scaled_logits(logits[sl], valid[sl], ctx.temperature, dtype)
-            ge = g_ent[sl] if ctx.want_entropy else None
-            grad[sl] = _chunk_grad(z, labels[sl], valid[sl], lse[sl], ent[sl], g_lp[sl], ge, ctx.temperature)
+            grad[sl] = _chunk_grad(z, labels[sl], valid[sl], lse[sl], ent[sl], _part(g_lp, sl), _part(g_ent, sl),
+                                   ctx.temperature)
         return grad, None, None, None, None, None
 
 
@@ -147,15 +159,18 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, temperature, want_entropy, rows):
+        ctx.set_materialize_grads(False)
         n, dtype = hidden.shape[0], _compute_dtype(hidden)
         lp = torch.zeros(n, dtype=dtype, device=hidden.device)
         ent, lse = torch.zeros_like(lp), torch.zeros_like(lp)
-        for s in range(0, n, rows):
-            sl = slice(s, s + rows)
-            _, z = _chunk_logits(hidden[sl], weight, bias, valid[sl], temperature, dtype)
-            lp[sl], ent_c, lse[sl] = _chunk_forward(z, labels[sl], valid[sl], want_entropy)
-            if want_entropy:
-                ent[sl] = ent_c
+        # autocast was applied to the inputs by the caller; off here so backward recomputes the same logits
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, rows):
+                sl = slice(s, s + rows)
+                _, z = _chunk_logits(hidden[sl], weight, bias, valid[sl], temperature, dtype)
+                lp[sl], ent_c, lse[sl] = _chunk_forward(z, labels[sl], valid[sl], want_entropy)
+                if want_entropy:
+                    ent[sl] = ent_c
         ctx.save_for_backward(hidden, weight, bias, labels, valid, lse, ent)
         ctx.temperature, ctx.want_entropy, ctx.rows = temperature, want_entropy, rows
         if not want_entropy:
@@ -170,17 +185,19 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
-        for s in range(0, hidden.shape[0], rows):
-            sl = slice(s, s + rows)
-            h, z = _chunk_logits(hidden[sl], weight, bias, valid[sl], ctx.temperature, dtype)
-            ge = g_ent[sl] if ctx.want_entropy else None
-            dz = _chunk_grad(z, labels[sl], valid[sl], lse[sl], ent[sl], g_lp[sl], ge, ctx.temperature)
-            if need_h:
-                grad_h[sl] = dz.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(dz.t(), h.to(dtype))
-            if need_b:
-                grad_b += dz.sum(0)
+        g_ent = g_ent if ctx.want_entropy else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], rows):
+                sl = slice(s, s + rows)
+                h, z = _chunk_logits(hidden[sl], weight, bias, valid[sl], ctx.temperature, dtype)
+                dz = _chunk_grad(z, labels[sl], valid[sl], lse[sl], ent[sl], _part(g_lp, sl), _part(g_ent, sl),
+                                 ctx.temperature)
+                if need_h:
+                    grad_h[sl] = dz.to(weight.dtype) @ weight
+                if need_w:
+                    grad_w.addmm_(dz.t(), h.to(dtype))
+                if need_b:
+                    grad_b += dz.sum(0)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None
@@ -191,8 +208,10 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     """``hidden [..., H]``, ``weight [V, H]``, ``labels [...]``, ``bias [V]`` -> same as
     ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` (fp32 outputs), differentiable w.r.t.
     hidden, weight and bias, holding logits for at most ``chunk_size`` tokens at once
-    (default ``default_chunk_rows(V)``).
+    (default ``default_chunk_rows(V)``). Under ``torch.autocast`` the inputs are cast to the autocast dtype
+    first, as ``F.linear`` would do.
     """
+    hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)
     _, vocab = check_linear_inputs(hidden, weight, labels, bias)
     check_temperature(temperature)
     check_chunk_size(chunk_size)
@@ -273,6 +292,7 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     Returns ``(loss, stats)`` or ``(loss, stats, logprobs.detach())``; stats: clipfrac, approx_kl,
     ratio_mean, kl (0 without ref_logprobs), entropy.
     """
+    hidden, weight, _ = autocast_linear_inputs(hidden, weight)
     _, vocab = check_linear_inputs(hidden, weight, labels)
     mask = check_ppo_inputs(labels.shape, "labels", old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                             kl_coef=kl_coef, kl_kind=kl_kind, loss_agg=loss_agg, clip_low=clip_low,

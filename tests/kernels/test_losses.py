@@ -264,6 +264,20 @@ def test_fused_ppo_loss_bf16_inputs(make_mask):
         _rel_err_below(got, w, 2e-2)
 
 
+def test_fused_ppo_loss_under_autocast(make_mask):
+    hidden, weight, labels, old, adv, ref, mask = _ppo_case(torch.float32, make_mask(B, T, "ragged"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = fused_ppo_loss(hidden, weight, labels, old, adv, mask, ref_logprobs=ref, backend="torch", **PPO_KW)
+    g_got = torch.autograd.grad(got, (hidden, weight))
+    low = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight)]
+    want, _ = fused_ppo_loss(*low, labels, old, adv, mask, ref_logprobs=ref, backend="torch", **PPO_KW)
+    g_want = torch.autograd.grad(want, low)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(g_got, g_want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
+
+
 def test_fused_ppo_loss_garbage_chunks_and_logprobs(make_mask, garbage):
     mask = make_mask(B, T, "holes")
     hidden, weight, labels, old, adv, ref, _ = _ppo_case(torch.float32, mask)

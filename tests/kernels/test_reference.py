@@ -140,6 +140,23 @@ def test_token_logprobs_extreme_logits():
     assert (grad[:, 5:40] == 0).all()
 
 
+def test_token_logprobs_one_output_unused():
+    """Grads when only one of (logprobs, entropy) feeds the loss (the other gets no upstream grad)."""
+    x = _logits((4, 6, 53), torch.float64)
+    y = torch.randint(0, 53, (4, 6))
+    y[1, 2] = -100
+    g = torch.randn(4, 6, dtype=torch.float64)
+    for pick in (0, 1):
+        out = reference.token_logprobs(x, y, return_entropy=True, chunk_size=5)
+        (got,) = torch.autograd.grad((out[pick] * g).sum(), x)
+        out = reference.token_logprobs(x, y, return_entropy=True)
+        (want,) = torch.autograd.grad((out[pick] * g).sum() + 0 * out[1 - pick].sum(), x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    (lp_only,) = torch.autograd.grad((reference.token_logprobs(x, y) * g).sum(), x)
+    (want,) = torch.autograd.grad((reference.token_logprobs(x, y, return_entropy=True)[0] * g).sum(), x)
+    torch.testing.assert_close(lp_only, want, rtol=1e-12, atol=1e-14)
+
+
 def test_token_logprobs_no_full_float_copy(float_guard):
     n, v = 64, 1000
     x = _logits((n, v), torch.bfloat16)
@@ -257,6 +274,19 @@ def test_linear_memory_does_not_grow_with_tokens(float_guard):
                                             backend="torch")
             (lp.sum() + ent.sum()).backward()
         assert guard.largest <= max(chunk * v, n * h, v * h), f"n={n}: a tensor of {guard.largest} floats"
+
+
+def test_linear_under_autocast_casts_like_f_linear():
+    hidden, weight, b = _linear_case((3, 7), 16, 97, torch.float32)
+    y = torch.randint(0, 97, (3, 7))
+    g_lp, g_ent = torch.randn(3, 7), torch.randn(3, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _linear_run(hidden, weight, b, y, g_lp, g_ent, _chunked, chunk_size=4)
+    low = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight, b)]
+    want = _linear_run(*low, y, g_lp, g_ent, _chunked, chunk_size=4)
+    assert [g.dtype for g in got[2:]] == [torch.float32] * 3  # grads reach the fp32 master tensors
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
 
 
 def test_linear_validation_errors():
