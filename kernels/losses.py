@@ -52,9 +52,12 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     """Per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman, "Approximating KL
     divergence", 2020). ``d = logprobs - ref_logprobs``; k1: d, k2: d^2/2, k3: exp(-d) + d - 1, abs: |d|.
 
-    Shapes: any, equal. Output float32 (float64 for float64 input), elementwise: mask it yourself.
+    Shapes: any, equal (no broadcasting). Output float32 (float64 for float64 input), elementwise: mask it yourself.
     """
     check_kl_kind(kind)
+    check_tensor("logprobs", logprobs, floating=True)
+    check_tensor("ref_logprobs", ref_logprobs, floating=True)
+    check_same_shape(logprobs.shape, "logprobs", ref_logprobs=ref_logprobs)  # no silent broadcasting
     dtype = _compute_dtype(logprobs, ref_logprobs)
     d = logprobs.to(dtype) - ref_logprobs.to(dtype)
     return KL_ESTIMATORS[kind](d)

@@ -196,6 +196,22 @@ def test_ppo_value_loss_hand_case():
     assert stats_nc["vf_clipfrac"].item() == 0.0
 
 
+def test_loss_validation_errors():
+    x, m = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="ref_logprobs must have the shape of logprobs"):
+        kl_estimate(x, torch.zeros(2), "k1")
+    with pytest.raises(ValueError, match="advantages must have the shape of logprobs"):
+        ppo_policy_loss(x, x, torch.zeros(3, 2), m)
+    with pytest.raises(ValueError, match="mask must have the shape of values"):
+        ppo_value_loss(x, x, x, m[:1])
+    with pytest.raises(TypeError, match="old_logprobs must be a floating"):
+        ppo_policy_loss(x, x.long(), x, m)
+    with pytest.raises(ValueError, match="clip_low must be in"):
+        ppo_policy_loss(x, x, x, m, clip_low=1.5)
+    with pytest.raises(ValueError, match="mask must have the shape of x"):
+        masked_mean(x, m.T)
+
+
 # ------------------------------------------------------------------------------------------------ fused losses
 B, T, H, V = 3, 37, 24, 1031
 PPO_KW = dict(kl_coef=0.05, entropy_coef=0.01, clip_low=0.2, clip_high=0.28, temperature=0.9)
