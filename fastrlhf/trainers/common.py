@@ -323,10 +323,14 @@ class StepTrainer:
         bar.close()
         return self._finish()
 
+    def final_evaluate(self) -> dict:
+        """Metrics of the finished model (the subclass may add side effects: plots, stats)."""
+        return self.evaluate()
+
     def _finish(self) -> dict:
         import json
 
-        metrics = self.evaluate()
+        metrics = self.final_evaluate()
         if metrics:
             self.logger.log(self.total_steps, metrics, stage=self.stage)
         if getattr(self, "last_stats", None) and "loss" in self.last_stats:

@@ -1,0 +1,129 @@
+"""RewardTrainer / RewardConfig on a tiny Llama and the local test tokenizer (no downloads)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from fastrlhf.algo import bradley_terry_loss
+from fastrlhf.config import ConfigError, load_config
+from fastrlhf.data import DataError, build_test_tokenizer
+from fastrlhf.data.tokenizer import TEST_WORDS
+from fastrlhf.models import RewardModel, tiny_gpt2, tiny_llama
+from fastrlhf.telemetry.metrics import read_metrics
+from fastrlhf.trainers.reward import (
+    RewardConfig,
+    RewardTrainer,
+    accumulate_reward_gradients,
+    pair_batch,
+    pair_features,
+)
+
+CPU = torch.device("cpu")
+WORDS = [w for w in TEST_WORDS if w not in ("good", "bad")]
+
+
+def synthetic_pairs(n: int, seed: int) -> list[dict]:
+    """The chosen response has "good" where the rejected one has "bad", at a random position among
+    random words: the reward model must find one token anywhere in the sequence."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        base = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
+        i = rng.randint(0, len(base))
+        rows.append({"prompt": "say " + rng.choice(WORDS), "chosen": " ".join(base[:i] + ["good"] + base[i:]),
+                     "rejected": " ".join(base[:i] + ["bad"] + base[i:])})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_test_tokenizer(padding_side="right")
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="unused", data="unused", output_dir=str(tmp_path), lr=3e-3, epochs=1, batch_size=32,
+                micro_batch_size=16, max_length=32, progress=False, tensorboard=False, warmup_ratio=0.1)
+    return RewardConfig(**{**base, **kw})
+
+
+def _lm(tok, make=tiny_llama, seed=0):
+    return make(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, seed=seed)
+
+
+def test_pair_features_end_with_eos_and_keep_margin(tok):
+    f = pair_features({"prompt": "say hi", "chosen": "good dog", "rejected": "bad", "margin": 1.5}, tok, 32)
+    assert tok.decode(f["chosen_input_ids"]) == "say hi good dog <eos>"
+    assert tok.decode(f["rejected_input_ids"]) == "say hi bad <eos>"
+    assert f["margin"] == 1.5
+    assert pair_features({"prompt": "a", "chosen": "b", "rejected": "c"}, tok, 32)["margin"] == 0.0
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_accumulation_matches_one_batch_with_margins(tok, make):
+    rows = synthetic_pairs(5, seed=3)
+    for i, r in enumerate(rows):
+        r["margin"] = 0.25 * i
+    feats = [pair_features(r, tok, 32) for r in rows]
+    m1, m2 = RewardModel(_lm(tok, make)).double(), RewardModel(_lm(tok, make)).double()
+    m2.load_state_dict(m1.state_dict())  # same head (its init draws from the global RNG)
+    one = accumulate_reward_gradients(m1, [pair_batch(feats, 0)], device=CPU)
+    acc = accumulate_reward_gradients(m2, [pair_batch(feats[:2], 0), pair_batch(feats[2:], 0)], device=CPU)
+    for k in ("loss", "accuracy", "margin"):
+        torch.testing.assert_close(acc[k], one[k], atol=1e-6, rtol=0)
+    for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, atol=1e-10, rtol=1e-8, msg=n)
+    # The BT loss with per-pair margins, scored directly, is the accumulated loss.
+    with torch.no_grad():
+        b = pair_batch(feats, 0)
+        s = m1(b["input_ids"], b["attention_mask"])
+        want, _, _ = bradley_terry_loss(s[:5], s[5:], b["margin"].double())
+    torch.testing.assert_close(one["loss"].double(), want.double(), atol=1e-6, rtol=0)
+
+
+def test_reward_model_learns_synthetic_preference(tok, tmp_path):
+    trainer = RewardTrainer(_cfg(tmp_path, epochs=2, eval_every=4), model=_lm(tok), tokenizer=tok,
+                            train_rows=synthetic_pairs(128, 0), eval_rows=synthetic_pairs(64, 1))
+    result = trainer.train()
+    assert result["eval_accuracy"] > 0.9, result
+    assert result["eval_margin"] > 0 and 0 <= result["eval_ece"] <= 1
+    assert result["eval_chosen_mean"] > result["eval_rejected_mean"]
+    assert (tmp_path / "reward_histogram.png").stat().st_size > 1000
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"loss", "accuracy", "margin", "grad_norm", "lr"} <= set(rows[0])
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [4, 8]
+    # The saved model scores like the trained one and carries its reward statistics.
+    back = RewardModel.from_pretrained(tmp_path / "final")
+    assert back.reward_mean == pytest.approx(result["reward_mean"])
+    assert back.reward_std == pytest.approx(result["reward_std"]) and back.reward_std > 0
+    b = pair_batch([pair_features(r, tok, 32) for r in synthetic_pairs(4, 9)], 0)
+    torch.testing.assert_close(back(b["input_ids"], b["attention_mask"]),
+                               trainer.model.cpu()(b["input_ids"], b["attention_mask"]), atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "rm_result.json").read_text())["eval_accuracy"] == result["eval_accuracy"]
+
+
+def test_without_eval_set_final_metrics_use_train_pairs(tok, tmp_path):
+    result = RewardTrainer(_cfg(tmp_path, max_steps=1), model=_lm(tok), tokenizer=tok,
+                           train_rows=synthetic_pairs(8, 0)).train()
+    assert result["eval_pairs"] == 8 and "train_loss" in result
+
+
+def test_bad_rm_rows_name_file_and_line(tok, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    good = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "margin": "big"}) + "\n")
+    with pytest.raises(DataError, match=r"prefs\.jsonl, line 2.*margin"):
+        RewardTrainer(_cfg(tmp_path / "out", data=str(data)), model=_lm(tok), tokenizer=tok)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="row index 0.*rejected"):
+        RewardTrainer(_cfg(tmp_path / "out"), model=_lm(tok), tokenizer=tok, train_rows=[{"prompt": "a", "chosen": "b"}])
+
+
+def test_reward_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="chosen_key"):
+        load_config(RewardConfig, None, ["model=m", "data=d", "output_dir=o", "chosen_key=x"])
+    with pytest.raises(ConfigError, match="'output_dir' is required"):
+        load_config(RewardConfig, None, ["model=m", "data=d"])
+    assert load_config(RewardConfig, None, ["model=m", "data=d", "output_dir=o", "use_margin=false"]).use_margin is False
