@@ -21,6 +21,8 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Prompt ids with the tokenizer's leading special tokens (e.g. Llama's BOS) but never a trailing EOS."""
     bare = _encode(tokenizer, prompt, add_special_tokens=False)
     full = _encode(tokenizer, prompt, add_special_tokens=True)
+    if not bare:  # an empty prompt: keep only what the tokenizer puts in front (BOS)
+        return [t for t in full if t != tokenizer.eos_token_id]
     for start in range(len(full) - len(bare) + 1):
         if full[start:start + len(bare)] == bare:
             return full[:start] + bare

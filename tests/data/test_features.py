@@ -42,6 +42,8 @@ def test_leading_bos_kept_trailing_eos_not_doubled():
     bos, eos = tok.bos_token_id, tok.eos_token_id
     assert f["input_ids"] == [bos] + ids(tok, "hello cat") + ids(tok, "hi dog") + [eos]
     assert f["labels"][:3] == [IGNORE_INDEX] * 3 and f["labels"][3:] == ids(tok, "hi dog") + [eos]
+    empty = sft_features("", "hi", tok)  # an empty prompt still gets the BOS the tokenizer adds
+    assert empty["input_ids"] == [bos] + ids(tok, "hi") + [eos] and empty["labels"][0] == IGNORE_INDEX
 
 
 def test_truncation_cuts_response_end_and_keeps_eos():
