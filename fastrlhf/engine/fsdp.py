@@ -82,7 +82,10 @@ def shard_model(model: nn.Module, *, device: torch.device, train: bool, bf16: bo
         kwargs["mesh"] = init_device_mesh("cuda", (dist.get_world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root keeps its parameters (embeddings, lm_head, heads) gathered after forward, as FSDP2 does
+    # by default for a root's forward: backward needs them at once, and methods registered below may call
+    # each other (``head_outputs`` -> ``hidden_states``) -- an inner call must not reshard the outer's.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     for name in _FORWARD_METHODS:
         if callable(getattr(model, name, None)):
             register_fsdp_forward_method(model, name)

@@ -26,6 +26,8 @@ _WORKING = {
     "train": ("actor.params", "actor.optim", "critic.params", "critic.optim"),
     "sync": ("actor.params", "vllm.weights"),
 }
+# vLLM state the scheduler releases in each phase (sleep level 1 in SCORE/TRAIN; only weights woken for SYNC).
+_ASLEEP = {"score": ("vllm.weights", "vllm.kv"), "train": ("vllm.weights", "vllm.kv"), "sync": ("vllm.kv",)}
 # Order in which idle items are kept resident while they fit (first = kept first): parameters that
 # the next phase needs are worth keeping; optimizer state is the largest and moved last-needed.
 _KEEP_ORDER = ("actor.params", "critic.params", "ref.params", "reward.params", "vllm.weights",
@@ -147,11 +149,15 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
             used = _sequential_score_bytes(nbytes)
             notes.append("score: critic/ref/reward onloaded one at a time (they do not fit together)")
         if used > usable:
+            how = " (critic/ref/reward onloaded one at a time)" if sequential else ""
             raise MemoryPlanError(
-                f"phase {phase!r} needs {_mb(used)} MB per rank for {working} but only {_mb(usable)} MB "
+                f"phase {phase!r} needs {_mb(used)} MB per rank for {working}{how} but only {_mb(usable)} MB "
                 f"are usable ({_mb(budget_bytes)} MB free, {activation_reserve:.0%} reserved); use more "
                 f"ranks (FSDP shards by world_size={world_size}), a smaller model, or bf16 parameters")
         phase_plan = {k: "sequential" if k in sequential else "resident" for k in working}
+        for item in _ASLEEP.get(phase, ()):
+            if item in nbytes:
+                phase_plan[item] = "offloaded"
         for item in _KEEP_ORDER:
             if item in nbytes and item not in phase_plan:
                 fits = used + nbytes[item] <= usable

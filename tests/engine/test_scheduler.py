@@ -1,0 +1,153 @@
+"""The phase state machine, the memory-plan arithmetic on a fake device budget, and the plan's hooks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastrlhf.engine.memory import MemoryPlanError, ModelSize, item_bytes, model_size, plan_memory
+from fastrlhf.engine.runtime import Runtime, prepare_models
+from fastrlhf.engine.scheduler import PhaseError, PhaseScheduler
+from fastrlhf.models import tiny_llama
+
+MB = 2**20
+
+
+def run(sched, *phases):
+    for p in phases:
+        with sched.phase(p):
+            pass
+
+
+def test_phase_order_is_enforced():
+    s = PhaseScheduler("cpu")
+    run(s, "generate", "score", "score", "train", "train", "sync", "generate", "score", "train",
+        "generate")  # HF backend: no SYNC; a new iteration may start after any phase
+    run(s, "generate")  # a skipped step: the next iteration starts again
+    with pytest.raises(PhaseError, match="'train' cannot follow 'generate'"):
+        run(s, "train")
+    with pytest.raises(PhaseError, match="'sync' cannot follow 'generate'"):
+        run(PhaseScheduler("cpu"), "generate", "sync")
+    with pytest.raises(PhaseError, match="'score' cannot follow the start"):
+        run(PhaseScheduler("cpu"), "score")
+    run(PhaseScheduler("cpu"), "sync", "generate")  # the first sync fills a fresh engine
+    with pytest.raises(ValueError, match="unknown phase 'rollout'"):
+        run(s, "rollout")
+
+
+def test_phases_do_not_nest_and_state_recovers_from_errors():
+    s = PhaseScheduler("cpu")
+    with pytest.raises(PhaseError, match="inside phase 'generate'"):
+        with s.phase("generate"):
+            run(s, "score")
+    assert s.current is None
+    with pytest.raises(KeyError):
+        with s.phase("score"):
+            raise KeyError("boom")
+    assert s.current is None and s.last == "score"
+    run(s, "train")
+
+
+def test_stats_accumulate_time_and_memory():
+    s = PhaseScheduler("cpu")
+    run(s, "generate", "score", "score")
+    stats = s.pop_stats()
+    assert {"time/generate_s", "time/score_s", "mem/generate_rss_mb", "mem/peak_rss_mb"} <= set(stats)
+    assert all(v >= 0 for v in stats.values())
+    assert s.pop_stats() == {}
+
+
+def test_item_bytes_arithmetic():
+    sizes = {"actor": ModelSize(1000, 4, trained=True), "critic": ModelSize(500, 4, trained=True),
+             "ref": ModelSize(1000, 2), "reward": None}
+    b = item_bytes(sizes, world_size=4, has_vllm=True, vllm_param_bytes=2, vllm_kv_bytes=777, tp=2)
+    assert b == {"actor.params": 1000, "actor.optim": 3000,  # 4 B params; 4 B grads + 8 B Adam, / 4 ranks
+                 "critic.params": 500, "critic.optim": 1500, "ref.params": 500,
+                 "vllm.weights": 1000, "vllm.kv": 777}  # the engine's bf16 copy split over tp=2
+
+
+def _sizes(n):
+    return {"actor": ModelSize(n, 4, trained=True), "critic": ModelSize(n, 4, trained=True),
+            "ref": ModelSize(n, 4), "reward": ModelSize(n, 4)}
+
+
+def test_plan_everything_fits():
+    plan = plan_memory(_sizes(MB), budget_bytes=100 * MB, device="cuda:0", has_vllm=True,
+                       vllm_kv_bytes=10 * MB)
+    assert {w for ph in plan.placement.values() for w in ph.values()} == {"resident"}
+
+
+def test_plan_offloads_what_does_not_fit():
+    # params 4 MB each, optim 12 MB each (actor, critic), vLLM weights 2 MB + KV 20 MB; 40 MB usable.
+    plan = plan_memory(_sizes(MB), budget_bytes=int(40 * MB / 0.9), device="cuda:0", has_vllm=True,
+                       vllm_kv_bytes=20 * MB)
+    gen, score, train, sync = (plan.placement[p] for p in ("generate", "score", "train", "sync"))
+    # GENERATE: vLLM 22 MB, then params in order of preference (actor, critic, ref, reward = 16 MB)
+    assert gen["vllm.kv"] == gen["vllm.weights"] == "resident"
+    assert [gen[f"{m}.params"] for m in ("actor", "critic", "ref", "reward")] == ["resident"] * 4
+    assert gen["actor.optim"] == gen["critic.optim"] == "offloaded"
+    # TRAIN: 32 MB of training state; ref (4 MB) fits, then reward (4 MB) fits exactly; vLLM does not
+    assert train["actor.optim"] == train["critic.optim"] == "resident"
+    assert train["vllm.kv"] == "offloaded"
+    # SCORE: vLLM asleep; 16 MB of params, then actor optim (12) fits, critic optim (12) does not
+    assert score["vllm.kv"] == score["vllm.weights"] == "offloaded"
+    assert score["actor.optim"] == "resident" and score["critic.optim"] == "offloaded"
+    assert sync["vllm.kv"] == "offloaded"
+    assert sync["actor.params"] == sync["vllm.weights"] == "resident"
+    table = plan.format()
+    assert "actor.optim" in table and "generate" in table
+    assert plan.flat_metrics()["plan/generate/actor.optim"] == 0.0
+
+
+def test_plan_sequential_scoring_and_error():
+    # each model 40 MB of params; 100 MB usable: SCORE cannot hold all four, only actor + one other
+    sizes = _sizes(10 * MB)
+    sizes["actor"] = ModelSize(10 * MB, 4, trained=False)
+    sizes["critic"] = ModelSize(10 * MB, 4, trained=False)
+    plan = plan_memory(sizes, budget_bytes=int(100 * MB / 0.9), device="cuda:0")
+    assert plan.placement["score"]["actor.params"] == "resident"
+    assert {plan.placement["score"][f"{m}.params"] for m in ("critic", "ref", "reward")} == {"sequential"}
+    assert any("one at a time" in n for n in plan.notes)
+    with pytest.raises(MemoryPlanError, match=r"phase 'score' needs 80.0 MB .* one at a time\) but only 45.0"):
+        plan_memory(_sizes(10 * MB), budget_bytes=50 * MB, device="cuda:0", world_size=1)
+    with pytest.raises(MemoryPlanError, match=r"phase 'train' needs 320.0 MB"):  # 2 x (40 + 120)
+        plan_memory(_sizes(10 * MB), budget_bytes=100 * MB, device="cuda:0", world_size=1)
+    # the same models over 8 ranks fit
+    plan_memory(_sizes(10 * MB), budget_bytes=50 * MB, device="cuda:0", world_size=8)
+
+
+def test_cpu_plan_is_all_resident_and_hooks_move_nothing():
+    rt = Runtime(device=torch.device("cpu"))
+    actor, critic, ref, rm = (tiny_llama(64, seed=i) for i in range(4))
+    actor, critic, ref, rm = prepare_models(rt, actor=actor, critic=critic, ref=ref, reward_model=rm)
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert rt.sizes["actor"] == model_size(actor, trained=True)
+    run(rt.scheduler, "generate", "score", "train", "sync")
+    assert rt.scheduler.events == []
+    assert rt.scheduler.pop_stats()["plan/train/ref.params"] == 1.0
+
+
+def test_plan_hooks_offload_and_onload_real_models():
+    """A fake budget that forces offloading: the hooks move the real models and optimizer state."""
+    sched = PhaseScheduler("cpu")
+    actor, ref = tiny_llama(64, seed=0), tiny_llama(64, seed=1)
+    opt = torch.optim.AdamW(actor.parameters(), lr=1e-3)
+    actor(torch.randint(0, 64, (2, 5))).logits.sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in actor.state_dict().items()}
+    sizes = {"actor": model_size(actor, trained=True), "ref": model_size(ref, trained=False)}
+    nb = item_bytes(sizes)
+    # TRAIN holds actor params + optim; the budget leaves no room for ref then; SCORE needs both params.
+    budget = int((nb["actor.params"] + nb["actor.optim"]) / 0.9) + 1
+    plan = plan_memory(sizes, budget_bytes=budget, device="cpu")
+    assert plan.placement["train"]["ref.params"] == "offloaded"
+    assert plan.placement["score"]["actor.optim"] == "offloaded"
+    sched.bind(plan=plan, models={"actor": actor, "ref": ref})
+    sched.register_optimizer("actor", opt)
+    run(sched, "generate", "score", "train")
+    actions = [a for _, a in sched.events]
+    assert "cpu:actor.optim" in actions and "device:actor.optim" in actions and "cpu:ref.params" in actions
+    # offloads happen before onloads within a phase
+    train = [a for p, a in sched.events if p == "train"]
+    assert train == sorted(train, key=lambda a: a.startswith("device"))
+    assert all(torch.equal(before[k], v) for k, v in actor.state_dict().items())
+    assert all(t.device.type == "cpu" for s in opt.state.values() for t in s.values())
