@@ -116,9 +116,12 @@ def write_report(run_dir: str | Path) -> list[Path]:
         by_stage[r.get("stage") or "run"].append(r)
     paths = []
     for stage, srows in by_stage.items():
-        keys = metric_keys(srows)
-        groups = {"eval": [k for k in keys if k.startswith("eval")],
-                  "train": [k for k in keys if not k.startswith("eval")]}
+        # A row with an eval_* key is an evaluation row: all its keys (reward_mean, ...) plot as eval.
+        is_eval = [any(k.startswith("eval") for k in r) for r in srows]
+        eval_keys = metric_keys(r for r, e in zip(srows, is_eval) if e)
+        groups = {"eval": eval_keys,
+                  "train": [k for k in metric_keys(r for r, e in zip(srows, is_eval) if not e)
+                            if k not in eval_keys]}
         for name, group in groups.items():
             if group:
                 paths.append(plot_metrics(srows, group, run_dir / "plots" / f"{stage}_{name}.png",

@@ -207,6 +207,16 @@ def micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------- data
+def format_prompt(tokenizer, prompt: str, *, chat_template: bool) -> str:
+    """``prompt`` as the model sees it: with ``chat_template`` and a tokenizer that has one, a single user
+    turn rendered with the generation prompt (``<|im_start|>user ... <|im_start|>assistant\n`` for Qwen);
+    otherwise the text unchanged. SFT, reward-model and PPO prompts must be formatted the same way."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
 def load_rows(rows: list[dict] | None, source: str | None, *, kind: str, split: str) -> list[dict] | None:
     """``rows`` validated as ``kind`` rows when given in memory, else ``read_rows(source)``; None if neither.
 

@@ -20,7 +20,7 @@ from transformers import AutoModel
 
 from fastrlhf.algo import bradley_terry_loss, expected_calibration_error
 from fastrlhf.config import load_config
-from fastrlhf.data import pad_batch, sft_features
+from fastrlhf.data import pad_batch, preference_features
 from fastrlhf.models.heads import RewardModel
 from fastrlhf.models.loading import load_tokenizer, resolve_dtype
 from fastrlhf.trainers import common
@@ -33,7 +33,8 @@ STAGE = "rm"
 class RewardConfig:
     """Every reward-model setting, with its default. ``model`` (the SFT checkpoint), ``data`` and
     ``output_dir`` are required. Rows: ``{"prompt", "chosen", "rejected"}`` and an optional ``margin``
-    (used when ``use_margin``). ``batch_size`` pairs per optimizer step, ``micro_batch_size`` pairs per
+    (used when ``use_margin``). ``chat_template`` as in ``SFTConfig`` (keep it equal across stages).
+    ``batch_size`` pairs per optimizer step, ``micro_batch_size`` pairs per
     forward (2x that many sequences). The final model goes to ``output_dir/final`` with the mean/std of its
     rewards on the eval pairs (the train pairs when there is no eval set) for normalisation at PPO time.
     """
@@ -55,6 +56,7 @@ class RewardConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     use_margin: bool = True
+    chat_template: bool = False
     center_rewards_coef: float = 0.0
     seed: int = 0
     bf16: bool = True
@@ -76,14 +78,14 @@ class RewardConfig:
         validate_common(self)
 
 
-def pair_features(row: dict, tokenizer, max_length: int) -> dict:
-    """``{"chosen_input_ids", "rejected_input_ids", "margin"}`` of one rm row (prompt + response + EOS,
-    the format the policy generates in, so PPO scores what the reward model was trained on)."""
-    chosen = sft_features(row["prompt"], row["chosen"], tokenizer, max_length=max_length)["input_ids"]
-    rejected = sft_features(row["prompt"], row["rejected"], tokenizer, max_length=max_length)["input_ids"]
+def pair_features(row: dict, tokenizer, max_length: int, *, chat_template: bool = False) -> dict:
+    """``{"chosen_input_ids", "rejected_input_ids", ..., "margin"}`` of one rm row: prompt + response + EOS
+    (``preference_features``), the format the policy generates in, so PPO scores what the reward model
+    was trained on. A row without ``margin`` gets 0."""
+    prompt = common.format_prompt(tokenizer, row["prompt"], chat_template=chat_template)
     margin = row.get("margin")
-    return {"chosen_input_ids": chosen, "rejected_input_ids": rejected,
-            "margin": float(margin) if margin is not None else 0.0}
+    return preference_features(prompt, row["chosen"], row["rejected"], tokenizer, max_length=max_length,
+                               margin=float(margin) if margin is not None else 0.0)
 
 
 def pair_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -181,7 +183,8 @@ class RewardTrainer(common.StepTrainer):
         return RewardModel(model)
 
     def _features(self, rows: list[dict], source: str) -> list[dict]:
-        return common.featurize(rows, lambda r: pair_features(r, self.tokenizer, self.cfg.max_length),
+        return common.featurize(rows, lambda r: pair_features(r, self.tokenizer, self.cfg.max_length,
+                                                             chat_template=self.cfg.chat_template),
                                 source=source, drop_overlong=self.cfg.drop_overlong)
 
     def micro_batches(self, features: list[dict]) -> list[dict]:

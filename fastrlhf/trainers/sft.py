@@ -60,6 +60,7 @@ class SFTConfig:
     device: str = "auto"
     gradient_checkpointing: bool = False
     packing: bool = False
+    chat_template: bool = False
     loss_impl: str = "fused"
     eval_every: int = 0
     save_every: int = 0
@@ -166,11 +167,16 @@ def evaluate_sft(model: torch.nn.Module, micro_batches, *, device: torch.device,
 
 
 # ------------------------------------------------------------------------------------- features, batches
-def sft_row_features(row: dict, tokenizer, max_length: int) -> dict:
-    """One sft row (``{"prompt", "response"}`` or ``{"messages"}``) -> token features with labels."""
+def sft_row_features(row: dict, tokenizer, max_length: int, *, chat_template: bool = False) -> dict:
+    """One sft row (``{"prompt", "response"}`` or ``{"messages"}``) -> token features with labels.
+
+    ``messages`` rows always go through the tokenizer's chat template; a prompt/response row's prompt
+    does when ``chat_template`` (see :func:`fastrlhf.trainers.common.format_prompt`).
+    """
     if row.get("messages") is not None:
         return chat_sft_features(row["messages"], tokenizer, max_length=max_length)
-    return sft_features(row["prompt"], row["response"], tokenizer, max_length=max_length)
+    prompt = common.format_prompt(tokenizer, row["prompt"], chat_template=chat_template)
+    return sft_features(prompt, row["response"], tokenizer, max_length=max_length)
 
 
 def pack_features(features: list[dict], max_length: int) -> list[dict]:
@@ -264,7 +270,8 @@ class SFTTrainer(common.StepTrainer):
         self.setup_loop()
 
     def _features(self, rows: list[dict], source: str) -> list[dict]:
-        feats = common.featurize(rows, lambda r: sft_row_features(r, self.tokenizer, self.cfg.max_length),
+        feats = common.featurize(rows, lambda r: sft_row_features(r, self.tokenizer, self.cfg.max_length,
+                                                                     chat_template=self.cfg.chat_template),
                                  source=source, drop_overlong=self.cfg.drop_overlong)
         return pack_features(feats, self.cfg.max_length) if self.cfg.packing else feats
 

@@ -59,6 +59,8 @@ def test_pair_features_end_with_eos_and_keep_margin(tok):
     assert tok.decode(f["rejected_input_ids"]) == "say hi bad <eos>"
     assert f["margin"] == 1.5
     assert pair_features({"prompt": "a", "chosen": "b", "rejected": "c"}, tok, 32)["margin"] == 0.0
+    chat = pair_features({"prompt": "say hi", "chosen": "good", "rejected": "bad"}, tok, 32, chat_template=True)
+    assert tok.decode(chat["chosen_input_ids"]) == "<|user|> say hi <|end|> <|assistant|> good <eos>"
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])

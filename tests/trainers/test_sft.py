@@ -67,6 +67,14 @@ def test_labels_cover_only_responses_and_assistant_turns(tok):
     assert spans == ["hello you <|end|>", "yes good <|end|>"]
 
 
+def test_chat_template_option_wraps_prompts(tok):
+    plain = sft_row_features(ROWS[1], tok, 48)
+    chat = sft_row_features(ROWS[1], tok, 48, chat_template=True)
+    assert tok.decode(plain["input_ids"]) == "what is red red <eos>"
+    assert tok.decode(chat["input_ids"]) == "<|user|> what is red <|end|> <|assistant|> red <eos>"
+    assert [t for t in chat["labels"] if t != IGNORE_INDEX] == [t for t in plain["labels"] if t != IGNORE_INDEX]
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_gradient_accumulation_invariance(tok, make):
     """Two micro-batches of uneven length give the same loss and grads as one batch (float64 model)."""
