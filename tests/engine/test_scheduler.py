@@ -73,7 +73,11 @@ def _sizes(n):
 def test_plan_everything_fits():
     plan = plan_memory(_sizes(MB), budget_bytes=100 * MB, device="cuda:0", has_vllm=True,
                        vllm_kv_bytes=10 * MB)
-    assert {w for ph in plan.placement.values() for w in ph.values()} == {"resident"}
+    assert {w for ph in plan.placement.values() for k, w in ph.items() if "vllm" not in k} == {"resident"}
+    # vLLM sleeps in SCORE / TRAIN and only its weights wake for SYNC, whatever fits
+    assert [plan.placement[p]["vllm.kv"] for p in ("generate", "score", "train", "sync")] == \
+        ["resident", "offloaded", "offloaded", "offloaded"]
+    assert plan.placement["sync"]["vllm.weights"] == "resident"
 
 
 def test_plan_offloads_what_does_not_fit():
