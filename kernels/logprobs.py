@@ -107,15 +107,17 @@ def _logprobs_bwd_kernel(
 
 
 def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                     want_entropy: bool):
+                     want_entropy: bool, out: tuple[torch.Tensor, ...] | None = None):
     """Launch the forward row kernel on ``x3 [A, R, V]`` (see ``rows_3d``), ``labels [A*R]`` int64.
 
-    Returns fp32 ``(lp, ent, lse)`` each ``[A*R]`` (``ent`` is zeros unless ``want_entropy``).
+    Returns fp32 ``(lp, ent, lse)`` each ``[A*R]`` (``ent`` is zeros unless ``want_entropy``), written into
+    ``out`` (three contiguous fp32 ``[A*R]`` tensors, e.g. slices of whole-batch buffers) when given.
     """
     n, V = labels.numel(), x3.shape[-1]
-    lp = torch.empty(n, dtype=torch.float32, device=x3.device)
-    lse = torch.empty_like(lp)
-    ent = torch.empty_like(lp) if want_entropy else torch.zeros_like(lp)
+    if out is None:
+        lp = torch.empty(n, dtype=torch.float32, device=x3.device)
+        out = (lp, torch.empty_like(lp) if want_entropy else torch.zeros_like(lp), torch.empty_like(lp))
+    lp, ent, lse = out
     if n == 0:
         return lp, ent, lse
     block = vocab_block(V)

@@ -1,0 +1,152 @@
+"""linear_token_logprobs, Triton path (interpreter on CPU): against the PyTorch path in float64 on the same
+(exactly upcast) hidden, weight and bias.
+
+Tolerances: the logits matmul rounds to the input dtype (as ``hidden @ W.T + b`` does) and the float64 oracle
+does not, so half dtypes get wider bounds; each is ~3x the measured error, which matches the PyTorch path
+at the same dtype. (lp/entropy atol, grads relative to the largest |grad|.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastrlhf.kernels import linear_token_logprobs, reference
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning",
+    "ignore:overflow encountered:RuntimeWarning")
+
+# Measured (triton path; PyTorch path at the same dtype in brackets): lp/entropy fp32 2.2e-6, fp16 4.5e-3,
+# bf16 3e-2 (same); rel grads fp32 1e-6 (1.1e-6), fp16 1.6e-3 (1.4e-3), bf16 2.2e-2 (1.9e-2).
+FWD_TOL = {torch.float32: 1e-5, torch.float16: 1.5e-2, torch.bfloat16: 1e-1}
+GRAD_REL = {torch.float32: 5e-6, torch.float16: 5e-3, torch.bfloat16: 6e-2}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _run(fn, hidden, weight, bias, labels, g_lp, g_ent, double=False, **kw):
+    up = (lambda t: t.double()) if double else (lambda t: t)
+    leaves = [None if t is None else up(t).detach().requires_grad_(True) for t in (hidden, weight, bias)]
+    lp, ent = fn(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True, **kw)
+    (lp * g_lp.to(lp.dtype) + ent * g_ent.to(ent.dtype)).sum().backward()
+    return lp.detach(), ent.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _check(got, want, dtype):
+    for a, b in zip(got[:2], want[:2]):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, atol=FWD_TOL[dtype], rtol=0)
+    for a, b in zip(got[2], want[2]):
+        if b is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, atol=GRAD_REL[dtype] * b.abs().max().item(), rtol=0)
+
+
+def _inputs(B, T, V, H, dtype, mask, garbage, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = garbage(torch.randn(B, T, H, generator=g), mask).to(dtype)  # NaN/inf rows where ignored
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(dtype)
+    bias = torch.randn(V, generator=g).to(dtype)
+    labels = torch.where(mask, torch.randint(0, V, (B, T), generator=g), -100)
+    return hidden, weight, bias, labels, torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [7, None])
+def test_matches_float64_reference(interpret, dtype, chunk_size, make_mask, garbage):
+    """hidden (3, 37, 48), weight (1031, 48), bias; chunks of 7 tokens (ragged last one) or the default;
+    ragged mask with an empty row, garbage in ignored hidden rows, T = 0.9, non-unit upstream grads."""
+    mask = make_mask(3, 37, "ragged")
+    hidden, weight, bias, labels, g_lp, g_ent = _inputs(3, 37, 1031, 48, dtype, mask, garbage)
+    got = _run(linear_token_logprobs, hidden, weight, bias, labels, g_lp, g_ent, temperature=0.9,
+               chunk_size=chunk_size, backend="triton")
+    want = _run(reference.linear_token_logprobs, hidden, weight, bias, labels, g_lp, g_ent, double=True,
+                temperature=0.9)
+    assert [t.dtype for t in got[2]] == [dtype] * 3
+    _check(got, want, dtype)
+    assert (got[0][~mask] == 0).all() and (got[1][~mask] == 0).all()
+
+
+def test_no_bias_left_padding_and_multi_block_vocab(interpret, make_mask, garbage):
+    """V = 8192 + 1000 (two vocabulary blocks in the row kernel), no bias, left padding, logprobs only."""
+    mask = make_mask(2, 5, "left")
+    hidden, weight, _, labels, g_lp, _ = _inputs(2, 5, 9192, 16, torch.float32, mask, garbage, seed=1)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    lp = linear_token_logprobs(h1, w1, labels, chunk_size=3, backend="triton")
+    (lp * g_lp).sum().backward()
+    lp0, _, (gh0, gw0, _) = _run(reference.linear_token_logprobs, hidden, weight, None, labels, g_lp,
+                                 torch.zeros(2, 5), double=True)
+    torch.testing.assert_close(lp.detach().double(), lp0, atol=FWD_TOL[torch.float32], rtol=0)
+    for a, b in ((h1.grad, gh0), (w1.grad, gw0)):
+        torch.testing.assert_close(a.double(), b, atol=GRAD_REL[torch.float32] * b.abs().max().item(), rtol=0)
+
+
+def test_only_some_inputs_need_grad(interpret, make_mask, garbage):
+    """Frozen weight (only hidden's grad), and a frozen trunk (only weight and bias grads)."""
+    mask = make_mask(2, 9, "holes")
+    hidden, weight, bias, labels, g_lp, g_ent = _inputs(2, 9, 300, 24, torch.float32, mask, garbage, seed=2)
+    want = _run(reference.linear_token_logprobs, hidden, weight, bias, labels, g_lp, g_ent, double=True)
+    h = hidden.clone().requires_grad_(True)
+    lp, ent = linear_token_logprobs(h, weight, labels, bias=bias, return_entropy=True, backend="triton")
+    (lp * g_lp + ent * g_ent).sum().backward()
+    torch.testing.assert_close(h.grad.double(), want[2][0], atol=1e-5 * want[2][0].abs().max().item(), rtol=0)
+    w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    lp, ent = linear_token_logprobs(hidden, w, labels, bias=b, return_entropy=True, backend="triton")
+    (lp * g_lp + ent * g_ent).sum().backward()
+    torch.testing.assert_close(w.grad.double(), want[2][1], atol=1e-5 * want[2][1].abs().max().item(), rtol=0)
+    torch.testing.assert_close(b.grad.double(), want[2][2], atol=1e-5 * want[2][2].abs().max().item(), rtol=0)
+
+
+def test_memory_bounded_by_one_chunk(interpret, float_guard):
+    """fp32: no float tensor bigger than one chunk of logits (4 x 700), whatever N (H = 2 keeps the weight
+    and its grad, 700 x 2, below that)."""
+    for n in (8, 24):
+        h = torch.randn(n, 2, requires_grad=True)
+        w = torch.randn(700, 2, requires_grad=True)
+        labels = torch.randint(0, 700, (n,))
+        with float_guard() as guard:
+            lp, ent = linear_token_logprobs(h, w, labels, return_entropy=True, chunk_size=4, backend="triton")
+            (lp + ent).sum().backward()
+        assert guard.largest <= 4 * 700
+
+
+def test_auto_backend_and_errors(monkeypatch):
+    h, w, labels = torch.randn(2, 3, 8), torch.randn(40, 8), torch.randint(0, 40, (2, 3))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    want = linear_token_logprobs(h, w, labels)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        linear_token_logprobs(h, w, labels, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.testing.assert_close(linear_token_logprobs(h, w, labels), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="hidden must be"):
+        linear_token_logprobs(h, w[:, :5], labels, backend="triton")
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_token_logprobs(h, w, labels, chunk_size=0, backend="triton")
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = 40"):
+        linear_token_logprobs(h, w, torch.tensor([[0, 1, 2], [3, 4, 40]]), backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        linear_token_logprobs(h.double(), w.double(), labels, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("V,H", [(151936, 896), (151936, 2048), (128256, 4096)])
+def test_gpu_real_shapes_bf16(V, H):
+    """Compiled kernels around cuBLAS at real sizes, bf16, 4096 tokens: against the PyTorch path."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N = 4096
+    hidden = torch.randn(N, H, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(V, H, device="cuda", generator=g) / H ** 0.5 * 3).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda", generator=g)
+    labels[::5] = -100
+    g_lp, g_ent = torch.randn(N, device="cuda", generator=g), torch.randn(N, device="cuda", generator=g)
+    got = _run(linear_token_logprobs, hidden, weight, None, labels, g_lp, g_ent, backend="triton")
+    want = _run(linear_token_logprobs, hidden, weight, None, labels, g_lp, g_ent, backend="torch")
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0)
+    for a, b in zip(got[2][:2], want[2][:2]):
+        torch.testing.assert_close(a.float(), b.float(), atol=4e-2 * b.float().abs().max().item(), rtol=0)
