@@ -108,3 +108,46 @@ def test_cli_errors(base_model, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         main(["rm", "--config", str(tmp_path / "missing.yaml")])
     assert main(["report", str(tmp_path / "nowhere")]) == 1
+
+
+def test_example_configs_load():
+    """Every example YAML fits its config dataclass (a renamed key would fail here, not on a GPU)."""
+    from pathlib import Path
+
+    from fastrlhf.config import load_config
+    from fastrlhf.trainers.ppo import PPOConfig
+    from fastrlhf.trainers.reward import RewardConfig
+    from fastrlhf.trainers.sft import SFTConfig
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    classes = {"sft.yaml": SFTConfig, "rm.yaml": RewardConfig, "ppo.yaml": PPOConfig}
+    found = sorted(root.glob("*/*.yaml"))
+    assert len(found) >= 5
+    for path in found:
+        cfg = load_config(classes[path.name], path)
+        assert cfg.model and cfg.data and cfg.output_dir
+
+
+def test_prepare_data_ultrafeedback_rows(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from fastrlhf.data import read_rows
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data", Path(__file__).resolve().parents[1] / "examples" / "prepare_data.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    conv = [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello"}]
+    row = {"prompt": "hi?", "messages": conv, "chosen": conv, "score_chosen": 8.0, "score_rejected": 5.0,
+           "rejected": [conv[0], {"role": "assistant", "content": "go away"}]}
+    tied = {**row, "score_rejected": 8.0}
+    empty = {**row, "rejected": [conv[0], {"role": "assistant", "content": " "}]}
+    assert prep.ultrafeedback_row(row, "rm", margin_scale=0.5) == {
+        "prompt": "hi?", "chosen": "hello", "rejected": "go away", "margin": 1.5}
+    assert prep.ultrafeedback_row(tied, "rm") is None and prep.ultrafeedback_row(empty, "rm") is None
+    assert prep.ultrafeedback_row(row, "prompts") == {"prompt": "hi?"}
+    n = prep.write_jsonl((prep.ultrafeedback_row(r, "rm") for r in (row, tied, empty, row)), tmp_path / "rm.jsonl")
+    assert n == 2 and len(read_rows(tmp_path / "rm.jsonl", kind="rm")) == 2
+    prep.write_jsonl([prep.ultrafeedback_row(row, "sft")], tmp_path / "sft.jsonl")
+    assert read_rows(tmp_path / "sft.jsonl", kind="sft")[0]["messages"] == conv
