@@ -20,13 +20,18 @@ from fastrlhf.kernels import aggregate, kl_estimate, ppo_policy_loss
 from fastrlhf.kernels.reference import gae as gae_loop  # noqa: F401  (the Python loop over T)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 (float64 stays float64, so the tests can compare with the library in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False):
     """``logits [..., V]``, ``labels [...]`` -> log p(label) ``[...]`` fp32 (and entropy), 0 where ignored.
 
     Materializes ``log_softmax(logits.float() / T)``: a float32 ``[..., V]`` copy (plus its grad in backward).
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_upcast(logits) / temperature, dim=-1)
     ignored = labels == ignore_index
     lp = logp.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
     lp = lp.masked_fill(ignored, 0.0)
@@ -60,7 +65,7 @@ def ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *, ref_
                               dual_clip=dual_clip, loss_agg=loss_agg)
     if ref_logprobs is not None and kl_coef != 0:
         zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-        ref = torch.where(mask, ref_logprobs.float(), zero)
+        ref = torch.where(mask, _upcast(ref_logprobs), zero)
         loss = loss + kl_coef * aggregate(kl_estimate(torch.where(mask, lp, zero), ref, kl_kind), mask, loss_agg)
     if entropy_coef != 0:
         loss = loss - entropy_coef * aggregate(ent, mask, loss_agg)

@@ -5,7 +5,10 @@
 3. a markdown summary (``bench.report``: speedups vs eager and Liger, % of floor, memory ratios,
    issue 3's targets) next to it, also printed.
 When ``$OUT`` is set (the device machine's return folder) the JSON, summary and logs are copied there.
-Options: ``--skip-tests``, ``--only EXPR`` (pytest ``-k`` for the bench), ``--out DIR``, ``--quick``.
+Options: ``--skip-tests``, ``--tests-only``, ``--only EXPR`` (pytest ``-k`` for the bench), ``--part NAME``
+(several calls, one file each; join them with ``--merge FILES``), ``--budget-s`` (default 540: cases still
+to run then are skipped, so the call ends inside the device tool's 10-minute limit), ``--out DIR``,
+``--quick``.
 """
 from __future__ import annotations
 
@@ -38,29 +41,62 @@ def _pytest(args: list[str], log: Path, env: dict) -> tuple[int, str]:
     return proc.returncode, summary.strip("= ")
 
 
+def merge(paths: list[Path], out_dir: Path) -> Path:
+    """Join part files (``--part``) of one device and date into ``<device>-<date>.json`` + ``.md``."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    base = next((d for d in docs if d.get("rows")), docs[0])  # a --tests-only part has no metadata
+    doc = {k: v for k, v in base.items() if k not in ("rows", "not_run", "part", "selection", "wall_s")}
+    doc["rows"] = [r for d in docs for r in d.get("rows", [])]
+    doc["not_run"] = [s for i, d in enumerate(docs) for s in d.get("not_run", [])
+                      if s not in [x for e in docs[:i] for x in e.get("not_run", [])]]
+    doc["parts"] = [p.name for p in paths]
+    tests = [d["gpu_tests"] for d in docs if d.get("gpu_tests")]
+    if tests:
+        doc["gpu_tests"] = tests[0]
+    name = paths[0].name.split("-part-")[0].removesuffix(".json") + ".json"
+    target = out_dir / name
+    target.write_text(json.dumps(doc, indent=1) + "\n")
+    target.with_suffix(".md").write_text(summarize(doc))
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-tests", action="store_true", help="do not run `pytest -m gpu tests` first")
+    ap.add_argument("--tests-only", action="store_true", help="run `pytest -m gpu tests` only")
     ap.add_argument("--only", default=None, help="pytest -k expression selecting bench cases")
+    ap.add_argument("--part", default=None, help="name this run's file <device>-<date>-part-NAME.json")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="skip the bench cases still to run after this many seconds (the device tool's "
+                         "command limit is 600 s)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON and summary")
     ap.add_argument("--quick", action="store_true", help="CPU quick mode even on a GPU")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, help="join part files and summarize")
     args = ap.parse_args(argv)
+    if args.merge:
+        print(merge(args.merge, args.out))
+        return 0
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASTRLHF_BENCH": "quick" if args.quick else
-           ("gpu" if bench_device().type == "cuda" else "quick")}
-    os.environ["FASTRLHF_BENCH"] = env["FASTRLHF_BENCH"]
-    json_path = args.out / BenchSession.default_json_path(bench_device()).name
+    start = time.time()
+    profile = "quick" if args.quick or bench_device().type != "cuda" else "gpu"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASTRLHF_BENCH": profile,
+           "FASTRLHF_BENCH_DEADLINE": str(start + args.budget_s)}
+    name = BenchSession.default_json_path(bench_device()).stem + (f"-part-{args.part}" if args.part else "")
     args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{name}.json"
     env["FASTRLHF_BENCH_JSON"] = str(json_path)
     stem = json_path.with_suffix("")
-    start = time.time()
 
     tests = None
     if not args.skip_tests:
         rc, summary = _pytest(["-q", "-m", "gpu", "tests"], Path(f"{stem}-gpu-tests.log"), env)
         tests = {"rc": rc, "summary": summary}
-    bench_args = ["-q", "bench"] + (["-k", args.only] if args.only else [])
-    bench_rc, _ = _pytest(bench_args, Path(f"{stem}-bench.log"), env)
+        if args.tests_only:
+            json_path.write_text(json.dumps({"gpu_tests": tests}, indent=1) + "\n")
+            _copy_out([json_path, Path(f"{stem}-gpu-tests.log")])
+            return rc
+    bench_rc, _ = _pytest(["-q", "bench"] + (["-k", args.only] if args.only else []),
+                          Path(f"{stem}-bench.log"), env)
 
     if not json_path.exists():
         print(f"no results written to {json_path}", file=sys.stderr)
@@ -68,17 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     doc = json.loads(json_path.read_text())
     if tests is not None:
         doc["gpu_tests"] = tests
-    doc["wall_s"] = round(time.time() - start, 1)
+    doc.update(wall_s=round(time.time() - start, 1), part=args.part, selection=args.only)
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     md = summarize(doc)
     Path(f"{stem}.md").write_text(md)
     print(md)
+    _copy_out([json_path, Path(f"{stem}.md"), Path(f"{stem}-gpu-tests.log"), Path(f"{stem}-bench.log")])
+    return max(bench_rc, tests["rc"] if tests else 0)
+
+
+def _copy_out(paths: list[Path]) -> None:
+    """Copy results into ``$OUT``: on the device machine only what is written there comes back."""
     out = os.environ.get("OUT")
     if out:
-        for p in (json_path, Path(f"{stem}.md"), Path(f"{stem}-gpu-tests.log"), Path(f"{stem}-bench.log")):
+        for p in paths:
             if p.exists():
                 shutil.copy(p, out)
-    return max(bench_rc, tests["rc"] if tests else 0)
 
 
 if __name__ == "__main__":

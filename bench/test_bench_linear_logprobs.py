@@ -34,8 +34,8 @@ def floors(shape: dict) -> dict:
 def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     b, t, h, v = shape["B"], shape["T"], shape["H"], shape["V"]
-    hidden = torch.randn(b, t, h, generator=gen, device=device).to(dtype).requires_grad_(True)
-    weight = (torch.randn(v, h, generator=gen, device=device) / h ** 0.5).to(dtype).requires_grad_(True)
+    hidden = torch.randn(b, t, h, generator=gen, device=device, dtype=dtype).requires_grad_(True)
+    weight = torch.randn(v, h, generator=gen, device=device, dtype=dtype).mul_(h ** -0.5).requires_grad_(True)
     labels = torch.randint(0, v, (b, t), generator=gen, device=device)
     return {"hidden": hidden, "weight": weight, "labels": labels}
 
@@ -55,7 +55,7 @@ def provider_fn(provider: str, device: torch.device):
     }[provider]
 
 
-@pytest.mark.parametrize("shape, provider, mode", params(SHAPES, PROVIDERS, first_shapes_only={"compile": 2}))
+@pytest.mark.parametrize("shape, provider, mode", params(SHAPES, PROVIDERS, first_shapes_only={"compile": 1}))
 def test_bench_linear_token_logprobs(benchmark, bench_session, shape, provider, mode):
     device = bench_session.device
     forward, reason = provider_fn(provider, device)

@@ -32,7 +32,7 @@ def floors(shape: dict, dtype: torch.dtype) -> dict:
 def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     b, t, v = shape["B"], shape["T"], shape["V"]
-    logits = (torch.randn(b, t, v, generator=gen, device=device) * 2).to(dtype).requires_grad_(True)
+    logits = torch.randn(b, t, v, generator=gen, device=device, dtype=dtype).mul_(2).requires_grad_(True)
     labels = torch.randint(0, v, (b, t), generator=gen, device=device)
     return {"logits": logits, "labels": labels}
 
@@ -50,7 +50,7 @@ def provider_fn(provider: str, device: torch.device):
     }[provider]
 
 
-@pytest.mark.parametrize("shape, provider, mode", params(SHAPES, PROVIDERS, first_shapes_only={"compile": 2}))
+@pytest.mark.parametrize("shape, provider, mode", params(SHAPES, PROVIDERS, first_shapes_only={"compile": 1}))
 def test_bench_token_logprobs(benchmark, bench_session, shape, provider, mode):
     device = bench_session.device
     forward, reason = provider_fn(provider, device)

@@ -51,14 +51,14 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, *, from_l
     labels = torch.randint(0, v, (b, t), generator=gen, device=device)
     mask = torch.arange(t, device=device) < row_lengths(b, t).to(device)[:, None]
     if from_logits:
-        logits = (torch.randn(b, t, v, generator=gen, device=device) * 2).to(dtype)
+        logits = torch.randn(b, t, v, generator=gen, device=device, dtype=dtype).mul_(2)
         with torch.no_grad():
             lp = eager.token_logprobs(logits, labels)
         src = {"logits": logits.requires_grad_(True)}
     else:
         h = shape["H"]
-        hidden = torch.randn(b, t, h, generator=gen, device=device).to(dtype)
-        weight = (torch.randn(v, h, generator=gen, device=device) / h ** 0.5).to(dtype)
+        hidden = torch.randn(b, t, h, generator=gen, device=device, dtype=dtype)
+        weight = torch.randn(v, h, generator=gen, device=device, dtype=dtype).mul_(h ** -0.5)
         with torch.no_grad():  # the chunked PyTorch path: no [N, V] float32 copy while building inputs
             from fastrlhf.kernels import linear_token_logprobs
             lp = linear_token_logprobs(hidden, weight, labels, backend="torch")

@@ -1,14 +1,18 @@
-"""Bench: one PPO step's SCORE and TRAIN phases on a causal LM, fused kernels vs the eager composition.
+"""Bench: one PPO iteration with the PPO trainer, and its SCORE + TRAIN math, fused vs eager.
 
-Until the PPO trainer (issue 5) can be driven from here, the step is written out with the library's
-pieces, as DESIGN.md's table has it, on random prompts/responses (no generation, so no GENERATE/SYNC):
+``ppo_step``: ``PPOTrainer.iteration`` (HF rollout, actor / critic / reference / reward model built from
+configs with random weights, 1 PPO epoch) with ``kernel_backend`` auto (``fastrlhf``) or ``torch``. Per-phase
+times (generate, score, train, sync) and, on CUDA, per-phase peak memory come from the trainer's
+``PhaseScheduler`` (median over rounds).
+
+``ppo_score_train``: the score and update phases written out with the library's pieces, as DESIGN.md's
+table has them, on random prompts/responses (no generation), to isolate what the kernels change:
   # 2. score: actor and reference forwards -> old / reference log-probs; token_rewards; gae; whiten
   # 4. update: actor forward with grad -> PPO loss from hidden states -> backward -> clip -> AdamW step
 Reward-model scores and critic values are random tensors (their forwards cost the same for every
 provider). ``fastrlhf`` takes the log-probs and the loss straight from hidden states
 (``linear_token_logprobs``, ``fused_ppo_loss``, ``gae``); ``eager`` materializes the response logits
-with the lm_head and uses ``bench/eager.py``. Per-phase times (median over rounds) and, on CUDA, per-phase
-peak memory come from ``PhaseScheduler``. No floor (a whole step).
+with the lm_head and uses ``bench/eager.py``. No floor (whole steps).
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ from fastrlhf.algo import token_rewards
 from fastrlhf.engine.scheduler import PhaseScheduler
 from fastrlhf.kernels import fused_ppo_loss, gae, linear_token_logprobs, masked_whiten
 
-NAME = "ppo_step"
 # P prompt tokens, T response tokens. GPU: Qwen2-0.5B / 1.5B-shaped models with random weights.
 SHAPES = {
     "quick": [dict(model="tiny-llama", B=4, P=16, T=32, H=64, V=2048, L=2)],
@@ -68,6 +71,8 @@ def make_step(shape: dict, provider: str, device: torch.device, sched: PhaseSche
 
     def step(input_ids, attention_mask, mask, scores, values):
         labels = input_ids[:, -shape["T"]:]
+        with sched.phase("generate"):  # responses are given: the scheduler's order starts here
+            pass
         with sched.phase("score"), torch.no_grad():  # 2. score
             old = logprobs(actor, response_hidden(actor, input_ids, attention_mask, shape["T"]), labels)
             ref_lp = logprobs(ref, response_hidden(ref, input_ids, attention_mask, shape["T"]), labels)
@@ -103,8 +108,20 @@ def make_inputs(shape: dict, device: torch.device) -> dict:
             "values": torch.randn(b, t, generator=gen, device=device)}
 
 
+def median_phases(phases: list[dict]) -> dict:
+    """Median over rounds of each phase's time (ms) and memory (MB); the first call warms up."""
+    timed = phases[1:] or phases
+    out = {}
+    for key in timed[0]:
+        if key.startswith("time/"):
+            out[key[5:].replace("_s", "_ms")] = statistics.median(p[key] for p in timed) * 1e3
+        elif key.startswith("mem/"):
+            out[key[4:]] = statistics.median(p[key] for p in timed)
+    return out
+
+
 @pytest.mark.parametrize("shape, provider, mode", params(SHAPES, ("fastrlhf", "eager"), ("full",)))
-def test_bench_ppo_step(benchmark, bench_session, shape, provider, mode):
+def test_bench_ppo_score_train(benchmark, bench_session, shape, provider, mode):
     device = bench_session.device
     sched = PhaseScheduler(device)
     step = make_step(shape, provider, device, sched)
@@ -112,17 +129,60 @@ def test_bench_ppo_step(benchmark, bench_session, shape, provider, mode):
 
     def forward(**inputs):
         out = step(**inputs)
-        phases.append(sched.pop_stats())
+        phases.append({k: v for k, v in sched.pop_stats().items() if "generate" not in k})
         return out
 
-    def per_phase() -> dict:
-        timed = phases[1:] or phases  # the first call warms up (allocator, autotune)
-        return {k.replace("time/", "").replace("_s", "_ms") if k.startswith("time/") else k.replace("mem/", ""):
-                statistics.median(p[k] for p in timed) * (1e3 if k.startswith("time/") else 1)
-                for k in timed[0]}
-
     dims = {k: shape[k] for k in ("B", "T", "H", "V")}
-    case = Case(NAME, provider, mode, dims, torch.float32 if device.type == "cpu" else torch.bfloat16, {})
+    case = Case("ppo_score_train", provider, mode, dims, torch.float32 if device.type == "cpu" else torch.bfloat16,
+                {})
     run_case(benchmark, bench_session, case, make_inputs=lambda: make_inputs(shape, device), forward=forward,
              extra={"model": shape["model"], "layers": shape["L"], "prompt_tokens": shape["P"]},
-             late_extra=per_phase)
+             late_extra=lambda: median_phases(phases))
+
+
+# --------------------------------------------------------------------------- the trainer's whole iteration
+# B prompts of P tokens, T new tokens each (sampled until T: random weights rarely stop early).
+ITER_SHAPES = {
+    "quick": [dict(model="tiny-llama", B=8, P=8, T=16, H=64, V=114, L=2)],
+    "gpu": [dict(model="qwen2-0.5b-shape", B=16, P=64, T=128, H=896, V=151936, L=24)],
+}[bench_profile()]
+SPECIAL_IDS = 8  # build_test_tokenizer's special tokens are ids 0..7: prompts avoid them
+
+
+def make_trainer(shape: dict, provider: str, device: torch.device, out_dir):
+    from fastrlhf.data.tokenizer import build_test_tokenizer
+    from fastrlhf.engine.runtime import init_runtime
+    from fastrlhf.models import RewardModel, ValueModel
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer, RolloutConfig
+
+    dtype = torch.float32 if shape["model"] == "tiny-llama" else torch.bfloat16
+    actor = build_model(shape, device)
+    reward_model = RewardModel(build_model(shape, device)).to(device, dtype)
+    critic = ValueModel(build_model(shape, device)).to(device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(SPECIAL_IDS, shape["V"], (4 * shape["B"], shape["P"]), generator=gen).tolist()
+    cfg = PPOConfig(output_dir=str(out_dir), iterations=10 ** 6, rollout_batch_size=shape["B"],
+                    minibatch_size=shape["B"], ppo_epochs=1, max_prompt_length=shape["P"], entropy_coef=0.01,
+                    checkpoint_every=10 ** 6, kernel_backend="auto" if provider == "fastrlhf" else "torch",
+                    rollout=RolloutConfig(backend="hf", max_new_tokens=shape["T"]))
+    return PPOTrainer(cfg, actor=actor, ref=copy.deepcopy(actor), reward_model=reward_model, critic=critic,
+                      tokenizer=build_test_tokenizer(), prompts=prompts, runtime=init_runtime(str(device)),
+                      output_dir=out_dir)
+
+
+@pytest.mark.parametrize("shape, provider, mode", params(ITER_SHAPES, ("fastrlhf", "torch"), ("full",)))
+def test_bench_ppo_step(benchmark, bench_session, shape, provider, mode, tmp_path):
+    device = bench_session.device
+    trainer = make_trainer(shape, provider, device, tmp_path)
+    phases: list[dict] = []
+
+    def forward():
+        row = trainer.iteration(len(phases))
+        phases.append({k: v for k, v in row.items() if k.startswith(("time/", "mem/"))})
+
+    dims = {k: shape[k] for k in ("B", "T", "H", "V")}
+    case = Case("ppo_step", provider, mode, dims, torch.float32 if device.type == "cpu" else torch.bfloat16, {})
+    run_case(benchmark, bench_session, case, make_inputs=dict, forward=forward,
+             extra={"model": shape["model"], "layers": shape["L"], "prompt_tokens": shape["P"],
+                    "trainer": "PPOTrainer.iteration (hf rollout, actor+critic+ref+RM, 1 epoch)"},
+             late_extra=lambda: median_phases(phases))
