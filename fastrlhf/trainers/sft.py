@@ -35,7 +35,7 @@ class SFTConfig:
     the run (smoke tests). ``bf16`` autocasts forward passes to bf16 on CUDA (master weights stay in
     ``dtype``); on CPU it is ignored. ``loss_impl="fused"`` computes log-probs from hidden states and
     the LM head chunk by chunk (``linear_token_logprobs``: no ``[B, T, V]`` logits); ``"logits"`` uses
-    the model's logits.
+    the model's logits. ``kernel_backend``: "auto" | "triton" | "torch" for that op.
     """
 
     model: str = ""
@@ -62,6 +62,7 @@ class SFTConfig:
     packing: bool = False
     chat_template: bool = False
     loss_impl: str = "fused"
+    kernel_backend: str = "auto"
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -75,7 +76,9 @@ class SFTConfig:
     def __post_init__(self):
         validate_common(self)
         if self.loss_impl not in ("fused", "logits"):
-            raise ConfigError(f"loss_impl must be 'fused' or 'logits', got {self.loss_impl!r}")
+            raise ConfigError(f"SFTConfig: loss_impl must be 'fused' or 'logits', got {self.loss_impl!r}")
+        if self.kernel_backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"SFTConfig: kernel_backend must be auto|triton|torch, got {self.kernel_backend!r}")
 
 
 def validate_common(cfg) -> None:
@@ -100,13 +103,14 @@ def validate_common(cfg) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ loss
-def response_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
-                     loss_impl: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
+def response_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, loss_impl: str = "fused",
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of -log p over response tokens, number of response tokens)`` of one padded batch.
 
     ``batch``: ``input_ids``, ``labels`` (-100 off the response), ``attention_mask`` ``[B, T]``, and
     optional ``position_ids`` / 4-D ``attention_mask`` for packed rows. Token ``t`` is predicted at
-    position ``t - 1``. The sum is fp32 and differentiable; the count is an int64 0-dim tensor.
+    position ``t - 1``. ``backend`` goes to the ``fastrlhf.kernels`` log-prob op. The sum is fp32 and
+    differentiable; the count is an int64 0-dim tensor.
     """
     position_ids = batch.get("position_ids")
     if position_ids is None:
@@ -119,16 +123,16 @@ def response_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
         head = model.get_output_embeddings()
         weight = head.weight.to(hidden.dtype)
         bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
-        lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX)
+        lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=backend)
     else:
         logits = model(**inputs).logits[:, :-1]
-        lp = token_logprobs(logits, labels, ignore_index=IGNORE_INDEX)
+        lp = token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)
     return -lp.sum(), (labels != IGNORE_INDEX).sum()
 
 
 def accumulate_sft_gradients(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], *,
-                             device: torch.device, bf16: bool = False,
-                             loss_impl: str = "fused") -> tuple[torch.Tensor, int]:
+                             device: torch.device, bf16: bool = False, loss_impl: str = "fused",
+                             backend: str = "auto") -> tuple[torch.Tensor, int]:
     """Forward + backward over ``micro_batches``; gradients of ``sum NLL / total response tokens``.
 
     Returns ``(loss, total_tokens)``: the batch loss as a detached fp32 0-dim tensor and the token count
@@ -141,7 +145,7 @@ def accumulate_sft_gradients(model: torch.nn.Module, micro_batches: list[dict[st
     for mb in micro_batches:
         mb = {k: v.to(device) for k, v in mb.items()}
         with common.autocast(device, bf16):
-            nll, _ = response_nll_sum(model, mb, loss_impl=loss_impl)
+            nll, _ = response_nll_sum(model, mb, loss_impl=loss_impl, backend=backend)
         (nll / total).backward()
         loss += nll.detach().double() / total
     return loss.float(), total
@@ -149,7 +153,7 @@ def accumulate_sft_gradients(model: torch.nn.Module, micro_batches: list[dict[st
 
 @torch.no_grad()
 def evaluate_sft(model: torch.nn.Module, micro_batches, *, device: torch.device, bf16: bool = False,
-                 loss_impl: str = "fused") -> dict[str, float]:
+                 loss_impl: str = "fused", backend: str = "auto") -> dict[str, float]:
     """Token-level mean NLL over all response tokens of ``micro_batches`` and its perplexity."""
     was_training = model.training
     model.eval()
@@ -158,7 +162,7 @@ def evaluate_sft(model: torch.nn.Module, micro_batches, *, device: torch.device,
     for mb in micro_batches:
         mb = {k: v.to(device) for k, v in mb.items()}
         with common.autocast(device, bf16):
-            s, n = response_nll_sum(model, mb, loss_impl=loss_impl)
+            s, n = response_nll_sum(model, mb, loss_impl=loss_impl, backend=backend)
         nll += s.double()
         count += int(n)
     model.train(was_training)
@@ -284,14 +288,14 @@ class SFTTrainer(common.StepTrainer):
     def train_step(self, indices: list[int]) -> dict:
         batch = self.micro_batches([self.train_features[i] for i in indices])
         loss, tokens = accumulate_sft_gradients(self.model, batch, device=self.device, bf16=self.cfg.bf16,
-                                                loss_impl=self.cfg.loss_impl)
+                                                loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend)
         return {"loss": loss, "tokens": tokens, **self.optimizer_step()}
 
     def evaluate(self) -> dict:
         if not self.eval_features:
             return {}
         return evaluate_sft(self.model, self.micro_batches(self.eval_features), device=self.device,
-                            bf16=self.cfg.bf16, loss_impl=self.cfg.loss_impl)
+                            bf16=self.cfg.bf16, loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend)
 
     def save_model(self, directory: Path) -> None:
         self.model.save_pretrained(directory)

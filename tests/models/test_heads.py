@@ -183,3 +183,17 @@ def test_ensemble_reductions(tmp_path):
     torch.testing.assert_close(loaded(ids, mask).double(), each.amin(0), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="reduce"):
         RewardEnsemble(members, "median")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_cuda_padding_invariance(arch):
+    """bf16 on CUDA: left and right padding agree with unpadded rows to bf16 precision."""
+    rm = RewardModel(ARCHS[arch](V, seed=1)).cuda().to(torch.bfloat16)
+    rows = [r.cuda() for r in _rows()]
+    alone = torch.stack([rm(r[None], torch.ones(1, len(r), dtype=torch.long, device="cuda"))[0] for r in rows])
+    for side in ("left", "right"):
+        ids, mask = _pad(rows, side)
+        scores = rm(ids.cuda(), mask.cuda())
+        assert scores.dtype == torch.float32
+        torch.testing.assert_close(scores, alone, atol=3e-2, rtol=3e-2)

@@ -129,3 +129,16 @@ def test_reward_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'output_dir' is required"):
         load_config(RewardConfig, None, ["model=m", "data=d"])
     assert load_config(RewardConfig, None, ["model=m", "data=d", "output_dir=o", "use_margin=false"]).use_margin is False
+
+
+@pytest.mark.gpu
+def test_reward_trainer_bf16_on_cuda(tok, tmp_path):
+    trainer = RewardTrainer(_cfg(tmp_path, epochs=2, device="cuda", bf16=True), model=_lm(tok), tokenizer=tok,
+                            train_rows=synthetic_pairs(128, 0), eval_rows=synthetic_pairs(64, 1))
+    result = trainer.train()
+    assert result["eval_accuracy"] > 0.9, result
+    back = RewardModel.from_pretrained(tmp_path / "final", device="cuda")
+    b = pair_batch([pair_features(r, tok, 32) for r in synthetic_pairs(4, 9)], 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        s = back(b["input_ids"].cuda(), b["attention_mask"].cuda())
+    assert s.dtype == torch.float32 and torch.isfinite(s).all()

@@ -210,3 +210,23 @@ def test_config_errors(tmp_path):
         load_config(SFTConfig, path, ["lr_scheduler=step"])
     with pytest.raises(ConfigError, match="micro_batch_size"):
         load_config(SFTConfig, path, ["micro_batch_size=0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_impl", ["fused", "logits"])
+def test_sft_bf16_autocast_on_cuda(tok, tmp_path, loss_impl):
+    """bf16 autocast on CUDA: fp32 master weights, the first-step loss matches the fp32 CPU loss, loss falls."""
+    feats = [sft_row_features(r, tok, 48) for r in ROWS]
+    batch = [collate(feats, tok.pad_token_id)]
+    cpu_loss, _ = accumulate_sft_gradients(_model(tok), batch, device=CPU, loss_impl="logits")
+    model = _model(tok).cuda()
+    gpu_loss, _ = accumulate_sft_gradients(model, batch, device=torch.device("cuda"), bf16=True,
+                                           loss_impl=loss_impl)
+    assert gpu_loss.dtype == torch.float32
+    torch.testing.assert_close(gpu_loss.cpu(), cpu_loss, atol=0.05, rtol=0.02)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    cfg = _cfg(tmp_path, epochs=6, device="cuda", bf16=True, loss_impl=loss_impl)
+    SFTTrainer(cfg, model=_model(tok), tokenizer=tok, train_rows=ROWS, eval_rows=ROWS).train()
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "final").dtype == torch.float32
