@@ -70,6 +70,14 @@ def check_launchable(op: str, *tensors: torch.Tensor) -> None:
                        f"(got {device}); use backend='torch' or backend='auto'")
 
 
+def reject_float64(op: str, **named: torch.Tensor) -> None:
+    """The kernels compute in fp32: float64 inputs belong to the PyTorch path (the float64 oracle)."""
+    for name, t in named.items():
+        if t.dtype == torch.float64:
+            raise TypeError(f"{op}: the Triton path takes fp32/bf16/fp16 {name}, got float64; use "
+                            f"backend='torch' (or 'auto', which sends float64 to the PyTorch path)")
+
+
 def vocab_block(V: int) -> int:
     """Vocabulary block of a row program: the whole row when small, else ``_MAX_BLOCK_V``."""
     return min(triton.next_power_of_2(V), _MAX_BLOCK_V)

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from . import reference
 from ._backend import check_gae_inputs, resolve_backend
-from ._triton_utils import check_launchable, lazy_jit
+from ._triton_utils import check_launchable, lazy_jit, reject_float64
 
 
 @lazy_jit
@@ -51,9 +51,7 @@ def _gae_kernel(
 
 def _gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     check_launchable("gae", rewards, values, mask)
-    if torch.float64 in (rewards.dtype, values.dtype):
-        raise TypeError("gae: the Triton path takes fp32/bf16/fp16 rewards and values, got float64; "
-                        "use backend='torch' (the float64 reference)")
+    reject_float64("gae", rewards=rewards, values=values)
     B, T = rewards.shape
     adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)

@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._backend import (check_chunk_size, check_labels_in_range, check_linear_inputs, check_temperature,
                        resolve_backend)
-from ._triton_utils import check_launchable, rows_3d
+from ._triton_utils import check_launchable, reject_float64, rows_3d
 from .logprobs import logprobs_backward, logprobs_forward
 
 # One chunk of logits takes about this many bytes in the input dtype (256 MB: 860 tokens at V = 151936
@@ -34,7 +34,7 @@ def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
-    """hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` -> ``(lp [N], ent [N])`` fp32, chunked (no host sync)."""
+    """hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` -> ``(lp [N], ent [N])`` fp32, token chunks."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, want_entropy, rows):
@@ -48,7 +48,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             out = (lp[sl], ent[sl], lse[sl])
             logprobs_forward(rows_3d(z), labels[sl], temperature, ignore_index, want_entropy, out=out)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
-        ctx.temperature, ctx.ignore_index, ctx.want_entropy, ctx.rows = temperature, ignore_index, want_entropy, rows
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.want_entropy, ctx.rows = want_entropy, rows
         ctx.set_materialize_grads(False)
         if not want_entropy:
             ctx.mark_non_differentiable(ent)
@@ -84,9 +85,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 def _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
                                   chunk_size):
     check_launchable("linear_token_logprobs", hidden, weight, labels, bias)
-    if hidden.dtype == torch.float64:
-        raise TypeError("linear_token_logprobs: the Triton path takes fp32/bf16/fp16 hidden states, got "
-                        "float64; use backend='torch' (the float64 reference)")
+    reject_float64("linear_token_logprobs", hidden=hidden)
     rows = chunk_size or default_chunk_rows(weight.shape[0], weight.element_size())
     labels1d = labels.reshape(-1).long().contiguous()
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
@@ -97,8 +96,9 @@ def _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ign
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                          return_entropy: bool = False, chunk_size: int | None = None, backend: str = "auto"):
+                          bias: torch.Tensor | None = None, temperature: float = 1.0,
+                          ignore_index: int = -100, return_entropy: bool = False,
+                          chunk_size: int | None = None, backend: str = "auto"):
     """``hidden [..., H]``, ``weight [V, H]``, ``labels [...]``, ``bias [V]`` -> same as
     ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` (fp32 ``[...]``), differentiable w.r.t.
     hidden, weight and bias, holding logits for at most ``chunk_size`` tokens at once (Triton default:

@@ -7,12 +7,11 @@ intermediate). The two row kernels are reused by ``linear_logprobs.py`` and ``pp
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from . import reference
 from ._backend import check_labels_in_range, check_logits_labels, check_temperature, resolve_backend
-from ._triton_utils import check_launchable, lazy_jit, row_warps, rows_3d, vocab_block
+from ._triton_utils import check_launchable, lazy_jit, reject_float64, row_warps, rows_3d, vocab_block
 
 
 @lazy_jit
@@ -52,7 +51,8 @@ def _logprobs_fwd_kernel(
         e = tl.exp(z - m_ref)
         if HAS_ENTROPY:
             shift = tl.where(m == float("-inf"), 0.0, m - m_ref)  # s = t = 0 then; avoid -inf * 0
-            t = alpha * (t + shift * s) + tl.reduce(tl.where(e > 0, e * (z - m_ref), 0.0), 0, tl.standard._sum_combine)
+            ez = tl.where(e > 0, e * (z - m_ref), 0.0)
+            t = alpha * (t + shift * s) + tl.reduce(ez, 0, tl.standard._sum_combine)
         s = alpha * s + tl.reduce(e, 0, tl.standard._sum_combine)
         m = m_new
     lse = m + tl.log(s)
@@ -178,9 +178,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 def _token_logprobs_triton(logits, labels, temperature, ignore_index, return_entropy):
     check_launchable("token_logprobs", logits, labels)
-    if logits.dtype == torch.float64:
-        raise TypeError("token_logprobs: the Triton path takes fp32/bf16/fp16 logits, got float64; "
-                        "use backend='torch' (the float64 reference)")
+    reject_float64("token_logprobs", logits=logits)
     labels1d = labels.reshape(-1).long().contiguous()
     lp, ent = TokenLogprobsFunction.apply(logits, labels1d, float(temperature), int(ignore_index),
                                           return_entropy)

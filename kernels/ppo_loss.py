@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._backend import (check_labels_in_range, check_linear_inputs, check_logits_labels, check_ppo_inputs,
-                       check_temperature, resolve_backend, check_chunk_size)
-from ._triton_utils import check_launchable, lazy_jit, rows_3d
+from ._backend import (check_chunk_size, check_labels_in_range, check_linear_inputs, check_logits_labels,
+                       check_ppo_inputs, check_temperature, resolve_backend)
+from ._triton_utils import check_launchable, lazy_jit, reject_float64, rows_3d
 from .linear_logprobs import chunk_logits, default_chunk_rows
 from .logprobs import logprobs_backward, logprobs_forward
 from .losses import kl_estimate, masked_mean, ppo_policy_loss
@@ -34,7 +34,7 @@ _MASKED = -1  # label given to masked-out tokens: the row kernels skip them (val
 @lazy_jit
 def _ppo_token_kernel(
     lp_ptr, ent_ptr,  # [N] fp32 from the row kernel (0 at masked tokens)
-    old_ptr, adv_ptr, ref_ptr,  # [N] fp32 old log-probs, advantages, reference log-probs (ref read if KL_KIND)
+    old_ptr, adv_ptr, ref_ptr,  # [N] fp32 old log-probs, advantages, ref log-probs (ref read if KL_KIND)
     mask_ptr,  # [N] uint8, nonzero = valid token
     w_ptr,  # [N] fp32 aggregation weight of each token (see agg_weights)
     loss_ptr,  # [N] fp32 out: w_t * l_t
@@ -109,15 +109,18 @@ def agg_weights(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
     return (m / rows).reshape(-1)
 
 
+def _flat32(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).to(torch.float32).contiguous()
+
+
 class TokenTerms:
     """Per-token inputs of the token kernel, flattened to ``[N]`` (fp32; mask uint8), and its scalars."""
 
     def __init__(self, old_logprobs, advantages, ref_logprobs, mask, *, loss_agg, clip_low, clip_high,
                  dual_clip, kl_coef, kl_kind, entropy_coef):
-        flat = lambda x: x.reshape(-1).to(torch.float32).contiguous()  # noqa: E731
-        self.old, self.adv = flat(old_logprobs), flat(advantages)
+        self.old, self.adv = _flat32(old_logprobs), _flat32(advantages)
         use_kl = ref_logprobs is not None and kl_coef != 0
-        self.ref = flat(ref_logprobs) if use_kl else self.old  # not read without a KL term
+        self.ref = _flat32(ref_logprobs) if use_kl else self.old  # not read without a KL term
         self.mask8 = mask.reshape(-1).contiguous().view(torch.uint8)
         self.w = agg_weights(mask, loss_agg)
         self.clip_lo, self.clip_hi = 1.0 - clip_low, 1.0 + (clip_low if clip_high is None else clip_high)
@@ -142,7 +145,7 @@ class TokenTerms:
 def _scale_saved(ctx, grad_output, n_inputs):
     """backward of the fused losses: the gradients computed in forward, times grad_output (in place, so a
     second backward through the same graph fails loudly on the saved tensors' version check)."""
-    grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.saved_tensors]
+    grads = [None if g is None else g.mul_(grad_output) for g in ctx.saved_tensors]
     return (*grads, *([None] * (n_inputs - len(grads))))
 
 
@@ -215,27 +218,31 @@ def _stats(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip
     return stats
 
 
-def _prepare(labels, vocab, old_logprobs, advantages, mask, kw):
-    """Validate the PPO inputs; returns ``(mask bool, labels [N] with masked tokens = _MASKED, TokenTerms)``."""
-    mask = check_ppo_inputs(labels.shape, "labels", old_logprobs, advantages, mask, ref_logprobs=kw["ref_logprobs"],
-                            kl_coef=kw["kl_coef"], kl_kind=kw["kl_kind"], loss_agg=kw["loss_agg"],
-                            clip_low=kw["clip_low"], clip_high=kw["clip_high"], dual_clip=kw["dual_clip"])
-    check_temperature(kw["temperature"])
+def _prepare(op, labels, vocab, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef, kl_kind,
+             entropy_coef, clip_low, clip_high, dual_clip, temperature, loss_agg, **_):
+    """Validate the PPO inputs; returns ``(mask, labels [N] with masked tokens = _MASKED, TokenTerms)``."""
+    mask = check_ppo_inputs(labels.shape, "labels", old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                            kl_coef=kl_coef, kl_kind=kl_kind, loss_agg=loss_agg, clip_low=clip_low,
+                            clip_high=clip_high, dual_clip=dual_clip)
+    check_temperature(temperature)
     if labels.dim() < 1:
-        raise ValueError(f"labels must be [B, T], got a 0-dim tensor")
+        raise ValueError("labels must be [B, T], got a 0-dim tensor")
+    check_launchable(op, labels, old_logprobs, advantages, mask, ref_logprobs)
     check_labels_in_range(torch.where(mask, labels, 0), vocab, ignore_index=0)  # masked labels: any garbage
     labels_eff = torch.where(mask, labels, _MASKED).reshape(-1).long().contiguous()
-    terms = TokenTerms(old_logprobs, advantages, kw["ref_logprobs"], mask, loss_agg=kw["loss_agg"],
-                       clip_low=kw["clip_low"], clip_high=kw["clip_high"], dual_clip=kw["dual_clip"],
-                       kl_coef=kw["kl_coef"], kl_kind=kw["kl_kind"], entropy_coef=kw["entropy_coef"])
+    terms = TokenTerms(old_logprobs, advantages, ref_logprobs, mask, loss_agg=loss_agg, clip_low=clip_low,
+                       clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_kind=kl_kind,
+                       entropy_coef=entropy_coef)
     return mask, labels_eff, terms
 
 
-def _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, kw):
+def _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, *, ref_logprobs, clip_low, clip_high,
+            dual_clip, kl_kind, return_logprobs, **_):
+    """``[N]`` outputs of the Functions -> the API's ``(loss, stats[, logprobs])``."""
     lp, ent = lp.view(labels.shape), ent.view(labels.shape)
-    stats = _stats(lp, ent, old_logprobs, advantages, mask, kw["ref_logprobs"], kw["clip_low"], kw["clip_high"],
-                   kw["dual_clip"], kw["kl_kind"])
-    return (loss, stats, lp) if kw["return_logprobs"] else (loss, stats)
+    stats = _stats(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip,
+                   kl_kind)
+    return (loss, stats, lp) if return_logprobs else (loss, stats)
 
 
 def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
@@ -243,11 +250,13 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
                    loss_agg="token-mean", chunk_size=None, return_logprobs=False, backend="auto"):
     """PPO actor loss from ``hidden [B, T, H]`` and ``weight [V, H]`` (see ../shared/API.md):
 
-    ppo_policy_loss(lp) + kl_coef * agg(kl_estimate(lp, ref_logprobs, kl_kind)) - entropy_coef * agg(entropy)
-    with ``lp, entropy = linear_token_logprobs(hidden, weight, labels, temperature=...)`` at valid tokens.
+    ppo_policy_loss(lp) + kl_coef * agg(kl_estimate(lp, ref_logprobs, kl_kind)) - entropy_coef * agg(H)
+    with ``lp, H = linear_token_logprobs(hidden, weight, labels, temperature=...)`` at valid tokens.
     Returns ``(loss, stats)`` or ``(loss, stats, logprobs [B, T] detached)``; stats: clipfrac, approx_kl,
-    ratio_mean, kl, entropy (0-dim fp32, no host sync). Triton path: grads for hidden and weight computed in
-    the forward pass over chunks of ``chunk_size`` tokens (default ``default_chunk_rows``), no [B, T, V] logits.
+    ratio_mean, kl, entropy (0-dim fp32, no host sync). Triton path: grads for hidden and weight computed
+    in the forward pass over chunks of ``chunk_size`` tokens (default ``default_chunk_rows``); no
+    ``[B, T, V]`` logits. ``backend="auto"``: Triton on CUDA (and CPU under ``TRITON_INTERPRET=1``),
+    except float64 inputs (PyTorch path).
     """
     kw = dict(ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
               clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
@@ -258,15 +267,13 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     if chosen == "torch" or (backend == "auto" and hidden.dtype == torch.float64):
         return reference.fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask,
                                         chunk_size=chunk_size, **kw)
-    mask, labels_eff, terms = _prepare(labels, vocab, old_logprobs, advantages, mask, kw)
-    check_launchable("fused_ppo_loss", hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs)
-    if hidden.dtype == torch.float64:
-        raise TypeError("fused_ppo_loss: the Triton path takes fp32/bf16/fp16 hidden states, got float64; "
-                        "use backend='torch' (the float64 reference)")
+    mask, labels_eff, terms = _prepare("fused_ppo_loss", labels, vocab, old_logprobs, advantages, mask, **kw)
+    check_launchable("fused_ppo_loss", hidden, weight)
+    reject_float64("fused_ppo_loss", hidden=hidden)
     rows = chunk_size or default_chunk_rows(vocab, weight.element_size())
     loss, lp, ent = FusedPPOFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels_eff, terms,
                                            float(temperature), rows)
-    return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, kw)
+    return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)
 
 
 def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
@@ -281,10 +288,9 @@ def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *
     chosen = resolve_backend(backend, logits)
     if chosen == "torch" or (backend == "auto" and logits.dtype == torch.float64):
         return reference.fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, **kw)
-    mask, labels_eff, terms = _prepare(labels, vocab, old_logprobs, advantages, mask, kw)
-    check_launchable("fused_ppo_loss_from_logits", logits, labels, old_logprobs, advantages, mask, ref_logprobs)
-    if logits.dtype == torch.float64:
-        raise TypeError("fused_ppo_loss_from_logits: the Triton path takes fp32/bf16/fp16 logits, got float64; "
-                        "use backend='torch' (the float64 reference)")
+    op = "fused_ppo_loss_from_logits"
+    mask, labels_eff, terms = _prepare(op, labels, vocab, old_logprobs, advantages, mask, **kw)
+    check_launchable(op, logits)
+    reject_float64(op, logits=logits)
     loss, lp, ent = FusedPPOFromLogitsFunction.apply(logits, labels_eff, terms, float(temperature))
-    return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, kw)
+    return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)

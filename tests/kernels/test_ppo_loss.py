@@ -66,8 +66,8 @@ def _check(got, want, grad_rel, loss_tol=(1e-5, 1e-6), stats_tol=(1e-4, 1e-5)):
     assert set(stats) == set(stats0) == {"clipfrac", "approx_kl", "ratio_mean", "kl", "entropy"}
     for k in stats:
         assert stats[k].dtype == torch.float32 and not stats[k].requires_grad
-        torch.testing.assert_close(stats[k].double(), stats0[k].double(), rtol=stats_tol[0], atol=stats_tol[1],
-                                   msg=k)
+        torch.testing.assert_close(stats[k].double(), stats0[k].double(), rtol=stats_tol[0],
+                                   atol=stats_tol[1], msg=k)
     for gr, gr0 in zip(grads, grads0):
         assert torch.isfinite(gr).all()
         torch.testing.assert_close(gr.double(), gr0, atol=grad_rel * gr0.abs().max().item(), rtol=0)
@@ -138,7 +138,8 @@ def test_backward_twice_fails_loudly(interpret):
     the same graph must raise, never return a doubly scaled gradient."""
     x = torch.randn(2, 5, 33, requires_grad=True)
     labels, mask = torch.randint(0, 33, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
-    loss, _ = fused_ppo_loss_from_logits(x, labels, torch.randn(2, 5), torch.randn(2, 5), mask, backend="triton")
+    old, adv = torch.randn(2, 5), torch.randn(2, 5)
+    loss, _ = fused_ppo_loss_from_logits(x, labels, old, adv, mask, backend="triton")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -157,7 +158,8 @@ def test_auto_backend_and_errors(monkeypatch):
     assert got.grad_fn.name() == "FusedPPOFromLogitsFunctionBackward"
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match=r"labels\[0, 1\] = 33"):
-        fused_ppo_loss_from_logits(x, torch.tensor([[0, 33, 0, 0, 0], [0] * 5]), old, adv, mask, backend="triton")
+        bad = torch.tensor([[0, 33, 0, 0, 0], [0] * 5])
+        fused_ppo_loss_from_logits(x, bad, old, adv, mask, backend="triton")
     with pytest.raises(ValueError, match="kl_coef"):
         fused_ppo_loss_from_logits(x, labels, old, adv, mask, kl_coef=0.1, backend="triton")
     with pytest.raises(ValueError, match="loss_agg"):
@@ -178,7 +180,8 @@ def test_no_full_float32_logits(interpret, float_guard, make_mask, garbage):
     assert guard.largest <= 18
     h, w = torch.randn(2, 9, 16, requires_grad=True), torch.randn(700, 16, requires_grad=True)
     with float_guard() as guard:
-        loss, _ = fused_ppo_loss(h, w, d["labels"], d["old"], d["adv"], d["mask"], chunk_size=4, backend="triton")
+        loss, _ = fused_ppo_loss(h, w, d["labels"], d["old"], d["adv"], d["mask"], chunk_size=4,
+                                 backend="triton")
         loss.backward()
     assert guard.largest <= max(4 * 700, w.numel())
 
