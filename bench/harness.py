@@ -449,11 +449,13 @@ def _rounds(timing: Timing, seconds: float) -> int:
 
 def run_case(benchmark, session: BenchSession, case: Case, *, make_inputs: Callable[[], dict],
              forward: Callable, reference: Callable | None = None, tol: dict | None = None,
-             extra: dict | None = None, late_extra: Callable[[], dict] | None = None) -> dict | None:
+             extra: dict | None = None, late_extra: Callable[[], dict] | None = None,
+             timing: Timing | None = None) -> dict | None:
     """Time ``forward(**make_inputs())`` in ``case.mode``; return the result row (None when disabled).
 
     ``reference(**inputs)``: the eager composition, compared with the forward result in ``fwd`` mode.
     ``late_extra()``: more row fields known only after the timed rounds (e.g. per-phase times).
+    ``timing``: rounds for this case instead of the profile's (whole PPO iterations take seconds).
     With ``--benchmark-disable`` (``make test``) the case runs once as a correctness smoke, no row.
     A CUDA out-of-memory error becomes a row with ``error="OOM"`` (eager at 32k tokens does that).
     """
@@ -462,7 +464,7 @@ def run_case(benchmark, session: BenchSession, case: Case, *, make_inputs: Calla
     if past_deadline():
         import pytest
         pytest.skip("the run's time budget (FASTRLHF_BENCH_DEADLINE) is spent")
-    timing = TIMINGS[session.profile]
+    timing = timing or TIMINGS[session.profile]
     row = {**case.row_head(), "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mem_mb": None,
            "floor_ms": None, "floor_kind": None, "pct_of_floor": None, "rounds": 0, **session.meta,
            **(extra or {})}
