@@ -44,7 +44,11 @@ class Runtime:
         return self.rank == 0
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        """Mean of ``t`` over ranks (identity in one process)."""
+        """Mean of ``t`` over ranks (identity in one process). A DTensor (e.g. a grad norm computed
+        over FSDP2 shards, or a stack holding one) is first made a plain tensor of its full value."""
+        from torch.distributed.tensor import DTensor
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
         if self.world_size == 1:
             return t
         out = t.detach().clone()
@@ -172,12 +176,15 @@ def sync_weights(runtime: Runtime, actor, rollout) -> dict | None:
     if not hasattr(rollout, "load_bucket"):  # a generic RolloutEngine: named tensors in one go
         rollout.update_weights(actor.state_dict().items())
         return None
-    from .weight_sync import iter_weight_buckets
+    from .weight_sync import iter_weight_buckets, policy_parameters
     sched = runtime.scheduler
     ctx = sched.phase("sync") if sched.current is None else contextlib.nullcontext()
     with ctx:
-        names = []
-        for bucket in iter_weight_buckets(actor, rollout.bucket_bytes, dtype=rollout.dtype):
-            rollout.load_bucket(bucket)
-            names += [n for n, _ in bucket]
+        buckets = iter_weight_buckets(actor, rollout.bucket_bytes, dtype=rollout.dtype)
+        if getattr(rollout, "stream_sync", False):
+            rollout.load_stream(buckets)
+        else:
+            for bucket in buckets:
+                rollout.load_bucket(bucket)
+        names = [hf for _, hf in policy_parameters(actor)]
         return rollout.finish_update(names)

@@ -17,6 +17,7 @@ PPO's ratio needs (the default ``raw_logprobs`` would ignore temperature).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -35,6 +36,18 @@ from .base import Generation, SamplingParams
 # and lists the weights not loaded; coverage is checked here instead (all policy weights, every sync).
 _QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                   "vllm.model_executor.model_loader.reload.inplace")
+
+
+@contextlib.contextmanager
+def _quiet_reload_logs():
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _set_vllm_env(device_type: str) -> None:
@@ -63,7 +76,8 @@ class VLLMRollout:
 
     ``model_dir``: an HF model directory (config + tokenizer; weights are not read). ``dtype``: engine
     dtype ("float32" on CPU keeps greedy output equal to HF's, "bfloat16" on GPU). ``bucket_mb``: the
-    weight-sync bucket. ``distributed``: use ``external_launcher`` (default: when a torch.distributed
+    weight-sync bucket; ``stream_sync`` hands all buckets to vLLM in one call (:meth:`load_stream`) instead
+    of one call per bucket (:meth:`load_bucket`). ``distributed``: use ``external_launcher`` (default: when a torch.distributed
     group of more than one rank exists). Extra keyword arguments go to ``vllm.LLM``.
     """
 
@@ -72,7 +86,7 @@ class VLLMRollout:
     def __init__(self, model_dir: str | Path, *, eos_token_id: int | None = None, dtype: str = "auto",
                  device: str | torch.device = "cpu", tensor_parallel_size: int = 1, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
-                 bucket_mb: float = 256.0, enable_sleep_mode: bool | None = None,
+                 bucket_mb: float = 256.0, stream_sync: bool = False, enable_sleep_mode: bool | None = None,
                  distributed: bool | None = None, **llm_kwargs):
         device = torch.device(device)
         _set_vllm_env(device.type)
@@ -88,7 +102,7 @@ class VLLMRollout:
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
         self.device, self.eos_token_id, self.bucket_bytes = device, eos_token_id, int(bucket_mb * 2**20)
-        self.sleep_enabled = enable_sleep_mode
+        self.sleep_enabled, self.stream_sync = enable_sleep_mode, stream_sync
         start = time.perf_counter()
         self.llm = LLM(model=str(model_dir), load_format="dummy", dtype=dtype, seed=seed,
                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
@@ -146,18 +160,34 @@ class VLLMRollout:
         if self._sync_start is None:
             self._sync_start = time.perf_counter()
             self.last_sync = {"seconds": 0.0, "calls": 0, "bytes": 0}
-        levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
-        for name in _QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        try:
+        with _quiet_reload_logs():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
         self.calls["reload"] += 1
         self.last_sync["calls"] += 1
         self.last_sync["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
         self.loaded_names.update(name for name, _ in bucket)
+
+    def load_stream(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        """Load a stream of buckets in ONE ``reload_weights`` call: vLLM consumes the iterator lazily
+        and processes each layer as soon as its last tensor arrives, so the trainer-side gather still
+        runs bucket by bucket (bounded memory) while vLLM's per-call overhead (it walks every layer of
+        the model on each call) is paid once. In-process engines only (the iterator is not sent
+        anywhere). ``last_sync["calls"]`` counts the buckets gathered."""
+        if self._sync_start is None:
+            self._sync_start = time.perf_counter()
+            self.last_sync = {"seconds": 0.0, "calls": 0, "bytes": 0}
+
+        def flat():
+            for bucket in buckets:
+                self.last_sync["calls"] += 1
+                self.last_sync["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+                for name, tensor in bucket:
+                    self.loaded_names.add(name)
+                    yield name, tensor
+
+        with _quiet_reload_logs():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": flat()})
+        self.calls["reload"] += 1
 
     def finish_update(self, expected_names: Iterable[str] | None = None) -> dict:
         """End a sync: reset the prefix cache (cached KV was computed with the old weights) and check

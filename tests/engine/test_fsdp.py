@@ -5,28 +5,15 @@ The worker (``fsdp_worker.py``) compares the 2-rank result with a one-process ru
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from fastrlhf.engine.distributed import free_port
-
 HERE = Path(__file__).parent
 
 
-def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def result(tmp_path_factory, run_torchrun):
     out = tmp_path_factory.mktemp("fsdp") / "result.json"
     run_torchrun(HERE / "fsdp_worker.py", str(out))
     return json.loads(out.read_text())
