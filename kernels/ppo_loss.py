@@ -150,15 +150,16 @@ def _scale_saved(ctx, grad_output, n_inputs):
 
 
 class FusedPPOFromLogitsFunction(torch.autograd.Function):
-    """logits ``[..., V]`` -> ``(loss, lp [N], ent [N])``; dlogits computed in forward (when needed)."""
+    """logits ``[..., V]`` -> ``(loss, lp [N], ent [N])``; dlogits computed in forward when a gradient can
+    be asked for (``grad_enabled``: grad mode at the call; inside forward it is always off)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, terms, temperature):
+    def forward(ctx, logits, labels, terms, temperature, grad_enabled):
         x3 = rows_3d(logits)
         lp, ent, lse = logprobs_forward(x3, labels, temperature, _MASKED, True)
         loss, g_lp, g_ent = terms.grads(lp, ent)
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_enabled:
             dx = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
             logprobs_backward(x3, dx, labels, lse, ent, g_lp, g_ent, temperature, _MASKED)
             dx = dx.view(logits.shape)
@@ -168,7 +169,7 @@ class FusedPPOFromLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _g_lp, _g_ent):
-        return _scale_saved(ctx, grad_loss, 4)
+        return _scale_saved(ctx, grad_loss, 5)
 
 
 class FusedPPOFunction(torch.autograd.Function):
@@ -176,9 +177,9 @@ class FusedPPOFunction(torch.autograd.Function):
     chunk of ``rows`` tokens (one chunk of logits in memory at a time)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, terms, temperature, rows):
+    def forward(ctx, hidden, weight, labels, terms, temperature, rows, grad_enabled):
         n = hidden.shape[0]
-        need_h, need_w = ctx.needs_input_grad[:2]
+        need_h, need_w = (need and grad_enabled for need in ctx.needs_input_grad[:2])
         lp, ent, lse, loss = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4))
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None  # weight dtype: see linear_logprobs.py
@@ -200,7 +201,7 @@ class FusedPPOFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _g_lp, _g_ent):
-        return _scale_saved(ctx, grad_loss, 6)
+        return _scale_saved(ctx, grad_loss, 7)
 
 
 def _stats(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip, kl_kind):
@@ -272,7 +273,7 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     reject_float64("fused_ppo_loss", hidden=hidden)
     rows = chunk_size or default_chunk_rows(vocab, weight.element_size())
     loss, lp, ent = FusedPPOFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels_eff, terms,
-                                           float(temperature), rows)
+                                           float(temperature), rows, torch.is_grad_enabled())
     return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)
 
 
@@ -292,5 +293,6 @@ def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *
     mask, labels_eff, terms = _prepare(op, labels, vocab, old_logprobs, advantages, mask, **kw)
     check_launchable(op, logits)
     reject_float64(op, logits=logits)
-    loss, lp, ent = FusedPPOFromLogitsFunction.apply(logits, labels_eff, terms, float(temperature))
+    loss, lp, ent = FusedPPOFromLogitsFunction.apply(logits, labels_eff, terms, float(temperature),
+                                                     torch.is_grad_enabled())
     return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)

@@ -186,6 +186,24 @@ def test_no_full_float32_logits(interpret, float_guard, make_mask, garbage):
     assert guard.largest <= max(4 * 700, w.numel())
 
 
+def test_no_gradient_work_under_no_grad(interpret, monkeypatch, make_mask, garbage):
+    """Inputs that require grad, called under torch.no_grad(): no dlogits pass, no grad matmuls."""
+    import sys
+    mod = sys.modules["fastrlhf.kernels.ppo_loss"]
+    calls = []
+    real = mod.logprobs_backward
+    monkeypatch.setattr(mod, "logprobs_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d = _ppo_batch(2, 9, 70, "full", make_mask, garbage, seed=6)
+    x = d["logits"].requires_grad_(True)
+    h, w = torch.randn(2, 9, 16, requires_grad=True), torch.randn(70, 16, requires_grad=True)
+    with torch.no_grad():
+        fused_ppo_loss_from_logits(x, d["labels"], d["old"], d["adv"], d["mask"], backend="triton")
+        fused_ppo_loss(h, w, d["labels"], d["old"], d["adv"], d["mask"], backend="triton")
+    assert calls == []
+    loss, _ = fused_ppo_loss(h, w, d["labels"], d["old"], d["adv"], d["mask"], backend="triton")
+    assert calls == [1] and loss.requires_grad
+
+
 def test_token_kernel_compiles_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     import sys
