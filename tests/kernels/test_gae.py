@@ -65,7 +65,9 @@ def test_auto_backend_and_errors(monkeypatch):
         gae(r, v, m, backend="triton")
     want = gae(r, v, m)  # torch path
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    got = gae(r, v, m)  # auto -> triton
+    with monkeypatch.context() as patch:  # auto must now take the Triton path, not the reference
+        patch.setattr(reference, "gae", lambda *a, **k: pytest.fail("auto took the PyTorch path"))
+        got = gae(r, v, m)
     torch.testing.assert_close(got, want)
     with pytest.raises(TypeError, match="float64"):
         gae(r.double(), v.double(), m, backend="triton")

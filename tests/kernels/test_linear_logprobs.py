@@ -122,7 +122,9 @@ def test_auto_backend_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         linear_token_logprobs(h, w, labels, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    torch.testing.assert_close(linear_token_logprobs(h, w, labels), want, atol=1e-5, rtol=0)
+    got = linear_token_logprobs(h, w.requires_grad_(True), labels)
+    assert got.grad_fn.next_functions[0][0].name() == "LinearTokenLogprobsFunctionBackward"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="hidden must be"):
         linear_token_logprobs(h, w[:, :5], labels, backend="triton")
     with pytest.raises(ValueError, match="chunk_size"):
