@@ -1,19 +1,23 @@
 """The built-in demo task: "say on-topic things", with a hidden gold scorer the reward model never sees.
 
 A prompt names a topic ("tell me about animals"). Each topic has five *good* words. The gold score
-of a response (a sequence of words, EOS not counted) is
+of a response (a sequence of words, EOS and other special tokens not counted) is
 
-    gold = (# distinct good words of the prompt's topic)
-           - (# repeats of those words beyond their first use)
-           - (# good words of *other* topics)
+    gold = (# words that are good words of the prompt's topic)
+           - (# words that are good words of *another* topic)
            - (# words beyond MAX_WORDS)
 
-so the best the task allows is ``GOLD_MAX = 5`` (all five good words, once each, nothing off-topic,
-at most MAX_WORDS words). Demonstrations are deliberately mediocre (0-2 good words, some off-topic
-words and repeats, fillers), so an SFT policy trained on them starts far below the maximum.
-Preference labels come from a noisy Bradley-Terry draw on the gold scores,
-``P(a preferred to b) = sigmoid((gold_a - gold_b) / tau)``, as a human labeller would give; equal
-gold scores are a "tie" that labellers skip. Everything is a pure function of a seed.
+so the best the task allows is ``GOLD_MAX = MAX_WORDS = 8`` (eight on-topic words, nothing else).
+Demonstrations are deliberately mediocre (0-4 good words, careless repeats, off-topic words, fillers),
+so an SFT policy trained on them starts far below the maximum (about 1.5 of 8). Preference labels come
+from a noisy Bradley-Terry draw on the gold scores, ``P(a preferred to b) = sigmoid((gold_a - gold_b) / tau)``,
+as a human labeller would give; equal gold scores are a "tie" that labellers skip. Everything is a pure
+function of a seed.
+
+Why counts rather than *distinct* good words: a 2-layer reward model trained on a few thousand noisy
+pairs learns per-word topic membership well but not duplicate detection, so a distinctness rule
+turns PPO into a repeat-the-same-word reward hack (measured: gold fell while the RM score rose).
+Overlong answers are still penalised, and off-topic words still cost, so the RM has to be read right.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
 FILLERS = tuple("the a and is very so i like it this that really some many nice big small we see love".split())
 TEMPLATES = ("tell me about {}", "write about {}", "talk about {}", "say something about {}")
 MAX_WORDS = 8
-GOLD_MAX = 5.0
+GOLD_MAX = float(MAX_WORDS)
 
 
 def vocabulary() -> list[str]:
@@ -67,12 +71,10 @@ def gold_reward(prompt: str, response: str) -> float:
     good = set(TOPICS[topic])
     others = {w for t, ws in TOPICS.items() if t != topic for w in ws}
     words = response.split()
-    on_topic = [w for w in words if w in good]
-    distinct = len(set(on_topic))
-    repeats = len(on_topic) - distinct
+    on_topic = sum(w in good for w in words)
     off_topic = sum(w in others for w in words)
     overlong = max(0, len(words) - MAX_WORDS)
-    return float(distinct - repeats - off_topic - overlong)
+    return float(on_topic - off_topic - overlong)
 
 
 def make_prompts(n: int, seed: int) -> list[str]:
@@ -84,10 +86,10 @@ def make_prompts(n: int, seed: int) -> list[str]:
 def _demonstration(prompt: str, rng: random.Random) -> str:
     topic = topic_of(prompt)
     others = [w for t, ws in TOPICS.items() if t != topic for w in ws]
-    n_good = rng.choices((0, 1, 2), weights=(0.3, 0.45, 0.25))[0]
+    n_good = rng.choices((0, 1, 2, 3, 4), weights=(0.25, 0.3, 0.2, 0.15, 0.1))[0]
     words = rng.sample(TOPICS[topic], n_good)
-    if words and rng.random() < 0.25:  # a careless repeat
-        words.append(words[0])
+    if words and rng.random() < 0.5:  # a careless repeat
+        words.append(rng.choice(words))
     words += rng.sample(others, rng.choices((0, 1, 2), weights=(0.4, 0.4, 0.2))[0])
     words += rng.choices(FILLERS, k=rng.randint(1, 4))
     rng.shuffle(words)
