@@ -10,6 +10,8 @@ trainers share it. Checkpoint layout used by the trainers:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import random
@@ -23,7 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import get_scheduler
+
+from fastrlhf.config import ConfigError
+from fastrlhf.data import DataError, read_rows, validate_rows
+from fastrlhf.telemetry.metrics import MetricsLogger, truncate_metrics
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -202,10 +209,6 @@ def epoch_order(num_rows: int, *, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_rows, generator=g).tolist()
 
 
-def micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
-    return [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
-
-
 # ------------------------------------------------------------------------------------------------- data
 def format_prompt(tokenizer, prompt: str, *, chat_template: bool) -> str:
     """``prompt`` as the model sees it: with ``chat_template`` and a tokenizer that has one, a single user
@@ -223,8 +226,6 @@ def load_rows(rows: list[dict] | None, source: str | None, *, kind: str, split: 
     Every row is checked before anything trains: the first bad one raises ``DataError`` naming the
     file and line (or ``<rows>`` and the index for in-memory rows).
     """
-    from fastrlhf.data import read_rows, validate_rows
-
     if rows is not None:
         return validate_rows(((f"row index {i}", r) for i, r in enumerate(rows)), kind=kind, source="<rows>")
     if source is None:
@@ -235,8 +236,6 @@ def load_rows(rows: list[dict] | None, source: str | None, *, kind: str, split: 
 def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> list:
     """``[make(row) for row in rows]``; a row ``make`` rejects stops the run with ``DataError`` naming it,
     except rows too long for ``max_length`` when ``drop_overlong`` (their count is printed)."""
-    from fastrlhf.data import DataError
-
     out, dropped = [], 0
     for i, row in enumerate(rows):
         try:
@@ -256,7 +255,7 @@ def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> li
 # ------------------------------------------------------------------------------------------ step loop
 # Config keys that may change between a crashed run and its resumption (they do not change the math).
 RESUMABLE_KEYS = frozenset({"progress", "tensorboard", "log_every", "eval_every", "save_every",
-                            "keep_checkpoints", "resume", "device", "max_steps"})
+                            "keep_checkpoints", "resume", "device"})
 
 
 class StepTrainer:
@@ -307,10 +306,6 @@ class StepTrainer:
         return {"grad_norm": grad_norm, "lr": lr}
 
     def run_loop(self) -> dict:
-        import json
-
-        from tqdm.auto import tqdm
-
         if self.cfg.resume and self.result_path.is_file() and self.final_dir.is_dir():
             return json.loads(self.result_path.read_text())  # the run already finished: same answer
         start = self._resume() if self.cfg.resume else self._fresh()
@@ -325,7 +320,9 @@ class StepTrainer:
                 row = self.logger.log(step, stats, stage=self.stage)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "accuracy") if k in row})
             if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.total_steps:
-                self.logger.log(step, self.evaluate(), stage=self.stage)
+                metrics = self.evaluate()
+                if metrics:
+                    self.logger.log(step, metrics, stage=self.stage)
                 self.model.train()
             if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
                 self._checkpoint(step)
@@ -338,8 +335,6 @@ class StepTrainer:
         return self.evaluate()
 
     def _finish(self) -> dict:
-        import json
-
         metrics = self.final_evaluate()
         if metrics:
             self.logger.log(self.total_steps, metrics, stage=self.stage)
@@ -353,8 +348,6 @@ class StepTrainer:
         return result
 
     def _config_dict(self) -> dict:
-        import dataclasses
-
         return {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_KEYS}
 
     def _checkpoint(self, step: int) -> None:
@@ -365,15 +358,10 @@ class StepTrainer:
         prune_checkpoints(self.out, self.cfg.keep_checkpoints)
 
     def _fresh(self) -> int:
-        from fastrlhf.telemetry.metrics import truncate_metrics
-
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=0)
         return 0
 
     def _resume(self) -> int:
-        from fastrlhf.config import ConfigError
-        from fastrlhf.telemetry.metrics import truncate_metrics
-
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return self._fresh()
@@ -398,8 +386,6 @@ class MetricsLoggerLazy:
 
     def log(self, step: int, values: dict, *, stage: str) -> dict:
         if self._logger is None:
-            from fastrlhf.telemetry.metrics import MetricsLogger
-
             self._logger = MetricsLogger(self.out_dir, tensorboard=self.tensorboard)
         return self._logger.log(step, values, stage=stage)
 

@@ -19,9 +19,10 @@ import torch
 from transformers import AutoModel
 
 from fastrlhf.algo import bradley_terry_loss, expected_calibration_error
-from fastrlhf.config import load_config
+from fastrlhf.config import ConfigError, load_config
 from fastrlhf.data import pad_batch, preference_features
-from fastrlhf.models.heads import RewardModel
+from fastrlhf.models.heads import RewardModel, load_head_model
+from fastrlhf.models.multihead import MultiHeadRewardModel
 from fastrlhf.models.loading import load_tokenizer, resolve_dtype
 from fastrlhf.trainers import common
 from fastrlhf.trainers.sft import validate_common
@@ -34,6 +35,9 @@ class RewardConfig:
     """Every reward-model setting, with its default. ``model`` (the SFT checkpoint), ``data`` and
     ``output_dir`` are required. Rows: ``{"prompt", "chosen", "rejected"}`` and an optional ``margin``
     (used when ``use_margin``). ``chat_template`` as in ``SFTConfig`` (keep it equal across stages).
+    ``heads`` (e.g. ``[helpful, harmless]``) trains a ``MultiHeadRewardModel``: every row then names its
+    objective in ``"head"``, the pair trains that head, and the saved score is the ``head_weights``
+    combination (equal weights by default; change it later with ``set_weights``).
     ``batch_size`` pairs per optimizer step, ``micro_batch_size`` pairs per
     forward (2x that many sequences). The final model goes to ``output_dir/final`` with the mean/std of its
     rewards on the eval pairs (the train pairs when there is no eval set) for normalisation at PPO time.
@@ -57,6 +61,8 @@ class RewardConfig:
     weight_decay: float = 0.0
     use_margin: bool = True
     chat_template: bool = False
+    heads: tuple[str, ...] = ()
+    head_weights: tuple[float, ...] = ()
     center_rewards_coef: float = 0.0
     seed: int = 0
     bf16: bool = True
@@ -76,16 +82,27 @@ class RewardConfig:
 
     def __post_init__(self):
         validate_common(self)
+        if self.head_weights and len(self.head_weights) != len(self.heads):
+            raise ConfigError(f"RewardConfig: {len(self.head_weights)} head_weights for heads {list(self.heads)}")
+        if len(set(self.heads)) != len(self.heads):
+            raise ConfigError(f"RewardConfig: heads must be distinct, got {list(self.heads)}")
 
 
-def pair_features(row: dict, tokenizer, max_length: int, *, chat_template: bool = False) -> dict:
+def pair_features(row: dict, tokenizer, max_length: int, *, chat_template: bool = False,
+                  heads: tuple[str, ...] = ()) -> dict:
     """``{"chosen_input_ids", "rejected_input_ids", ..., "margin"}`` of one rm row: prompt + response + EOS
     (``preference_features``), the format the policy generates in, so PPO scores what the reward model
-    was trained on. A row without ``margin`` gets 0."""
+    was trained on. A row without ``margin`` gets 0. With ``heads``, ``"head"`` is the index of the
+    row's ``"head"`` name among them (a missing or unknown name is a ``ValueError``)."""
     prompt = common.format_prompt(tokenizer, row["prompt"], chat_template=chat_template)
     margin = row.get("margin")
-    return preference_features(prompt, row["chosen"], row["rejected"], tokenizer, max_length=max_length,
-                               margin=float(margin) if margin is not None else 0.0)
+    out = preference_features(prompt, row["chosen"], row["rejected"], tokenizer, max_length=max_length,
+                              margin=float(margin) if margin is not None else 0.0)
+    if heads:
+        if row.get("head") not in heads:
+            raise ValueError(f"'head' must name one of the heads {list(heads)}, got {row.get('head')!r}")
+        out["head"] = heads.index(row["head"])
+    return out
 
 
 def pair_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -94,14 +111,24 @@ def pair_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             for side in ("chosen", "rejected") for f in features]
     batch = pad_batch(seqs, pad_id, padding_side="right")
     batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
+    if "head" in features[0]:
+        batch["head"] = torch.tensor([f["head"] for f in features], dtype=torch.long)
     return batch
 
 
 def score_pairs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, device: torch.device,
                 bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(chosen [m], rejected [m])`` fp32 scores of one pair batch, one forward for both sides."""
+    """``(chosen [m], rejected [m])`` fp32 scores of one pair batch, one forward for both sides.
+
+    Pairs with a ``head`` index (multi-head model) are scored by that head alone.
+    """
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with common.autocast(device, bf16):
-        scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        if "head" in batch:
+            per_head = model.head_scores(ids, mask)  # [2m, K]
+            scores = per_head.gather(1, batch["head"].to(device).repeat(2)[:, None])[:, 0]
+        else:
+            scores = model(ids, mask)
     m = batch["margin"].shape[0]
     return scores[:m].float(), scores[m:].float()
 
@@ -125,18 +152,31 @@ def accumulate_reward_gradients(model, micro_batches: list[dict], *, device: tor
 
 
 @torch.no_grad()
-def score_all(model, micro_batches: list[dict], *, device: torch.device, bf16: bool = False):
-    """``(chosen [N], rejected [N], margin [N])`` fp32 on CPU for every pair of ``micro_batches``."""
+def score_all(model, micro_batches: list[dict], *, device: torch.device, bf16: bool = False,
+              combined: bool = False) -> dict[str, torch.Tensor]:
+    """``chosen``, ``rejected``, ``margin`` (and ``head``) ``[N]`` on CPU for every pair of ``micro_batches``.
+
+    ``combined=True`` scores with the model's own forward (a multi-head model's weighted combination)
+    instead of each pair's head.
+    """
     was_training = model.training
     model.eval()
-    parts = [(*score_pairs(model, mb, device=device, bf16=bf16), mb["margin"]) for mb in micro_batches]
+    parts: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "margin": [], "head": []}
+    for mb in micro_batches:
+        if combined:
+            mb = {k: v for k, v in mb.items() if k != "head"}
+        chosen, rejected = score_pairs(model, mb, device=device, bf16=bf16)
+        for key, value in (("chosen", chosen), ("rejected", rejected), ("margin", mb["margin"]),
+                           ("head", mb.get("head"))):
+            if value is not None:
+                parts[key].append(value.cpu())
     model.train(was_training)
-    return tuple(torch.cat([p[i].cpu() for p in parts]) for i in range(3))
+    return {k: torch.cat(v) for k, v in parts.items() if v}
 
 
 def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None, *,
                        n_bins: int = 10) -> dict[str, float]:
-    """Held-out BT loss, accuracy, mean margin, ECE and reward statistics of scored pairs."""
+    """Held-out BT loss, accuracy, mean margin, ECE and reward statistics of scored pairs (``[N]`` each)."""
     loss, acc, gap = bradley_terry_loss(chosen, rejected, margin)
     both = torch.cat([chosen, rejected])
     return {"eval_loss": float(loss), "eval_accuracy": float(acc), "eval_margin": float(gap),
@@ -152,7 +192,10 @@ class RewardTrainer(common.StepTrainer):
     ``output_dir/final`` (``RewardModel.from_pretrained`` loads it, tokenizer included) and
     ``output_dir/reward_histogram.png`` (chosen vs rejected rewards on the eval pairs).
 
-    ``model`` may be a causal LM (its body is used) or a ``RewardModel``; ``tokenizer``, ``train_rows``
+    With ``config.heads`` the model is a ``MultiHeadRewardModel`` (load it with ``load_head_model`` or
+    ``MultiHeadRewardModel.from_pretrained``) and the metrics add ``eval_accuracy_<head>``.
+
+    ``model`` may be a causal LM (its body is used) or a reward model; ``tokenizer``, ``train_rows``
     and ``eval_rows`` may be passed instead of the config's paths.
     """
 
@@ -174,17 +217,23 @@ class RewardTrainer(common.StepTrainer):
             self.model.gradient_checkpointing_enable()
         self.setup_loop()
 
-    def _build_model(self, model) -> RewardModel:
-        if isinstance(model, RewardModel):
+    def _build_model(self, model) -> RewardModel | MultiHeadRewardModel:
+        heads = self.cfg.heads
+        if isinstance(model, (RewardModel, MultiHeadRewardModel)):
+            if heads and getattr(model, "heads", None) != list(heads):
+                raise ValueError(f"the model passed in has heads {getattr(model, 'heads', None)}, config {heads}")
             return model
         if model is None:
             # The body only: the LM head of the SFT checkpoint is not needed (and is large for big vocabularies).
             model = AutoModel.from_pretrained(self.cfg.model, dtype=resolve_dtype(self.cfg.dtype) or torch.float32)
+        if heads:
+            return MultiHeadRewardModel(model, heads, self.cfg.head_weights or None)
         return RewardModel(model)
 
     def _features(self, rows: list[dict], source: str) -> list[dict]:
         return common.featurize(rows, lambda r: pair_features(r, self.tokenizer, self.cfg.max_length,
-                                                             chat_template=self.cfg.chat_template),
+                                                             chat_template=self.cfg.chat_template,
+                                                             heads=self.cfg.heads),
                                 source=source, drop_overlong=self.cfg.drop_overlong)
 
     def micro_batches(self, features: list[dict]) -> list[dict]:
@@ -202,18 +251,28 @@ class RewardTrainer(common.StepTrainer):
         features = self.eval_features if features is None else features
         if not features:
             return {}
-        chosen, rejected, margin = score_all(self.model, self.micro_batches(features), device=self.device,
-                                             bf16=self.cfg.bf16)
-        self.last_scores = (chosen, rejected)
-        return preference_metrics(chosen, rejected, margin if self.cfg.use_margin else None,
-                                  n_bins=self.cfg.ece_bins)
+        s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.cfg.bf16)
+        self.last_scores = (s["chosen"], s["rejected"])
+        metrics = preference_metrics(s["chosen"], s["rejected"], s["margin"] if self.cfg.use_margin else None,
+                                     n_bins=self.cfg.ece_bins)
+        for i, name in enumerate(self.cfg.heads):
+            rows = s["head"] == i
+            if rows.any():
+                metrics[f"eval_accuracy_{name}"] = float((s["chosen"][rows] > s["rejected"][rows]).float().mean())
+        return metrics
 
     def final_evaluate(self) -> dict:
         """Held-out metrics (train pairs when there is no eval set), the reward statistics saved with the
         model, and the histogram of chosen vs rejected rewards."""
         from fastrlhf.telemetry.report import plot_reward_histogram
 
-        metrics = self.evaluate(self.eval_features or self.train_features)
+        features = self.eval_features or self.train_features
+        metrics = self.evaluate(features)
+        if self.cfg.heads:  # normalisation stats of the score PPO will see: the weighted combination
+            s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.cfg.bf16,
+                          combined=True)
+            both = torch.cat([s["chosen"], s["rejected"]])
+            metrics.update(reward_mean=float(both.mean()), reward_std=float(both.std(correction=0)))
         self.model.reward_mean, self.model.reward_std = metrics["reward_mean"], metrics["reward_std"]
         which = "eval" if self.eval_features else "train"
         plot_reward_histogram(*self.last_scores, Path(self.cfg.output_dir) / "reward_histogram.png",
@@ -224,7 +283,7 @@ class RewardTrainer(common.StepTrainer):
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)
 
     def load_model(self, directory: Path) -> None:
-        loaded = RewardModel.from_pretrained(directory, dtype=next(self.model.parameters()).dtype)
+        loaded = load_head_model(directory, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(loaded.state_dict())
         self.model.reward_mean, self.model.reward_std = loaded.reward_mean, loaded.reward_std
 

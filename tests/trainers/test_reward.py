@@ -142,3 +142,27 @@ def test_reward_trainer_bf16_on_cuda(tok, tmp_path):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         s = back(b["input_ids"].cuda(), b["attention_mask"].cuda())
     assert s.dtype == torch.float32 and torch.isfinite(s).all()
+
+
+def test_multi_head_reward_model_learns_each_objective(tok, tmp_path):
+    """"helpful" pairs prefer "good" over "bad", "harmless" pairs prefer "yes" over "no"; each head learns its own."""
+    from fastrlhf.models import MultiHeadRewardModel, load_head_model
+
+    def rows(n, seed):
+        out = []
+        for i, r in enumerate(synthetic_pairs(n, seed)):
+            if i % 2:
+                r = {k: v.replace("good", "yes").replace("bad", "no") for k, v in r.items()}
+            out.append({**r, "head": "harmless" if i % 2 else "helpful"})
+        return out
+
+    cfg = _cfg(tmp_path, epochs=3, heads=("helpful", "harmless"), head_weights=(1.0, 0.5))
+    result = RewardTrainer(cfg, model=_lm(tok), tokenizer=tok, train_rows=rows(128, 0), eval_rows=rows(64, 1)).train()
+    assert result["eval_accuracy_helpful"] > 0.9 and result["eval_accuracy_harmless"] > 0.9, result
+    back = load_head_model(tmp_path / "final")
+    assert isinstance(back, MultiHeadRewardModel) and back.heads == ["helpful", "harmless"]
+    assert back.head_weights.tolist() == [1.0, 0.5] and back.reward_std > 0
+    with pytest.raises(DataError, match="row index 0.*'head' must name one of"):
+        RewardTrainer(cfg, model=_lm(tok), tokenizer=tok, train_rows=synthetic_pairs(4, 0))
+    with pytest.raises(ConfigError, match="head_weights"):
+        _cfg(tmp_path, heads=("a", "b"), head_weights=(1.0,))
