@@ -345,6 +345,9 @@ class StepTrainer:
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         self.result_path.write_text(json.dumps(result, indent=2) + "\n")
         self.logger.close()
+        # The run is complete (a re-run returns result_path): step checkpoints, with their optimizer
+        # state (2x the weights for AdamW), are no longer needed.
+        shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
         return result
 
     def _config_dict(self) -> dict:
