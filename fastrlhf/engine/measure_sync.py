@@ -55,8 +55,9 @@ def time_sync(model, buckets_mb: list[float], repeats: int) -> list[dict]:
             stats = sync_weights(rt, model, rollout)
             times.append(stats["seconds"])
         med = statistics.median(times)
-        rows.append({"stream": stream, "params": n, "mb": stats["bytes"] / 2**20, "layers": layers, "bucket_mb": mb,
-                     "calls": stats["calls"], "median_s": med, "min_s": min(times), "max_s": max(times),
+        rows.append({"stream": stream, "params": n, "mb": stats["bytes"] / 2**20, "layers": layers,
+                     "bucket_mb": mb, "calls": stats["calls"], "median_s": med, "min_s": min(times),
+                     "max_s": max(times),
                      "gb_per_s": stats["bytes"] / med / 1e9, "engine_startup_s": startup})
     del rollout
     return rows
@@ -109,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in time_sync(build(name), buckets, args.repeats):
             r["model"] = name
             rows.append(r)
-            print(f"{name:>6} {str(r['stream']):>6} {r['params']:>11,} {r['mb']:>8.1f} {r['layers']:>6} {r['bucket_mb']:>9g} "
-                  f"{r['calls']:>5} {r['median_s']:>9.4f} {r['gb_per_s']:>6.2f}", flush=True)
+            print(f"{name:>6} {str(r['stream']):>6} {r['params']:>11,} {r['mb']:>8.1f} {r['layers']:>6} "
+                  f"{r['bucket_mb']:>9g} {r['calls']:>5} {r['median_s']:>9.4f} {r['gb_per_s']:>6.2f}",
+                  flush=True)
     result = {"sync": rows, "torch": torch.__version__}
     if args.generate:
         result["generation"] = time_generation()

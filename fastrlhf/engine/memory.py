@@ -76,7 +76,8 @@ class MemoryPlan:
                 "placement": self.placement, "notes": list(self.notes)}
 
     def flat_metrics(self) -> dict[str, float]:
-        """Numbers for ``metrics.jsonl``: ``plan/<phase>/<item>`` = 1 on device (resident or sequential) / 0 offloaded, sizes in MB."""
+        """Numbers for ``metrics.jsonl``: ``plan/<phase>/<item>`` = 1 on device (resident or sequential)
+        or 0 offloaded; ``plan/<item>_mb`` sizes per rank; ``plan/budget_mb`` (-1: no accelerator)."""
         out: dict[str, float] = {"plan/budget_mb": float(_mb(self.budget_bytes) or -1.0)}
         out.update({f"plan/{k}_mb": float(_mb(v)) for k, v in self.bytes.items()})
         for phase, items in self.placement.items():

@@ -94,7 +94,8 @@ class PhaseScheduler:
                 # Host: resident set size now and the process's peak so far (no per-phase peak on CPU).
                 self._stats[f"mem/{name}_rss_mb"] = _rss_mb()
                 self._stats["mem/peak_rss_mb"] = _max_rss_mb()
-            self._stats[f"time/{name}_s"] = self._stats.get(f"time/{name}_s", 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self._stats[f"time/{name}_s"] = self._stats.get(f"time/{name}_s", 0.0) + elapsed
 
     def _check_transition(self, name: str) -> None:
         if name not in PHASES:

@@ -35,7 +35,8 @@ from .base import Generation, SamplingParams
 # Reload of a partial bucket: vLLM warns about every layer not in the bucket ("Failed to load weights")
 # and lists the weights not loaded; coverage is checked here instead (all policy weights, every sync).
 _QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
-                  "vllm.model_executor.model_loader.reload.inplace")
+                  "vllm.model_executor.model_loader.reload.inplace",
+                  "vllm.v1.core.block_pool")  # "Successfully reset prefix cache" on every sync
 
 
 @contextlib.contextmanager
@@ -76,9 +77,10 @@ class VLLMRollout:
 
     ``model_dir``: an HF model directory (config + tokenizer; weights are not read). ``dtype``: engine
     dtype ("float32" on CPU keeps greedy output equal to HF's, "bfloat16" on GPU). ``bucket_mb``: the
-    weight-sync bucket; ``stream_sync`` hands all buckets to vLLM in one call (:meth:`load_stream`) instead
-    of one call per bucket (:meth:`load_bucket`). ``distributed``: use ``external_launcher`` (default: when a torch.distributed
-    group of more than one rank exists). Extra keyword arguments go to ``vllm.LLM``.
+    weight-sync bucket; ``stream_sync`` hands all buckets to vLLM in one call (:meth:`load_stream`)
+    instead of one call per bucket (:meth:`load_bucket`). ``distributed``: use ``external_launcher``
+    (default: when a torch.distributed group of more than one rank exists). Extra keyword arguments go
+    to ``vllm.LLM``.
     """
 
     shares_actor_weights = False
@@ -123,8 +125,8 @@ class VLLMRollout:
         sampler's log-prob of each under ``params.temperature``. ``temperature == 0`` is greedy."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
-        if "weights" in self.asleep:
-            raise RuntimeError("VLLMRollout.generate called while the engine's weights are asleep; "
+        if self.asleep:
+            raise RuntimeError(f"VLLMRollout.generate called while {sorted(self.asleep)} are asleep; "
                                "call wake() first")
         for i, p in enumerate(prompt_ids):
             if len(p) == 0:
@@ -192,7 +194,8 @@ class VLLMRollout:
     def finish_update(self, expected_names: Iterable[str] | None = None) -> dict:
         """End a sync: reset the prefix cache (cached KV was computed with the old weights) and check
         that every name in ``expected_names`` was loaded since the sync began. Returns ``last_sync``."""
-        self.llm.reset_prefix_cache()
+        with _quiet_reload_logs():
+            self.llm.reset_prefix_cache()
         if expected_names is not None:
             missing = sorted(set(expected_names) - self.loaded_names)
             if missing:

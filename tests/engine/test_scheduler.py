@@ -111,7 +111,7 @@ def test_plan_sequential_scoring_and_error():
     assert plan.placement["score"]["actor.params"] == "resident"
     assert {plan.placement["score"][f"{m}.params"] for m in ("critic", "ref", "reward")} == {"sequential"}
     assert any("one at a time" in n for n in plan.notes)
-    with pytest.raises(MemoryPlanError, match=r"phase 'score' needs 80.0 MB .* one at a time\) but only 45.0"):
+    with pytest.raises(MemoryPlanError, match=r"'score' needs 80.0 MB .* one at a time\) but only 45.0"):
         plan_memory(_sizes(10 * MB), budget_bytes=50 * MB, device="cuda:0", world_size=1)
     with pytest.raises(MemoryPlanError, match=r"phase 'train' needs 320.0 MB"):  # 2 x (40 + 120)
         plan_memory(_sizes(10 * MB), budget_bytes=100 * MB, device="cuda:0", world_size=1)

@@ -43,7 +43,8 @@ def full_copy(actor, like):
 def main(out_path: str) -> None:
     rt = init_runtime("cpu")
     tok = build_test_tokenizer()
-    lm = tiny_llama(len(tok), seed=5, num_layers=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    lm = tiny_llama(len(tok), seed=5, num_layers=2, pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id)
     plain = copy.deepcopy(lm)
     actor = PolicyWithLoss(lm, shared_critic=True)
     actor, _, _, _ = prepare_models(rt, actor=actor, critic=None, ref=None, reward_model=None)
@@ -54,7 +55,8 @@ def main(out_path: str) -> None:
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
     res = {"first_sync": dict(rollout.last_sync), "backend": rollout.llm.llm_engine.vllm_config
            .parallel_config.distributed_executor_backend, "world": torch.distributed.get_world_size()}
-    res["first_equal"] = rollout.generate(mine, greedy).token_ids == hf_greedy(plain, mine, 10, tok.eos_token_id)
+    first = rollout.generate(mine, greedy).token_ids
+    res["first_equal"] = first == hf_greedy(plain, mine, 10, tok.eos_token_id)
     # one optimizer step on a language-modelling loss through the wrapped, sharded actor
     opt = torch.optim.AdamW(actor.parameters(), lr=5e-2)
     batch = torch.tensor([ids[1] + ids[2]])
