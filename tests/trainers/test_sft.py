@@ -158,6 +158,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tok, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         SFTTrainer(_cfg(tmp_path / "b", **kw), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
     monkeypatch.setattr(SFTTrainer, "train_step", real)
+    # A changed config refuses to resume into the crashed run's directory.
+    with pytest.raises(ConfigError, match="different config.*lr"):
+        SFTTrainer(_cfg(tmp_path / "b", **kw, lr=1e-4), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
     # A fresh process would rebuild the model from scratch; the checkpoint supplies the trained weights.
     resumed_model = _model(tok, seed=7)
     resumed = SFTTrainer(_cfg(tmp_path / "b", **kw), model=resumed_model, tokenizer=tok, train_rows=ROWS).train()
@@ -168,12 +171,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tok, tmp_path, monkeypatch
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
     steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]
-    # A changed config refuses to resume into the same directory; a finished run returns its result.
+    # A finished run returns its recorded result; its step checkpoints are gone (the final model stays).
     assert SFTTrainer(_cfg(tmp_path / "b", **kw), model=_model(tok), tokenizer=tok,
                       train_rows=ROWS).train() == resumed
-    (tmp_path / "b" / "sft_result.json").unlink()
-    with pytest.raises(ConfigError, match="different config.*lr"):
-        SFTTrainer(_cfg(tmp_path / "b", **kw, lr=1e-4), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
+    assert not (tmp_path / "b" / "checkpoints").exists() and (tmp_path / "b" / "final").is_dir()
 
 
 def test_bad_rows_stop_before_training(tok, tmp_path):
