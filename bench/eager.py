@@ -42,8 +42,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                          return_entropy: bool = False):
+                          bias: torch.Tensor | None = None, temperature: float = 1.0,
+                          ignore_index: int = -100, return_entropy: bool = False):
     """``hidden [..., H]``, ``weight [V, H]``: logits in the input dtype (as the lm_head gives them), then
     ``token_logprobs``."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
@@ -54,7 +54,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 def ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                          kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                          temperature=1.0, loss_agg="token-mean"):
-    """The clipped PPO objective of API.md ``fused_ppo_loss_from_logits`` as separate passes. Returns the loss.
+    """API.md's ``fused_ppo_loss_from_logits`` objective as separate passes. Returns the loss.
 
     loss = ppo_policy_loss(lp) + kl_coef * agg(kl_estimate(lp, ref)) - entropy_coef * agg(entropy).
     """
@@ -66,13 +66,15 @@ def ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *, ref_
     if ref_logprobs is not None and kl_coef != 0:
         zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
         ref = torch.where(mask, _upcast(ref_logprobs), zero)
-        loss = loss + kl_coef * aggregate(kl_estimate(torch.where(mask, lp, zero), ref, kl_kind), mask, loss_agg)
+        kl = kl_estimate(torch.where(mask, lp, zero), ref, kl_kind)
+        loss = loss + kl_coef * aggregate(kl, mask, loss_agg)
     if entropy_coef != 0:
         loss = loss - entropy_coef * aggregate(ent, mask, loss_agg)
     return loss
 
 
 def ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, **kwargs):
-    """``fused_ppo_loss`` as people write it: materialized logits ``hidden @ weight.T``, then the passes above."""
+    """``fused_ppo_loss`` as people write it: materialized logits ``hidden @ weight.T``, then the passes
+    above."""
     logits = torch.nn.functional.linear(hidden, weight)
     return ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, **kwargs)

@@ -20,19 +20,18 @@ import platform
 import re
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+
+from bench.floors import Floor, Rates, sync  # noqa: F401  (re-exported: the benches import them from here)
 
 MODES = ("fwd", "bwd", "full")
 PROFILES = ("quick", "gpu")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
-# ENV.md, measured on the H100 machine: used when the session cannot measure its own rates.
-H100_BANDWIDTH_BPS = 3.0e12
-H100_MATMUL_FLOPS = 790e12
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -44,6 +43,12 @@ def bench_profile() -> str:
             raise ValueError(f"FASTRLHF_BENCH must be one of {PROFILES}, got {p!r}")
         return p
     return "gpu" if torch.cuda.is_available() else "quick"
+
+
+def auto_backend(device: torch.device) -> str:
+    """What ``backend="auto"`` picks for tensors on ``device`` (recorded in the ``fastrlhf`` rows)."""
+    from fastrlhf.kernels._backend import resolve_backend
+    return resolve_backend("auto", torch.empty(0, device=device))
 
 
 def bench_device() -> torch.device:
@@ -62,7 +67,7 @@ class Timing:
 
 
 TIMINGS = {"quick": Timing(warmup=0, min_rounds=3, max_rounds=5, budget_s=0.1),
-           "gpu": Timing(warmup=2, min_rounds=5, max_rounds=30, budget_s=2.0)}
+           "gpu": Timing(warmup=1, min_rounds=5, max_rounds=20, budget_s=1.0)}
 
 
 # ----------------------------------------------------------------------------------------------- env info
@@ -110,90 +115,10 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "triton": triton_version}
 
 
-# ------------------------------------------------------------------------------------------------ floors
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def measure_bandwidth(device: torch.device) -> float:
-    """Device copy bandwidth in bytes/s, counting bytes read and written (as ENV.md's 3.0 TB/s does)."""
-    numel = (1 << 28) if device.type == "cuda" else (1 << 23)  # 512 MiB bf16 on GPU, 32 MiB fp32 on CPU
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    src = torch.empty(numel, dtype=dtype, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    seconds = _best_seconds(lambda: dst.copy_(src), device, repeats=10)
-    return 2 * numel * src.element_size() / seconds
-
-
-def measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
-    """Dense matmul rate in FLOP/s for ``dtype`` (8192^3 on GPU, 512^3 on CPU)."""
-    n = 8192 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    seconds = _best_seconds(lambda: a @ b, device, repeats=10 if device.type == "cuda" else 3)
-    return 2 * n ** 3 / seconds
-
-
-@dataclass
-class Rates:
-    """Copy bandwidth (bytes/s) and matmul rate per dtype (FLOP/s) of the session's device."""
-    device: torch.device
-    bandwidth_bps: float | None = None
-    matmul_flops: dict[str, float] = field(default_factory=dict)
-    source: str = "measured"
-
-    def bandwidth(self) -> float:
-        if self.bandwidth_bps is None:
-            try:
-                self.bandwidth_bps = measure_bandwidth(self.device)
-            except RuntimeError:
-                self.bandwidth_bps, self.source = H100_BANDWIDTH_BPS, "ENV.md H100 figures"
-        return self.bandwidth_bps
-
-    def matmul(self, dtype: torch.dtype) -> float:
-        key = str(dtype).replace("torch.", "")
-        if key not in self.matmul_flops:
-            try:
-                self.matmul_flops[key] = measure_matmul(self.device, dtype)
-            except RuntimeError:
-                self.matmul_flops[key], self.source = H100_MATMUL_FLOPS, "ENV.md H100 figures"
-        return self.matmul_flops[key]
-
-    def as_dict(self) -> dict:
-        return {"bandwidth_gbps": None if self.bandwidth_bps is None else self.bandwidth_bps / 1e9,
-                "matmul_tflops": {k: v / 1e12 for k, v in self.matmul_flops.items()}, "source": self.source}
-
-
-@dataclass(frozen=True)
-class Floor:
-    """Work a case cannot avoid: ``bytes`` moved (bandwidth floor) or ``flops`` done (matmul floor)."""
-    bytes: float | None = None
-    flops: float | None = None
-
-    def ms(self, rates: Rates, dtype: torch.dtype) -> tuple[float | None, str | None]:
-        if self.flops is not None:
-            return 1e3 * self.flops / rates.matmul(dtype), "matmul"
-        if self.bytes is not None:
-            return 1e3 * self.bytes / rates.bandwidth(), "bandwidth"
-        return None, None
-
-
 # ----------------------------------------------------------------------------------------------- session
-ROW_KEYS = ("name", "provider", "mode", "tokens", "V", "H", "B", "T", "dtype", "median_ms", "p20_ms", "p80_ms",
-            "peak_mem_mb", "floor_ms", "floor_kind", "pct_of_floor", "device", "torch", "triton", "git_sha")
+ROW_KEYS = ("name", "provider", "mode", "tokens", "V", "H", "B", "T", "dtype", "median_ms", "p20_ms",
+            "p80_ms", "peak_mem_mb", "floor_ms", "floor_kind", "pct_of_floor", "device", "torch", "triton",
+            "git_sha")
 
 
 class BenchSession:
@@ -227,8 +152,8 @@ class BenchSession:
             self.write()
 
     def document(self) -> dict:
-        note = ("CPU quick mode: tiny shapes on a shared 2-core CPU, the PyTorch path only (no Triton); a smoke "
-                "run of the harness, NOT a performance claim." if self.profile == "quick" else
+        note = ("CPU quick mode: tiny shapes on a shared 2-core CPU, the PyTorch path only (no Triton); "
+                "a smoke run of the harness, NOT a performance claim." if self.profile == "quick" else
                 "GPU mode: real shapes (issue 3).")
         return {**self.meta, "note": note, "rates": self.rates.as_dict(), "rows": self.rows,
                 "not_run": self.skipped}
@@ -272,7 +197,8 @@ class Case:
                 "dtype": str(self.dtype).replace("torch.", "")}
 
 
-def params(shapes: list[dict], providers: tuple, modes: tuple = MODES, *, first_shapes_only: dict | None = None):
+def params(shapes: list[dict], providers: tuple, modes: tuple = MODES, *,
+           first_shapes_only: dict | None = None):
     """pytest params ``(shape, provider, mode)``; ``first_shapes_only={"compile": 2}`` runs that provider on
     the first 2 shapes only (torch.compile recompiles for every shape)."""
     import pytest
@@ -474,7 +400,8 @@ def run_case(benchmark, session: BenchSession, case: Case, *, make_inputs: Calla
         runner = _Runner(forward, make_inputs(), session.device)
         if case.mode == "bwd" and not runner.leaves:
             raise ValueError(f"{case.name}: mode 'bwd' needs inputs that require grad")
-        expected = _reference_output(reference, runner.inputs, row, session.device) if case.mode == "fwd" else None
+        expected = (_reference_output(reference, runner.inputs, row, session.device)
+                    if case.mode == "fwd" else None)
         outs = runner.fwd()  # first call: compiles / autotunes, and gives the result to check
         if expected is not None:
             check_close(outs, expected, case, tol)
@@ -499,8 +426,8 @@ def run_case(benchmark, session: BenchSession, case: Case, *, make_inputs: Calla
         _free(session.device)
     if benchmark.stats is not None and row.get("error") is None:
         data = sorted(1e3 * s for s in benchmark.stats.stats.data)
-        row.update(median_ms=percentile(data, 0.5), p20_ms=percentile(data, 0.2), p80_ms=percentile(data, 0.8),
-                   rounds=len(data))
+        row.update(median_ms=percentile(data, 0.5), p20_ms=percentile(data, 0.2),
+                   p80_ms=percentile(data, 0.8), rounds=len(data))
         floor_ms, kind = case.floors.get(case.mode, Floor()).ms(session.rates, case.dtype)
         row.update(floor_ms=floor_ms, floor_kind=kind,
                    pct_of_floor=None if floor_ms is None else 100.0 * floor_ms / row["median_ms"])

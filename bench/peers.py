@@ -60,10 +60,12 @@ def liger_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return -nll.reshape(labels.shape)
 
 
-def liger_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def liger_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
+                                labels: torch.Tensor) -> torch.Tensor:
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     h = hidden.shape[-1]
-    nll = liger_fused_linear_cross_entropy(hidden.reshape(-1, h), weight, labels.reshape(-1), reduction="none")
+    nll = liger_fused_linear_cross_entropy(hidden.reshape(-1, h), weight, labels.reshape(-1),
+                                           reduction="none")
     return -nll.reshape(labels.shape)
 
 
@@ -90,7 +92,9 @@ def trl_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return torch.stack(rows)
 
 
-def trl_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def trl_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
+                              labels: torch.Tensor) -> torch.Tensor:
     """``hidden [B, T, H]``: the logits of one sequence at a time, each through ``trl_token_logprobs``."""
-    rows = [trl_token_logprobs((h @ weight.T).unsqueeze(0), y.unsqueeze(0))[0] for h, y in zip(hidden, labels)]
+    rows = [trl_token_logprobs((h @ weight.T).unsqueeze(0), y.unsqueeze(0))[0]
+            for h, y in zip(hidden, labels)]
     return torch.stack(rows)

@@ -47,13 +47,18 @@ def case_table(key: tuple, by_provider: dict) -> list[str]:
         lines.append(
             f"| {provider} | {_fmt(med)} | {_fmt(r.get('p20_ms'))}-{_fmt(r.get('p80_ms'))} | "
             f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('pct_of_floor'), '.1f')} | "
-            f"{_fmt(_ratio(base.get('median_ms'), med), '.2f')} | {_fmt(_ratio(liger.get('median_ms'), med), '.2f')} | "
+            f"{_fmt(_ratio(base.get('median_ms'), med), '.2f')} | "
+            f"{_fmt(_ratio(liger.get('median_ms'), med), '.2f')} | "
             f"{_fmt(_ratio(r.get('peak_mem_mb'), base.get('peak_mem_mb')), '.2f')} |")
     floor = next((r.get("floor_ms") for r in by_provider.values() if r.get("floor_ms")), None)
     kind = next((r.get("floor_kind") for r in by_provider.values() if r.get("floor_kind")), None)
     if floor:
         lines.append(f"\nfloor: {floor:.3g} ms ({kind})")
     return lines + [""]
+
+
+def _at_most(x: float | None, bound: float) -> bool | None:
+    return None if x is None else x <= bound
 
 
 def _verdict(ok: bool | None) -> str:
@@ -76,15 +81,16 @@ def target_checks(groups: dict) -> list[str]:
         checks = []
         if name == "token_logprobs" and mode == "full":
             checks += [(">= 2x eager", eager_txt, None if speed is None else speed >= 2),
-                       ("<= 1.25x floor", f"{_fmt(floor_x, '.2f')}x floor", None if floor_x is None else floor_x <= 1.25)]
+                       ("<= 1.25x floor", f"{_fmt(floor_x, '.2f')}x floor", _at_most(floor_x, 1.25))]
         elif name == "linear_token_logprobs" and mode == "full":
             vs_liger = _ratio(liger.get("median_ms"), med)
             checks += [(">= 1x eager", eager_txt, None if speed is None else speed >= 1),
-                       ("> 1x Liger", f"{_fmt(vs_liger, '.2f')}x liger", None if vs_liger is None else vs_liger > 1),
-                       ("<= 1/4 eager memory", f"{_fmt(mem, '.2f')} of eager", None if mem is None else mem <= 0.25)]
+                       ("> 1x Liger", f"{_fmt(vs_liger, '.2f')}x liger",
+                        None if vs_liger is None else vs_liger > 1),
+                       ("<= 1/4 eager memory", f"{_fmt(mem, '.2f')} of eager", _at_most(mem, 0.25))]
         elif name == "fused_ppo_loss" and mode == "full":
             checks += [(">= 1.5x eager", eager_txt, None if speed is None else speed >= 1.5),
-                       ("<= 1/4 eager memory", f"{_fmt(mem, '.2f')} of eager", None if mem is None else mem <= 0.25)]
+                       ("<= 1/4 eager memory", f"{_fmt(mem, '.2f')} of eager", _at_most(mem, 0.25))]
         elif name == "gae" and "B=256 T=2048" in shape:
             checks += [(">= 20x Python loop", eager_txt, None if speed is None else speed >= 20)]
         for target, measured, ok in checks:

@@ -24,6 +24,10 @@ from pathlib import Path
 from bench.harness import REPO, RESULTS_DIR, BenchSession, bench_device
 from bench.report import summarize
 
+# Issue 3's headline comparisons first: when the time budget runs out, the PPO steps are what is left.
+BENCH_ORDER = ["bench/test_bench_logprobs.py", "bench/test_bench_linear_logprobs.py",
+               "bench/test_bench_ppo_loss.py", "bench/test_bench_gae.py", "bench/test_bench_ppo_step.py"]
+
 
 def _pytest(args: list[str], log: Path, env: dict) -> tuple[int, str]:
     """Run pytest in a subprocess, tee its output to ``log``; return (rc, last summary line)."""
@@ -36,8 +40,8 @@ def _pytest(args: list[str], log: Path, env: dict) -> tuple[int, str]:
             sys.stdout.write(line)
             f.write(line)
             lines.append(line.strip())
-    summary = next((ln for ln in reversed(lines) if " in " in ln and ("passed" in ln or "failed" in ln
-                                                                      or "skipped" in ln or "error" in ln)), "")
+    words = ("passed", "failed", "skipped", "error")
+    summary = next((ln for ln in reversed(lines) if " in " in ln and any(w in ln for w in words)), "")
     return proc.returncode, summary.strip("= ")
 
 
@@ -95,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             json_path.write_text(json.dumps({"gpu_tests": tests}, indent=1) + "\n")
             _copy_out([json_path, Path(f"{stem}-gpu-tests.log")])
             return rc
-    bench_rc, _ = _pytest(["-q", "bench"] + (["-k", args.only] if args.only else []),
+    files = BENCH_ORDER + sorted(str(p.relative_to(REPO)) for p in (REPO / "bench").glob("test_bench_*.py")
+                                 if str(p.relative_to(REPO)) not in BENCH_ORDER)
+    bench_rc, _ = _pytest(["-q", *files] + (["-k", args.only] if args.only else []),
                           Path(f"{stem}-bench.log"), env)
 
     if not json_path.exists():

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from bench import eager
-from bench.harness import Case, Floor, bench_profile, params, require, run_case
+from bench.harness import Case, Floor, auto_backend, bench_profile, params, require, run_case
 from fastrlhf.kernels import gae
-from fastrlhf.kernels._backend import resolve_backend
 
 NAME = "gae"
 SHAPES = {"quick": [dict(B=16, T=128)], "gpu": [dict(B=256, T=2048), dict(B=64, T=512)]}[bench_profile()]
@@ -44,7 +43,7 @@ def test_bench_gae(benchmark, bench_session, shape, provider, mode):
             "the torch path of gae is the eager Python loop over T (kernels/reference.py): see 'eager'"
             if provider == "torch" else None)
     floors = {"fwd": Floor(bytes=shape["B"] * shape["T"] * 17)}
-    extra = {"backend": resolve_backend("auto", torch.empty(0, device=device))} if provider == "fastrlhf" else {}
+    extra = {"backend": auto_backend(device)} if provider == "fastrlhf" else {}
     run_case(benchmark, bench_session, Case(NAME, provider, mode, shape, torch.float32, floors),
              make_inputs=lambda: make_inputs(shape, device), forward=provider_fn(provider),
              reference=provider_fn("eager"), extra=extra)

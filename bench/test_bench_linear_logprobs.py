@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from bench import eager, peers
-from bench.harness import Case, Floor, bench_profile, params, require, run_case
+from bench.harness import Case, Floor, auto_backend, bench_profile, params, require, run_case
 from fastrlhf.kernels import linear_token_logprobs
-from fastrlhf.kernels._backend import resolve_backend
 
 NAME = "linear_token_logprobs"
 SHAPES = {
@@ -44,8 +43,8 @@ def provider_fn(provider: str, device: torch.device):
     """(forward, reason it cannot run or None)."""
     return {
         "fastrlhf": (lambda hidden, weight, labels: linear_token_logprobs(hidden, weight, labels), None),
-        "torch": (lambda hidden, weight, labels: linear_token_logprobs(hidden, weight, labels, backend="torch"),
-                  None),
+        "torch": (lambda hidden, weight, labels: linear_token_logprobs(hidden, weight, labels,
+                                                                       backend="torch"), None),
         "eager": (eager.linear_token_logprobs, None),
         "compile": (lambda hidden, weight, labels: peers.compiled(eager.linear_token_logprobs)(hidden, weight,
                                                                                               labels),
@@ -61,6 +60,6 @@ def test_bench_linear_token_logprobs(benchmark, bench_session, shape, provider, 
     forward, reason = provider_fn(provider, device)
     require(bench_session, NAME, provider, reason)
     case = Case(NAME, provider, mode, shape, DTYPE, floors(shape))
-    extra = {"backend": resolve_backend("auto", torch.empty(0, device=device))} if provider == "fastrlhf" else {}
+    extra = {"backend": auto_backend(device)} if provider == "fastrlhf" else {}
     run_case(benchmark, bench_session, case, make_inputs=lambda: make_inputs(shape, DTYPE, device),
              forward=forward, reference=eager.linear_token_logprobs, extra=extra)

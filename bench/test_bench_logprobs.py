@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from bench import eager, peers
-from bench.harness import Case, Floor, bench_profile, params, require, run_case
+from bench.harness import Case, Floor, auto_backend, bench_profile, params, require, run_case
 from fastrlhf.kernels import token_logprobs
-from fastrlhf.kernels._backend import resolve_backend
 
 NAME = "token_logprobs"
 SHAPES = {
@@ -56,6 +55,6 @@ def test_bench_token_logprobs(benchmark, bench_session, shape, provider, mode):
     forward, reason = provider_fn(provider, device)
     require(bench_session, NAME, provider, reason)
     case = Case(NAME, provider, mode, shape, DTYPE, floors(shape, DTYPE))
-    extra = {"backend": resolve_backend("auto", torch.empty(0, device=device))} if provider == "fastrlhf" else {}
+    extra = {"backend": auto_backend(device)} if provider == "fastrlhf" else {}
     run_case(benchmark, bench_session, case, make_inputs=lambda: make_inputs(shape, DTYPE, device),
              forward=forward, reference=eager.token_logprobs, extra=extra)

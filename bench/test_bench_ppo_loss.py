@@ -20,9 +20,8 @@ import pytest
 import torch
 
 from bench import eager, peers
-from bench.harness import Case, Floor, bench_profile, params, require, run_case
-from fastrlhf.kernels import fused_ppo_loss, fused_ppo_loss_from_logits
-from fastrlhf.kernels._backend import resolve_backend
+from bench.harness import Case, Floor, auto_backend, bench_profile, params, require, run_case
+from fastrlhf.kernels import fused_ppo_loss, fused_ppo_loss_from_logits, linear_token_logprobs
 
 SHAPES = {
     "quick": [dict(B=4, T=32, H=64, V=2048)],
@@ -32,7 +31,8 @@ SHAPES = {
 LOGIT_SHAPES = {"quick": [dict(B=4, T=32, V=2048)],
                 "gpu": [dict(B=8, T=1024, V=151936), dict(B=16, T=1024, V=128256)]}[bench_profile()]
 DTYPE = torch.float32 if bench_profile() == "quick" else torch.bfloat16
-LOSS = dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28, loss_agg="token-mean")
+LOSS = dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
+            loss_agg="token-mean")
 
 
 def row_lengths(b: int, t: int) -> torch.Tensor:
@@ -60,21 +60,20 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, *, from_l
         hidden = torch.randn(b, t, h, generator=gen, device=device, dtype=dtype)
         weight = torch.randn(v, h, generator=gen, device=device, dtype=dtype).mul_(h ** -0.5)
         with torch.no_grad():  # the chunked PyTorch path: no [N, V] float32 copy while building inputs
-            from fastrlhf.kernels import linear_token_logprobs
             lp = linear_token_logprobs(hidden, weight, labels, backend="torch")
         src = {"hidden": hidden.requires_grad_(True), "weight": weight.requires_grad_(True)}
     noise = lambda: 0.1 * torch.randn(b, t, generator=gen, device=device)  # noqa: E731
     seq_adv = torch.randn(b, generator=gen, device=device)
-    return {**src, "labels": labels, "old_logprobs": lp + noise(), "advantages": seq_adv[:, None].expand(b, t),
-            "mask": mask, "ref_logprobs": lp + noise()}
+    return {**src, "labels": labels, "old_logprobs": lp + noise(), "mask": mask,
+            "advantages": seq_adv[:, None].expand(b, t), "ref_logprobs": lp + noise()}
 
 
 def provider_fn(provider: str, device: torch.device):
     """(forward(hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs) -> loss, reason)."""
     def ours(backend):
         return lambda hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs: fused_ppo_loss(
-            hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, backend=backend,
-            **LOSS)[0]
+            hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+            backend=backend, **LOSS)[0]
     eager_fn = functools.partial(eager.ppo_loss, **LOSS)
     if provider == "liger":
         reason = peers.liger_reason(device, triton=False)
@@ -104,7 +103,7 @@ def test_bench_fused_ppo_loss(benchmark, bench_session, shape, provider, mode):
     same = {**LOSS, "entropy_coef": 0.0} if provider == "liger" else LOSS
     extra = {"loss": LOSS, "valid_tokens": valid_tokens(shape)}
     if provider == "fastrlhf":
-        extra["backend"] = resolve_backend("auto", torch.empty(0, device=device))
+        extra["backend"] = auto_backend(device)
     if provider == "liger":
         extra["note"] = "Liger fused GRPO (bnpo): same objective without the entropy bonus"
     run_case(benchmark, bench_session, Case(name, provider, mode, shape, DTYPE, floors_hidden(shape)),
@@ -114,8 +113,10 @@ def test_bench_fused_ppo_loss(benchmark, bench_session, shape, provider, mode):
 
 def logits_provider_fn(provider: str, device: torch.device):
     def ours(backend):
-        return lambda logits, labels, old_logprobs, advantages, mask, ref_logprobs: fused_ppo_loss_from_logits(
-            logits, labels, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, backend=backend, **LOSS)[0]
+        def fn(logits, labels, old_logprobs, advantages, mask, ref_logprobs):
+            return fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask,
+                                              ref_logprobs=ref_logprobs, backend=backend, **LOSS)[0]
+        return fn
     return {"fastrlhf": (ours("auto"), None), "torch": (ours("torch"), None),
             "eager": (functools.partial(eager.ppo_loss_from_logits, **LOSS), None),
             "compile": (lambda *a, **k: peers.compiled(eager.ppo_loss_from_logits)(*a, **k, **LOSS),
@@ -133,7 +134,7 @@ def test_bench_fused_ppo_loss_from_logits(benchmark, bench_session, shape, provi
     floors = {"fwd": Floor(bytes=nve), "bwd": Floor(bytes=nve), "full": Floor(bytes=2 * nve)}
     extra = {"loss": LOSS}
     if provider == "fastrlhf":
-        extra["backend"] = resolve_backend("auto", torch.empty(0, device=device))
+        extra["backend"] = auto_backend(device)
     run_case(benchmark, bench_session, Case(name, provider, mode, shape, DTYPE, floors),
              make_inputs=lambda: make_inputs(shape, DTYPE, device, from_logits=True), forward=forward,
              reference=functools.partial(eager.ppo_loss_from_logits, **LOSS), extra=extra)

@@ -34,7 +34,8 @@ SHAPES = {
     "gpu": [dict(model="qwen2-0.5b-shape", B=8, P=128, T=384, H=896, V=151936, L=24),
             dict(model="qwen2-1.5b-shape", B=8, P=128, T=384, H=1536, V=151936, L=28)],
 }[bench_profile()]
-LOSS = dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28, loss_agg="token-mean")
+LOSS = dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
+            loss_agg="token-mean")
 KL_PENALTY = 0.05
 
 
@@ -45,7 +46,8 @@ def build_model(shape: dict, device: torch.device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     heads = shape["H"] // 64
     config = Qwen2Config(vocab_size=shape["V"], hidden_size=shape["H"], num_hidden_layers=shape["L"],
-                         num_attention_heads=heads, num_key_value_heads=2, intermediate_size=shape["H"] * 11 // 2,
+                         num_attention_heads=heads, num_key_value_heads=2,
+                         intermediate_size=shape["H"] * 11 // 2,
                          tie_word_embeddings=True, max_position_embeddings=4096)
     with torch.device(device):
         return Qwen2ForCausalLM(config).to(torch.bfloat16)
@@ -103,7 +105,8 @@ def make_inputs(shape: dict, device: torch.device) -> dict:
     lengths = torch.randint(t // 2, t + 1, (b, 1), generator=gen, device=device)
     mask = torch.arange(t, device=device) < lengths  # right-padded responses
     return {"input_ids": torch.randint(0, v, (b, p + t), generator=gen, device=device),
-            "attention_mask": torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), mask], dim=1).long(),
+            "attention_mask": torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), mask],
+                                        dim=1).long(),
             "mask": mask, "scores": torch.randn(b, generator=gen, device=device),
             "values": torch.randn(b, t, generator=gen, device=device)}
 
@@ -141,8 +144,8 @@ def test_bench_ppo_score_train(benchmark, bench_session, shape, provider, mode):
         return out
 
     dims = {k: shape[k] for k in ("B", "T", "H", "V")}
-    case = Case("ppo_score_train", provider, mode, dims, torch.float32 if device.type == "cpu" else torch.bfloat16,
-                {})
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    case = Case("ppo_score_train", provider, mode, dims, dtype, {})
     run_case(benchmark, bench_session, case, make_inputs=lambda: make_inputs(shape, device), forward=forward,
              extra={"model": shape["model"], "layers": shape["L"], "prompt_tokens": shape["P"]},
              late_extra=lambda: median_phases(phases))
@@ -190,7 +193,8 @@ def test_bench_ppo_step(benchmark, bench_session, shape, provider, mode, tmp_pat
         phases.append({k: v for k, v in row.items() if k.startswith(("time/", "mem/"))})
 
     dims = {k: shape[k] for k in ("B", "T", "H", "V")}
-    case = Case("ppo_step", provider, mode, dims, torch.float32 if device.type == "cpu" else torch.bfloat16, {})
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    case = Case("ppo_step", provider, mode, dims, dtype, {})
     run_case(benchmark, bench_session, case, make_inputs=dict, forward=forward,
              extra={"model": shape["model"], "layers": shape["L"], "prompt_tokens": shape["P"],
                     "trainer": "PPOTrainer.iteration (hf rollout, actor+critic+ref+RM, 1 epoch)"},

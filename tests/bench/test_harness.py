@@ -1,5 +1,5 @@
-"""The bench harness: percentiles, floors, the result row schema, the JSON file, the summary's target verdicts,
-part merging, and the eager baseline computing the library's numbers."""
+"""The bench harness: percentiles, floors, the result row schema, the JSON file, the summary's target
+verdicts, part merging, and the eager baseline computing the library's numbers."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench import eager
-from bench.harness import (ROW_KEYS, BenchSession, Case, Floor, Rates, params, percentile, run_case, shape_id)
-from bench.report import summarize, target_checks, group_rows
+from bench.harness import ROW_KEYS, BenchSession, Case, Floor, Rates, params, percentile, run_case, shape_id
+from bench.report import group_rows, summarize, target_checks
 from bench.run import merge
 from fastrlhf.kernels import fused_ppo_loss_from_logits, linear_token_logprobs, token_logprobs
 
@@ -67,7 +67,8 @@ def _logprob_case(mode, tmp_path, times=None):
                 "labels": torch.randint(0, 11, (2, 3), generator=gen)}
     forward = lambda logits, labels: token_logprobs(logits, labels, backend="torch")  # noqa: E731
     bench = FakeBenchmark(times)
-    row = run_case(bench, session, case, make_inputs=make_inputs, forward=forward, reference=eager.token_logprobs)
+    row = run_case(bench, session, case, make_inputs=make_inputs, forward=forward,
+                   reference=eager.token_logprobs)
     return session, row, bench
 
 
@@ -149,18 +150,20 @@ def test_eager_baseline_computes_the_library_numbers():
     logits = torch.randn(3, 7, 31, generator=gen, dtype=torch.float64) * 3
     labels = torch.randint(0, 31, (3, 7), generator=gen)
     labels[1, 2] = -100
-    for got, want in zip(eager.token_logprobs(logits, labels, temperature=0.7, return_entropy=True),
-                         token_logprobs(logits, labels, temperature=0.7, return_entropy=True, backend="torch")):
+    kw = dict(temperature=0.7, return_entropy=True)
+    for got, want in zip(eager.token_logprobs(logits, labels, **kw),
+                         token_logprobs(logits, labels, backend="torch", **kw)):
         torch.testing.assert_close(got, want)
-    hidden, weight = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64), torch.randn(31, 5, generator=gen,
-                                                                                          dtype=torch.float64)
+    hidden = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
+    weight = torch.randn(31, 5, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(eager.linear_token_logprobs(hidden, weight, labels),
                                linear_token_logprobs(hidden, weight, labels, backend="torch"))
     mask = torch.arange(7) < torch.tensor([[7], [3], [0]])
-    garbage = labels.clamp(min=0).masked_fill(~mask, 10 ** 6)  # out-of-vocabulary labels in padding must not matter
+    # out-of-vocabulary labels in padding must not matter
+    garbage = labels.clamp(min=0).masked_fill(~mask, 10 ** 6)
     old, ref, adv = (torch.randn(3, 7, generator=gen, dtype=torch.float64) for _ in range(3))
-    loss_args = dict(ref_logprobs=ref, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.3,
-                     loss_agg="seq-mean-token-mean")
+    loss_args = dict(ref_logprobs=ref, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, clip_low=0.2,
+                     clip_high=0.3, loss_agg="seq-mean-token-mean")
     torch.testing.assert_close(
         eager.ppo_loss_from_logits(logits, garbage, old, adv, mask, **loss_args),
         fused_ppo_loss_from_logits(logits, garbage, old, adv, mask, backend="torch", **loss_args)[0])
