@@ -270,6 +270,17 @@ class StepTrainer:
 
     stage = ""
 
+    def prepare_data(self, kind: str, train_rows: list[dict] | None, eval_rows: list[dict] | None) -> None:
+        """Validate and featurize (``self._features``) the train and eval rows, from memory or from
+        ``cfg.data`` / ``cfg.eval_data``; every row is checked before any model is touched."""
+        cfg = self.cfg
+        train = load_rows(train_rows, cfg.data, kind=kind, split=cfg.data_split)
+        evals = load_rows(eval_rows, cfg.eval_data, kind=kind, split=cfg.eval_split)
+        self.train_features = self._features(train, cfg.data if train_rows is None else "<train_rows>")
+        self.eval_features = (self._features(evals, cfg.eval_data if eval_rows is None else "<eval_rows>")
+                              if evals else [])
+        self.num_rows = len(self.train_features)
+
     def setup_loop(self) -> None:
         cfg = self.cfg
         self.out = Path(cfg.output_dir)

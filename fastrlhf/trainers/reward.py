@@ -21,9 +21,10 @@ from transformers import AutoModel
 from fastrlhf.algo import bradley_terry_loss, expected_calibration_error
 from fastrlhf.config import ConfigError, load_config
 from fastrlhf.data import pad_batch, preference_features
-from fastrlhf.models.heads import RewardModel, load_head_model
+from fastrlhf.models.heads import HEAD_FILE, RewardModel, load_head_model
 from fastrlhf.models.multihead import MultiHeadRewardModel
 from fastrlhf.models.loading import load_tokenizer, resolve_dtype
+from fastrlhf.telemetry.report import plot_reward_histogram
 from fastrlhf.trainers import common
 from fastrlhf.trainers.sft import validate_common
 
@@ -206,12 +207,7 @@ class RewardTrainer(common.StepTrainer):
         self.device = common.pick_device(cfg.device)
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
-        train = common.load_rows(train_rows, cfg.data, kind="rm", split=cfg.data_split)
-        evals = common.load_rows(eval_rows, cfg.eval_data, kind="rm", split=cfg.eval_split)
-        self.train_features = self._features(train, cfg.data if train_rows is None else "<train_rows>")
-        self.eval_features = (self._features(evals, cfg.eval_data if eval_rows is None else "<eval_rows>")
-                              if evals else [])
-        self.num_rows = len(self.train_features)
+        self.prepare_data("rm", train_rows, eval_rows)
         self.model = self._build_model(model).to(self.device)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -223,9 +219,12 @@ class RewardTrainer(common.StepTrainer):
             if heads and getattr(model, "heads", None) != list(heads):
                 raise ValueError(f"the model passed in has heads {getattr(model, 'heads', None)}, config {heads}")
             return model
+        dtype = resolve_dtype(self.cfg.dtype) or torch.float32
+        if model is None and (Path(self.cfg.model) / HEAD_FILE).is_file():  # continue from a reward model
+            return self._build_model(load_head_model(self.cfg.model, dtype=dtype))
         if model is None:
             # The body only: the LM head of the SFT checkpoint is not needed (and is large for big vocabularies).
-            model = AutoModel.from_pretrained(self.cfg.model, dtype=resolve_dtype(self.cfg.dtype) or torch.float32)
+            model = AutoModel.from_pretrained(self.cfg.model, dtype=dtype)
         if heads:
             return MultiHeadRewardModel(model, heads, self.cfg.head_weights or None)
         return RewardModel(model)
@@ -264,8 +263,6 @@ class RewardTrainer(common.StepTrainer):
     def final_evaluate(self) -> dict:
         """Held-out metrics (train pairs when there is no eval set), the reward statistics saved with the
         model, and the histogram of chosen vs rejected rewards."""
-        from fastrlhf.telemetry.report import plot_reward_histogram
-
         features = self.eval_features or self.train_features
         metrics = self.evaluate(features)
         if self.cfg.heads:  # normalisation stats of the score PPO will see: the weighted combination

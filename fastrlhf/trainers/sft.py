@@ -184,7 +184,7 @@ def sft_row_features(row: dict, tokenizer, max_length: int, *, chat_template: bo
 
 
 def pack_features(features: list[dict], max_length: int) -> list[dict]:
-    """Greedy first-fit packing of examples (in order) into rows of at most ``max_length`` tokens.
+    """First-fit-decreasing packing of examples into rows of at most ``max_length`` tokens.
 
     Each packed row keeps ``segment_ids`` (0, 1, ... per example) and per-example ``position_ids``;
     the first label of every example is set to -100 so nothing is predicted across a boundary
@@ -261,12 +261,7 @@ class SFTTrainer(common.StepTrainer):
         self.device = common.pick_device(cfg.device)
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
-        train = common.load_rows(train_rows, cfg.data, kind="sft", split=cfg.data_split)
-        evals = common.load_rows(eval_rows, cfg.eval_data, kind="sft", split=cfg.eval_split)
-        self.train_features = self._features(train, cfg.data if train_rows is None else "<train_rows>")
-        self.eval_features = (self._features(evals, cfg.eval_data if eval_rows is None else "<eval_rows>")
-                              if evals else [])
-        self.num_rows = len(self.train_features)
+        self.prepare_data("sft", train_rows, eval_rows)
         self.model = (model if model is not None else load_causal_lm(cfg.model, dtype=cfg.dtype)).to(self.device)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()

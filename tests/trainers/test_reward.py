@@ -166,3 +166,12 @@ def test_multi_head_reward_model_learns_each_objective(tok, tmp_path):
         RewardTrainer(cfg, model=_lm(tok), tokenizer=tok, train_rows=synthetic_pairs(4, 0))
     with pytest.raises(ConfigError, match="head_weights"):
         _cfg(tmp_path, heads=("a", "b"), head_weights=(1.0,))
+
+
+def test_model_path_may_be_a_reward_model_checkpoint(tok, tmp_path):
+    rm = RewardModel(_lm(tok))
+    rm.save_pretrained(tmp_path / "rm0", tokenizer=tok)
+    trainer = RewardTrainer(_cfg(tmp_path / "out", model=str(tmp_path / "rm0")), train_rows=synthetic_pairs(4, 0))
+    assert type(trainer.model) is RewardModel
+    for (n, a), (_, b) in zip(rm.state_dict().items(), trainer.model.state_dict().items()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=n)
