@@ -8,7 +8,7 @@ appends one result row to the session (``BenchSession``), which also writes our 
 
 Floors (DESIGN.md, "Performance model"): a case declares the bytes it must move or the FLOPs it must do;
 ``floor_ms`` divides them by the device's copy bandwidth or matmul rate, measured once per session
-(``measure_rates``), or the figures of ENV.md (3.0 TB/s, 790 TFLOP/s bf16 on H100) when measuring fails.
+(``bench.floors.Rates``), or the figures of ENV.md (3.0 TB/s, 790 TFLOP/s bf16 on H100) when measuring fails.
 """
 from __future__ import annotations
 
@@ -311,14 +311,15 @@ class _Runner:
             return args
 
         def target(outs=None):
+            # Nothing is returned: pytest-benchmark would keep a fwd result (and its autograd graph) alive
+            # through the next round, doubling the memory that round needs.
             if mode == "fwd":
-                out = self.fwd()
+                self.fwd()
             elif mode == "bwd":
-                out = self.bwd(outs)
+                self.bwd(outs)
             else:
-                out = self.full()
+                self.full()
             sync(dev)
-            return out
 
         return target, setup
 

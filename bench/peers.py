@@ -48,6 +48,11 @@ def liger_reason(device: torch.device, *, triton: bool = True) -> str | None:
         import liger_kernel  # noqa: F401
     except ImportError:
         return "liger-kernel is not installed (on the GPU machine carry its wheel: bench/README.md)"
+    try:  # the modules used below; an incompatible torch / triton shows up here, not as a failed case
+        import liger_kernel.chunked_loss  # noqa: F401
+        import liger_kernel.transformers.functional  # noqa: F401
+    except Exception as err:  # noqa: BLE001  (any import-time failure means: cannot compare here)
+        return f"liger-kernel does not import here: {type(err).__name__}: {err}"
     if triton and device.type != "cuda":
         return "Liger's Triton kernels need a GPU (the Triton interpreter is too slow for the bench)"
     return None
