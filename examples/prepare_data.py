@@ -4,9 +4,9 @@
 
 reads HuggingFaceH4/ultrafeedback_binarized (needs hub access) and writes
 
-    sft_train.jsonl / sft_test.jsonl         {"messages": [...]}                       (splits train_sft / test_sft)
-    rm_train.jsonl / rm_test.jsonl           {"prompt", "chosen", "rejected"[, "margin"]} (train_prefs / test_prefs)
-    prompts_train.jsonl / prompts_test.jsonl {"prompt"}                                (train_gen / test_gen)
+    sft_{train,test}.jsonl      {"messages": [...]}                            (splits train_sft / test_sft)
+    rm_{train,test}.jsonl       {"prompt", "chosen", "rejected"[, "margin"]}   (train_prefs / test_prefs)
+    prompts_{train,test}.jsonl  {"prompt"}                                     (train_gen / test_gen)
 
 UltraFeedback stores ``chosen`` / ``rejected`` as single-turn conversations ``[user, assistant]``; the
 reward rows keep the user prompt and the two assistant replies as strings. Pairs with tied scores or

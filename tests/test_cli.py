@@ -45,8 +45,8 @@ def _rm_rows(n, rng):
     rows = []
     for _ in range(n):
         base = [rng.choice(WORDS) for _ in range(rng.randint(1, 4))]
-        rows.append({"prompt": "say", "chosen": " ".join(base + ["good"]), "rejected": " ".join(base + ["bad"]),
-                     "margin": rng.choice([0.0, 0.5])})
+        rows.append({"prompt": "say", "chosen": " ".join(base + ["good"]),
+                     "rejected": " ".join(base + ["bad"]), "margin": rng.choice([0.0, 0.5])})
     return rows
 
 
@@ -147,7 +147,8 @@ def test_prepare_data_ultrafeedback_rows(tmp_path):
         "prompt": "hi?", "chosen": "hello", "rejected": "go away", "margin": 1.5}
     assert prep.ultrafeedback_row(tied, "rm") is None and prep.ultrafeedback_row(empty, "rm") is None
     assert prep.ultrafeedback_row(row, "prompts") == {"prompt": "hi?"}
-    n = prep.write_jsonl((prep.ultrafeedback_row(r, "rm") for r in (row, tied, empty, row)), tmp_path / "rm.jsonl")
+    converted = (prep.ultrafeedback_row(r, "rm") for r in (row, tied, empty, row))
+    n = prep.write_jsonl(converted, tmp_path / "rm.jsonl")
     assert n == 2 and len(read_rows(tmp_path / "rm.jsonl", kind="rm")) == 2
     prep.write_jsonl([prep.ultrafeedback_row(row, "sft")], tmp_path / "sft.jsonl")
     assert read_rows(tmp_path / "sft.jsonl", kind="sft")[0]["messages"] == conv

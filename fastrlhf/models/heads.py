@@ -132,8 +132,8 @@ class ScalarHeadModel(nn.Module):
         directory = Path(directory)
         for name in ("config.json", WEIGHTS_FILE, HEAD_FILE):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory} is not a fastrlhf head-model checkpoint: {name} missing "
-                                        f"(write one with {cls.__name__}.save_pretrained)")
+                raise FileNotFoundError(f"{directory} is not a fastrlhf head-model checkpoint: {name} "
+                                        f"missing (write one with {cls.__name__}.save_pretrained)")
         config = AutoConfig.from_pretrained(directory)
         body = AutoModel.from_config(config, dtype=resolve_dtype(dtype) or torch.float32)
         meta = json.loads((directory / HEAD_FILE).read_text())
@@ -176,7 +176,7 @@ class RewardModel(ScalarHeadModel):
         return {"reward_mean": self.reward_mean, "reward_std": self.reward_std}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, dtype=None, device=None) -> "RewardModel":
+    def from_pretrained(cls, directory: str | Path, *, dtype=None, device=None) -> RewardModel:
         """Load a checkpoint written by :meth:`save_pretrained` (fp32 unless ``dtype`` is given)."""
         body, meta, state = cls._read(directory, dtype)
         if meta.get("class") != cls.__name__:
@@ -200,7 +200,7 @@ class ValueModel(ScalarHeadModel):
         return torch.where(attention_mask.bool(), values, torch.zeros_like(values))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, dtype=None, device=None) -> "ValueModel":
+    def from_pretrained(cls, directory: str | Path, *, dtype=None, device=None) -> ValueModel:
         """Load a ValueModel checkpoint, or initialise the critic from a RewardModel checkpoint
         (body and head copied: the usual critic init in RLHF)."""
         body, meta, state = cls._read(directory, dtype)

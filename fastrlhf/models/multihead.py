@@ -16,7 +16,8 @@ from .heads import RewardModel, ScalarHeadModel
 REDUCTIONS = ("mean", "min", "mean_minus_std")
 
 
-def _weights_vector(heads: Sequence[str], weights: Mapping[str, float] | Sequence[float] | None) -> list[float]:
+def _weights_vector(heads: Sequence[str],
+                    weights: Mapping[str, float] | Sequence[float] | None) -> list[float]:
     if weights is None:
         return [1.0 / len(heads)] * len(heads)
     if isinstance(weights, Mapping):
@@ -81,7 +82,7 @@ class MultiHeadRewardModel(ScalarHeadModel):
                 "reward_mean": self.reward_mean, "reward_std": self.reward_std}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, dtype=None, device=None) -> "MultiHeadRewardModel":
+    def from_pretrained(cls, directory: str | Path, *, dtype=None, device=None) -> MultiHeadRewardModel:
         body, meta, state = cls._read(directory, dtype)
         if meta.get("class") != cls.__name__:
             raise ValueError(f"{directory} holds a {meta.get('class')}, not a {cls.__name__}")
@@ -125,7 +126,7 @@ class RewardEnsemble(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directories: Sequence[str | Path], reduce: str = "mean", k: float = 1.0, *,
-                        dtype=None, device=None) -> "RewardEnsemble":
+                        dtype=None, device=None) -> RewardEnsemble:
         """Load every member with :meth:`RewardModel.from_pretrained`."""
         return cls([RewardModel.from_pretrained(d, dtype=dtype, device=device) for d in directories],
                    reduce=reduce, k=k)

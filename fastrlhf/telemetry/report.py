@@ -60,8 +60,8 @@ def plot_metrics(rows: Sequence[dict], keys: Sequence[str], path: str | Path, *,
     if not series:
         raise ValueError(f"none of the keys {list(keys)} has a finite value in the {len(rows)} rows given")
     fig, axes = _figure(len(series), max_cols=max_cols)
-    for ax, (k, pts) in zip(axes, series.items()):
-        xs, ys = zip(*pts)
+    for ax, (k, pts) in zip(axes, series.items(), strict=False):
+        xs, ys = zip(*pts, strict=True)
         ax.plot(xs, ys, marker="." if len(xs) < 30 else None, linewidth=1.2)
         ax.set_title(k, fontsize=10)
         ax.set_xlabel(x)
@@ -118,9 +118,9 @@ def write_report(run_dir: str | Path) -> list[Path]:
     for stage, srows in by_stage.items():
         # A row with an eval_* key is an evaluation row: all its keys (reward_mean, ...) plot as eval.
         is_eval = [any(k.startswith("eval") for k in r) for r in srows]
-        eval_keys = metric_keys(r for r, e in zip(srows, is_eval) if e)
+        eval_keys = metric_keys(r for r, e in zip(srows, is_eval, strict=True) if e)
         groups = {"eval": eval_keys,
-                  "train": [k for k in metric_keys(r for r, e in zip(srows, is_eval) if not e)
+                  "train": [k for k in metric_keys(r for r, e in zip(srows, is_eval, strict=True) if not e)
                             if k not in eval_keys]}
         for name, group in groups.items():
             if group:

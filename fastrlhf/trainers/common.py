@@ -183,9 +183,11 @@ def save_trainer_state(directory: str | Path, *, step: int, optimizer: torch.opt
 
 
 def load_trainer_state(directory: str | Path, *, optimizer: torch.optim.Optimizer | None = None,
-                       scheduler: Any = None, restore_rng: bool = True) -> dict:
-    """Inverse of :func:`save_trainer_state`; returns ``{"step", "extra", ...}``."""
-    state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=False)
+                       scheduler: Any = None, restore_rng: bool = True, state: dict | None = None) -> dict:
+    """Inverse of :func:`save_trainer_state`; returns ``{"step", "extra", ...}``. ``state``: an already
+    read ``trainer_state.pt`` (to avoid reading a large optimizer state twice)."""
+    if state is None:
+        state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=False)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
@@ -289,8 +291,8 @@ class StepTrainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, num_training_steps=self.total_steps,
-                                         warmup_ratio=cfg.warmup_ratio)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler,
+                                         num_training_steps=self.total_steps, warmup_ratio=cfg.warmup_ratio)
         self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard)
 
     @property
@@ -379,14 +381,15 @@ class StepTrainer:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return self._fresh()
-        saved = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)["extra"].get("config")
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+        saved = state["extra"].get("config")
         mine = self._config_dict()
         if saved is not None and saved != mine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ConfigError(f"{self.out} holds a {self.stage} run with a different config (keys {diff}); "
                               "use another output_dir or resume=false")
         self.load_model(ckpt)
-        state = load_trainer_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler)
+        load_trainer_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=state["step"])
         print(f"[fastrlhf] {self.stage}: resuming from {ckpt} (step {state['step']} of {self.total_steps})")
         return state["step"]

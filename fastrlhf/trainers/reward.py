@@ -22,8 +22,8 @@ from fastrlhf.algo import bradley_terry_loss, expected_calibration_error
 from fastrlhf.config import ConfigError, load_config
 from fastrlhf.data import pad_batch, preference_features
 from fastrlhf.models.heads import HEAD_FILE, RewardModel, load_head_model
-from fastrlhf.models.multihead import MultiHeadRewardModel
 from fastrlhf.models.loading import load_tokenizer, resolve_dtype
+from fastrlhf.models.multihead import MultiHeadRewardModel
 from fastrlhf.telemetry.report import plot_reward_histogram
 from fastrlhf.trainers import common
 from fastrlhf.trainers.sft import validate_common
@@ -84,7 +84,8 @@ class RewardConfig:
     def __post_init__(self):
         validate_common(self)
         if self.head_weights and len(self.head_weights) != len(self.heads):
-            raise ConfigError(f"RewardConfig: {len(self.head_weights)} head_weights for heads {list(self.heads)}")
+            raise ConfigError(f"RewardConfig: {len(self.head_weights)} head_weights for heads "
+                              f"{list(self.heads)}")
         if len(set(self.heads)) != len(self.heads):
             raise ConfigError(f"RewardConfig: heads must be distinct, got {list(self.heads)}")
 
@@ -217,13 +218,14 @@ class RewardTrainer(common.StepTrainer):
         heads = self.cfg.heads
         if isinstance(model, (RewardModel, MultiHeadRewardModel)):
             if heads and getattr(model, "heads", None) != list(heads):
-                raise ValueError(f"the model passed in has heads {getattr(model, 'heads', None)}, config {heads}")
+                raise ValueError(f"the model passed in has heads {getattr(model, 'heads', None)}, "
+                                 f"the config {heads}")
             return model
         dtype = resolve_dtype(self.cfg.dtype) or torch.float32
         if model is None and (Path(self.cfg.model) / HEAD_FILE).is_file():  # continue from a reward model
             return self._build_model(load_head_model(self.cfg.model, dtype=dtype))
         if model is None:
-            # The body only: the LM head of the SFT checkpoint is not needed (and is large for big vocabularies).
+            # The body only: the SFT checkpoint's LM head is not needed (and is large for big vocabularies).
             model = AutoModel.from_pretrained(self.cfg.model, dtype=dtype)
         if heads:
             return MultiHeadRewardModel(model, heads, self.cfg.head_weights or None)
@@ -237,7 +239,8 @@ class RewardTrainer(common.StepTrainer):
 
     def micro_batches(self, features: list[dict]) -> list[dict]:
         mbs = self.cfg.micro_batch_size
-        return [pair_batch(features[i:i + mbs], self.tokenizer.pad_token_id) for i in range(0, len(features), mbs)]
+        pad = self.tokenizer.pad_token_id
+        return [pair_batch(features[i:i + mbs], pad) for i in range(0, len(features), mbs)]
 
     def train_step(self, indices: list[int]) -> dict:
         batch = self.micro_batches([self.train_features[i] for i in indices])
@@ -257,7 +260,8 @@ class RewardTrainer(common.StepTrainer):
         for i, name in enumerate(self.cfg.heads):
             rows = s["head"] == i
             if rows.any():
-                metrics[f"eval_accuracy_{name}"] = float((s["chosen"][rows] > s["rejected"][rows]).float().mean())
+                won = s["chosen"][rows] > s["rejected"][rows]
+                metrics[f"eval_accuracy_{name}"] = float(won.float().mean())
         return metrics
 
     def final_evaluate(self) -> dict:

@@ -78,7 +78,8 @@ class SFTConfig:
         if self.loss_impl not in ("fused", "logits"):
             raise ConfigError(f"SFTConfig: loss_impl must be 'fused' or 'logits', got {self.loss_impl!r}")
         if self.kernel_backend not in ("auto", "triton", "torch"):
-            raise ConfigError(f"SFTConfig: kernel_backend must be auto|triton|torch, got {self.kernel_backend!r}")
+            raise ConfigError(f"SFTConfig: kernel_backend must be auto|triton|torch, "
+                              f"got {self.kernel_backend!r}")
 
 
 def validate_common(cfg) -> None:
@@ -123,7 +124,8 @@ def response_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
         head = model.get_output_embeddings()
         weight = head.weight.to(hidden.dtype)
         bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
-        lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, backend=backend)
+        lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
+                                   backend=backend)
     else:
         logits = model(**inputs).logits[:, :-1]
         lp = token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)
@@ -262,7 +264,8 @@ class SFTTrainer(common.StepTrainer):
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("sft", train_rows, eval_rows)
-        self.model = (model if model is not None else load_causal_lm(cfg.model, dtype=cfg.dtype)).to(self.device)
+        model = model if model is not None else load_causal_lm(cfg.model, dtype=cfg.dtype)
+        self.model = model.to(self.device)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.pad_id = self.tokenizer.pad_token_id

@@ -1,4 +1,4 @@
-"""RewardModel / ValueModel / MultiHeadRewardModel / RewardEnsemble on tiny Llama and GPT-2 built from configs."""
+"""RewardModel, ValueModel, MultiHeadRewardModel, RewardEnsemble on tiny Llama / GPT-2 built from configs."""
 from __future__ import annotations
 
 import json
@@ -74,7 +74,7 @@ def test_value_padding_invariance(arch, side):
     values = vm(ids, mask)
     assert values.shape == ids.shape and values.dtype == torch.float32
     assert (values[mask == 0] == 0).all()
-    for got, want in zip(_valid(values, mask), alone):
+    for got, want in zip(_valid(values, mask), alone, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -123,7 +123,8 @@ def test_value_model_round_trip_and_init_from_reward_model(tmp_path):
     critic = ValueModel.from_pretrained(tmp_path / "r")
     # The critic's value at a row's last token is the reward model's score.
     idx = last_token_index(mask)
-    torch.testing.assert_close(critic(ids, mask)[torch.arange(len(idx)), idx], rm(ids, mask), atol=1e-6, rtol=0)
+    at_last = critic(ids, mask)[torch.arange(len(idx)), idx]
+    torch.testing.assert_close(at_last, rm(ids, mask), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="ValueModel"):
         RewardModel.from_pretrained(tmp_path / "v")
 
@@ -141,7 +142,8 @@ def test_from_pretrained_errors(tmp_path):
 
 
 def test_multihead_combination_and_round_trip(tmp_path):
-    mh = MultiHeadRewardModel(tiny_llama(V), ["helpful", "harmless", "honest"], {"helpful": 0.5, "harmless": 2.0})
+    mh = MultiHeadRewardModel(tiny_llama(V), ["helpful", "harmless", "honest"],
+                              {"helpful": 0.5, "harmless": 2.0})
     ids, mask = _pad(_rows(), "left")
     per_head = mh.head_scores(ids, mask)
     assert per_head.shape == (len(LENGTHS), 3)
@@ -172,11 +174,13 @@ def test_ensemble_reductions(tmp_path):
     each = torch.stack([m(ids, mask) for m in members]).double()
     mean, std = each.mean(0), each.std(0, correction=0)
     torch.testing.assert_close(RewardEnsemble(members)(ids, mask).double(), mean, atol=1e-6, rtol=0)
-    torch.testing.assert_close(RewardEnsemble(members, "min")(ids, mask).double(), each.amin(0), atol=1e-6, rtol=0)
+    got_min = RewardEnsemble(members, "min")(ids, mask).double()
+    torch.testing.assert_close(got_min, each.amin(0), atol=1e-6, rtol=0)
     got = RewardEnsemble(members, "mean_minus_std", k=0.5)(ids, mask).double()
     torch.testing.assert_close(got, mean - 0.5 * std, atol=1e-6, rtol=0)
     # One member: no spread, the conservative score is the score.
-    torch.testing.assert_close(RewardEnsemble(members[:1], "mean_minus_std")(ids, mask), members[0](ids, mask))
+    single = RewardEnsemble(members[:1], "mean_minus_std")
+    torch.testing.assert_close(single(ids, mask), members[0](ids, mask))
     for i, m in enumerate(members):
         m.save_pretrained(tmp_path / str(i))
     loaded = RewardEnsemble.from_pretrained([tmp_path / str(i) for i in range(3)], reduce="min")
@@ -191,7 +195,8 @@ def test_bf16_cuda_padding_invariance(arch):
     """bf16 on CUDA: left and right padding agree with unpadded rows to bf16 precision."""
     rm = RewardModel(ARCHS[arch](V, seed=1)).cuda().to(torch.bfloat16)
     rows = [r.cuda() for r in _rows()]
-    alone = torch.stack([rm(r[None], torch.ones(1, len(r), dtype=torch.long, device="cuda"))[0] for r in rows])
+    ones = [torch.ones(1, len(r), dtype=torch.long, device="cuda") for r in rows]
+    alone = torch.stack([rm(r[None], m)[0] for r, m in zip(rows, ones, strict=True)])
     for side in ("left", "right"):
         ids, mask = _pad(rows, side)
         scores = rm(ids.cuda(), mask.cuda())

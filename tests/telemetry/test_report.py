@@ -43,7 +43,8 @@ def test_reward_histogram_accepts_tensors_and_constant_scores(tmp_path):
 def test_summarize_skips_nan_and_strings():
     s = summarize(_rows())["ppo"]
     assert metric_keys(_rows()) == ["kl", "reward", "eval_gold"]
-    assert s["kl"]["n"] == 5 and s["kl"]["last"] == pytest.approx(0.5) and s["kl"]["min"] == pytest.approx(0.1)
+    assert s["kl"]["n"] == 5
+    assert s["kl"]["last"] == pytest.approx(0.5) and s["kl"]["min"] == pytest.approx(0.1)
     assert s["eval_gold"] == {"first": 0.5, "last": 0.5, "min": 0.5, "max": 0.5, "n": 1}
 
 

@@ -59,7 +59,8 @@ def test_pair_features_end_with_eos_and_keep_margin(tok):
     assert tok.decode(f["rejected_input_ids"]) == "say hi bad <eos>"
     assert f["margin"] == 1.5
     assert pair_features({"prompt": "a", "chosen": "b", "rejected": "c"}, tok, 32)["margin"] == 0.0
-    chat = pair_features({"prompt": "say hi", "chosen": "good", "rejected": "bad"}, tok, 32, chat_template=True)
+    row = {"prompt": "say hi", "chosen": "good", "rejected": "bad"}
+    chat = pair_features(row, tok, 32, chat_template=True)
     assert tok.decode(chat["chosen_input_ids"]) == "<|user|> say hi <|end|> <|assistant|> good <eos>"
 
 
@@ -75,7 +76,7 @@ def test_accumulation_matches_one_batch_with_margins(tok, make):
     acc = accumulate_reward_gradients(m2, [pair_batch(feats[:2], 0), pair_batch(feats[2:], 0)], device=CPU)
     for k in ("loss", "accuracy", "margin"):
         torch.testing.assert_close(acc[k], one[k], atol=1e-6, rtol=0)
-    for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+    for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
         torch.testing.assert_close(p2.grad, p1.grad, atol=1e-10, rtol=1e-8, msg=n)
     # The BT loss with per-pair margins, scored directly, is the accumulated loss.
     with torch.no_grad():
@@ -120,7 +121,8 @@ def test_bad_rm_rows_name_file_and_line(tok, tmp_path):
         RewardTrainer(_cfg(tmp_path / "out", data=str(data)), model=_lm(tok), tokenizer=tok)
     assert not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="row index 0.*rejected"):
-        RewardTrainer(_cfg(tmp_path / "out"), model=_lm(tok), tokenizer=tok, train_rows=[{"prompt": "a", "chosen": "b"}])
+        RewardTrainer(_cfg(tmp_path / "out"), model=_lm(tok), tokenizer=tok,
+                      train_rows=[{"prompt": "a", "chosen": "b"}])
 
 
 def test_reward_config_errors(tmp_path):
@@ -128,7 +130,8 @@ def test_reward_config_errors(tmp_path):
         load_config(RewardConfig, None, ["model=m", "data=d", "output_dir=o", "chosen_key=x"])
     with pytest.raises(ConfigError, match="'output_dir' is required"):
         load_config(RewardConfig, None, ["model=m", "data=d"])
-    assert load_config(RewardConfig, None, ["model=m", "data=d", "output_dir=o", "use_margin=false"]).use_margin is False
+    cfg = load_config(RewardConfig, None, ["model=m", "data=d", "output_dir=o", "use_margin=false"])
+    assert cfg.use_margin is False
 
 
 @pytest.mark.gpu
@@ -145,7 +148,7 @@ def test_reward_trainer_bf16_on_cuda(tok, tmp_path):
 
 
 def test_multi_head_reward_model_learns_each_objective(tok, tmp_path):
-    """"helpful" pairs prefer "good" over "bad", "harmless" pairs prefer "yes" over "no"; each head learns its own."""
+    """ "helpful" pairs prefer "good" to "bad", "harmless" pairs "yes" to "no": each head learns its own."""
     from fastrlhf.models import MultiHeadRewardModel, load_head_model
 
     def rows(n, seed):
@@ -157,7 +160,9 @@ def test_multi_head_reward_model_learns_each_objective(tok, tmp_path):
         return out
 
     cfg = _cfg(tmp_path, epochs=3, heads=("helpful", "harmless"), head_weights=(1.0, 0.5))
-    result = RewardTrainer(cfg, model=_lm(tok), tokenizer=tok, train_rows=rows(128, 0), eval_rows=rows(64, 1)).train()
+    trainer = RewardTrainer(cfg, model=_lm(tok), tokenizer=tok, train_rows=rows(128, 0),
+                            eval_rows=rows(64, 1))
+    result = trainer.train()
     assert result["eval_accuracy_helpful"] > 0.9 and result["eval_accuracy_harmless"] > 0.9, result
     back = load_head_model(tmp_path / "final")
     assert isinstance(back, MultiHeadRewardModel) and back.heads == ["helpful", "harmless"]
@@ -171,7 +176,8 @@ def test_multi_head_reward_model_learns_each_objective(tok, tmp_path):
 def test_model_path_may_be_a_reward_model_checkpoint(tok, tmp_path):
     rm = RewardModel(_lm(tok))
     rm.save_pretrained(tmp_path / "rm0", tokenizer=tok)
-    trainer = RewardTrainer(_cfg(tmp_path / "out", model=str(tmp_path / "rm0")), train_rows=synthetic_pairs(4, 0))
+    cfg = _cfg(tmp_path / "out", model=str(tmp_path / "rm0"))
+    trainer = RewardTrainer(cfg, train_rows=synthetic_pairs(4, 0))
     assert type(trainer.model) is RewardModel
-    for (n, a), (_, b) in zip(rm.state_dict().items(), trainer.model.state_dict().items()):
+    for (n, a), (_, b) in zip(rm.state_dict().items(), trainer.model.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, atol=0, rtol=0, msg=n)

@@ -56,7 +56,8 @@ def test_labels_cover_only_responses_and_assistant_turns(tok):
     labelled = [t for t in pair["labels"] if t != IGNORE_INDEX]
     assert tok.decode(labelled) == "4 5 6 7 8 9 <eos>"
     chat = sft_row_features(ROWS[2], tok, 48)
-    labelled = [t if l != IGNORE_INDEX else None for t, l in zip(chat["input_ids"], chat["labels"])]
+    pairs = zip(chat["input_ids"], chat["labels"], strict=True)
+    labelled = [t if y != IGNORE_INDEX else None for t, y in pairs]
     spans, cur = [], []
     for t in labelled + [None]:
         if t is None and cur:
@@ -72,7 +73,10 @@ def test_chat_template_option_wraps_prompts(tok):
     chat = sft_row_features(ROWS[1], tok, 48, chat_template=True)
     assert tok.decode(plain["input_ids"]) == "what is red red <eos>"
     assert tok.decode(chat["input_ids"]) == "<|user|> what is red <|end|> <|assistant|> red <eos>"
-    assert [t for t in chat["labels"] if t != IGNORE_INDEX] == [t for t in plain["labels"] if t != IGNORE_INDEX]
+    def answer(f):
+        return [t for t in f["labels"] if t != IGNORE_INDEX]
+
+    assert answer(chat) == answer(plain)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
@@ -132,7 +136,8 @@ def test_train_end_to_end_and_checkpoint_loads(tok, tmp_path):
     assert [r["step"] for r in train_rows] == list(range(1, 13))
     assert train_rows[0]["lr"] == 0.0 and train_rows[-1]["loss"] < train_rows[0]["loss"]
     evals = [r for r in rows if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10, 12] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10, 12]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert result["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert AutoTokenizer.from_pretrained(tmp_path / "final").pad_token_id == tok.pad_token_id
@@ -143,7 +148,10 @@ def test_train_end_to_end_and_checkpoint_loads(tok, tmp_path):
 
 def test_resume_after_crash_matches_uninterrupted_run(tok, tmp_path, monkeypatch):
     kw = dict(epochs=2, save_every=2, micro_batch_size=3)
-    straight = SFTTrainer(_cfg(tmp_path / "a", **kw), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
+    def trainer(out, model, **extra):
+        return SFTTrainer(_cfg(out, **kw, **extra), model=model, tokenizer=tok, train_rows=ROWS)
+
+    straight = trainer(tmp_path / "a", _model(tok)).train()
 
     calls = {"n": 0}
     real = SFTTrainer.train_step
@@ -156,14 +164,14 @@ def test_resume_after_crash_matches_uninterrupted_run(tok, tmp_path, monkeypatch
 
     monkeypatch.setattr(SFTTrainer, "train_step", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        SFTTrainer(_cfg(tmp_path / "b", **kw), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
+        trainer(tmp_path / "b", _model(tok)).train()
     monkeypatch.setattr(SFTTrainer, "train_step", real)
     # A changed config refuses to resume into the crashed run's directory.
     with pytest.raises(ConfigError, match="different config.*lr"):
-        SFTTrainer(_cfg(tmp_path / "b", **kw, lr=1e-4), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
+        trainer(tmp_path / "b", _model(tok), lr=1e-4).train()
     # A fresh process would rebuild the model from scratch; the checkpoint supplies the trained weights.
     resumed_model = _model(tok, seed=7)
-    resumed = SFTTrainer(_cfg(tmp_path / "b", **kw), model=resumed_model, tokenizer=tok, train_rows=ROWS).train()
+    resumed = trainer(tmp_path / "b", resumed_model).train()
     assert resumed["train_loss"] == straight["train_loss"]
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "final").state_dict()
@@ -172,8 +180,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tok, tmp_path, monkeypatch
     steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]
     # A finished run returns its recorded result; its step checkpoints are gone (the final model stays).
-    assert SFTTrainer(_cfg(tmp_path / "b", **kw), model=_model(tok), tokenizer=tok,
-                      train_rows=ROWS).train() == resumed
+    assert trainer(tmp_path / "b", _model(tok)).train() == resumed
     assert not (tmp_path / "b" / "checkpoints").exists() and (tmp_path / "b" / "final").is_dir()
 
 
@@ -216,7 +223,7 @@ def test_config_errors(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("loss_impl", ["fused", "logits"])
 def test_sft_bf16_autocast_on_cuda(tok, tmp_path, loss_impl):
-    """bf16 autocast on CUDA: fp32 master weights, the first-step loss matches the fp32 CPU loss, loss falls."""
+    """bf16 autocast on CUDA: fp32 master weights, first-step loss = the fp32 CPU loss, the loss falls."""
     feats = [sft_row_features(r, tok, 48) for r in ROWS]
     batch = [collate(feats, tok.pad_token_id)]
     cpu_loss, _ = accumulate_sft_gradients(_model(tok), batch, device=CPU, loss_impl="logits")
