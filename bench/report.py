@@ -57,6 +57,25 @@ def case_table(key: tuple, by_provider: dict) -> list[str]:
     return lines + [""]
 
 
+PHASES = ("generate", "score", "train", "sync")
+
+
+def phase_table(rows: list[dict]) -> list[str]:
+    """Per-phase median times (and CUDA peak memory) of the PPO step rows (issue 6's timeline)."""
+    steps = [r for r in rows if any(f"{p}_ms" in r for p in PHASES)]
+    if not steps:
+        return []
+    out = ["## PPO phases (median ms; peak MB on CUDA)", "",
+           "| name | provider | model | B x T | " + " | ".join(PHASES) + " | peak MB |",
+           "|---|---|---|---|" + "---|" * len(PHASES) + "---|"]
+    for r in steps:
+        cells = [f"{_fmt(r.get(f'{p}_ms'))}" + (f" ({r[f'{p}_peak_mb']:.0f})" if f"{p}_peak_mb" in r else "")
+                 for p in PHASES]
+        out.append(f"| {r['name']} | {r['provider']} | {r.get('model', '')} | {r.get('B')} x {r.get('T')} | "
+                   + " | ".join(cells) + f" | {_fmt(r.get('peak_mem_mb'), '.0f')} |")
+    return out + [""]
+
+
 def _at_most(x: float | None, bound: float) -> bool | None:
     return None if x is None else x <= bound
 
@@ -118,6 +137,7 @@ def summarize(doc: dict) -> str:
     body = ["## Targets (issue 3, H100/H200 bf16)", "", *targets, "", "## Cases", ""]
     for key, rows in groups.items():
         body += case_table(key, rows)
+    body += phase_table(doc.get("rows", []))
     if doc.get("not_run"):
         body += ["## Not run", "", "| name | provider | reason |", "|---|---|---|"]
         body += [f"| {s['name']} | {s['provider']} | {s['reason']} |" for s in doc["not_run"]]

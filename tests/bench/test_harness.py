@@ -167,3 +167,24 @@ def test_eager_baseline_computes_the_library_numbers():
     torch.testing.assert_close(
         eager.ppo_loss_from_logits(logits, garbage, old, adv, mask, **loss_args),
         fused_ppo_loss_from_logits(logits, garbage, old, adv, mask, backend="torch", **loss_args)[0])
+
+
+def test_triton_path_through_the_harness_in_the_interpreter(monkeypatch, tmp_path):
+    """One tiny case of the ``fastrlhf`` provider on the Triton path (interpreter): the harness times it,
+    checks it against eager and records that ``auto`` chose Triton. The bench itself never runs the
+    interpreter (too slow); this is its one smoke."""
+    from bench.harness import auto_backend
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    session = BenchSession(torch.device("cpu"), "quick", tmp_path / "r.json")
+    case = Case("token_logprobs", "fastrlhf", "full", dict(B=2, T=3, V=67), torch.float32, {"full": Floor()})
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"logits": torch.randn(2, 3, 67, generator=gen),
+              "labels": torch.randint(0, 67, (2, 3), generator=gen)}
+    row = run_case(FakeBenchmark(), session, case, extra={"backend": auto_backend(torch.device("cpu"))},
+                   make_inputs=lambda: {"logits": inputs["logits"].clone().requires_grad_(True),
+                                        "labels": inputs["labels"]},
+                   forward=lambda logits, labels: token_logprobs(logits, labels))
+    assert row["backend"] == "triton" and row["median_ms"] is not None
+    fwd = Case("token_logprobs", "fastrlhf", "fwd", dict(B=2, T=3, V=67), torch.float32, {})
+    run_case(FakeBenchmark(), session, fwd, make_inputs=lambda: dict(inputs), reference=eager.token_logprobs,
+             forward=lambda logits, labels: token_logprobs(logits, labels))
