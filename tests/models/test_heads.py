@@ -202,3 +202,27 @@ def test_bf16_cuda_padding_invariance(arch):
         scores = rm(ids.cuda(), mask.cuda())
         assert scores.dtype == torch.float32
         torch.testing.assert_close(scores, alone, atol=3e-2, rtol=3e-2)
+
+
+def _tiny_from_config(name: str):
+    """Qwen2 / Mistral built from their configs (head dim 32, as tiny_llama), for body discovery."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+              intermediate_size=128, max_position_embeddings=128)
+    torch.manual_seed(4)
+    if name == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+    return MistralForCausalLM(MistralConfig(**kw)).eval()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral"])
+def test_other_architectures_padding_invariance_and_round_trip(name, tmp_path):
+    rm = RewardModel(_tiny_from_config(name))
+    rows = _rows(3)
+    alone = torch.stack([rm(r[None], torch.ones(1, len(r), dtype=torch.long))[0] for r in rows])
+    for side in ("left", "right"):
+        torch.testing.assert_close(rm(*_pad(rows, side)), alone, atol=1e-5, rtol=0)
+    rm.save_pretrained(tmp_path)
+    back = RewardModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(back(*_pad(rows, "left")), alone, atol=1e-5, rtol=0)
