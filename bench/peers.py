@@ -9,8 +9,9 @@ harness lists it under ``not_run`` in the JSON). What is compared, and how it di
   gradient in the forward and writes it over the input logits, so the harness checks it before timing);
   linear_token_logprobs <- ``-liger_fused_linear_cross_entropy(..., reduction="none")`` (Triton);
   fused_ppo_loss <- ``LigerFusedLinearGRPOLoss`` (chunked PyTorch, ``loss_type="bnpo"`` = token-mean,
-  k3 KL to the reference): GRPO semantics, so not the same numbers: one advantage per sequence
-  (we pass each row's mean advantage) and no entropy term. Compared for time and memory only.
+  k3 KL to the reference) and fused_ppo_loss_from_logits <- ``triton_grpo_loss`` (Triton, same loss
+  type): GRPO losses, which take one advantage per sequence and have no entropy term; with per-sequence
+  advantages they compute our objective without the entropy bonus (checked against eager so).
 - ``trl``: TRL is not installed and not copied; its documented idea is reproduced here: log-softmax one
   sequence at a time ("selective log-softmax", bounding the forward's float32 copy to one row), and for
   log-probs from hidden states the logits of one sequence at a time (the model's micro-batch loop).
@@ -83,6 +84,21 @@ def liger_grpo_loss_fn(device: torch.device, *, kl_coef: float, clip_low: float,
     def fn(hidden, weight, labels, old_logprobs, seq_advantages, mask, ref_logprobs):
         loss, _metrics = module(hidden, weight, labels, mask.to(hidden.dtype), seq_advantages,
                                 ref_per_token_logps=ref_logprobs, old_per_token_logps=old_logprobs)
+        return loss
+
+    return fn
+
+
+def liger_grpo_from_logits_fn(*, kl_coef: float, clip_low: float, clip_high: float):
+    """``fn(logits [B, T+1, V], labels, old_logprobs, seq_advantages, mask, ref_logprobs) -> loss``:
+    Liger's Triton GRPO loss (``triton_grpo_loss``, ``loss_type="bnpo"``, temperature 1), which reads the
+    logits of positions ``0..T-1`` of a ``T+1``-long sequence, as a causal LM's output is laid out."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    def fn(logits, labels, old_logprobs, seq_advantages, mask, ref_logprobs):
+        loss, _metrics = triton_grpo_loss(logits, old_logprobs, ref_logprobs, labels, seq_advantages,
+                                          mask.int(), temperature=1.0, beta=kl_coef, eps_low=clip_low,
+                                          eps_high=clip_high, loss_type="bnpo", reduce=True)
         return loss
 
     return fn

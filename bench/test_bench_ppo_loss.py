@@ -44,16 +44,21 @@ def valid_tokens(shape: dict) -> int:
     return int(row_lengths(shape["B"], shape["T"]).sum())
 
 
-def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, *, from_logits: bool = False) -> dict:
-    """Leaves that need grad (hidden, weight or logits) plus old / ref log-probs near the current ones."""
+def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, *, from_logits: bool = False,
+                next_position: bool = False) -> dict:
+    """Leaves that need grad (hidden, weight or logits) plus old / ref log-probs near the current ones.
+
+    ``next_position``: logits ``[B, T+1, V]`` (the layout Liger's Triton GRPO loss reads), the first T
+    positions equal to the ``[B, T, V]`` logits of the other providers.
+    """
     gen = torch.Generator(device=device).manual_seed(0)
     b, t, v = shape["B"], shape["T"], shape["V"]
     labels = torch.randint(0, v, (b, t), generator=gen, device=device)
     mask = torch.arange(t, device=device) < row_lengths(b, t).to(device)[:, None]
     if from_logits:
-        logits = torch.randn(b, t, v, generator=gen, device=device, dtype=dtype).mul_(2)
+        logits = torch.randn(b, t + next_position, v, generator=gen, device=device, dtype=dtype).mul_(2)
         with torch.no_grad():
-            lp = eager.token_logprobs(logits, labels)
+            lp = eager.token_logprobs(logits[:, :t], labels)
         src = {"logits": logits.requires_grad_(True)}
     else:
         h = shape["H"]
@@ -112,6 +117,15 @@ def test_bench_fused_ppo_loss(benchmark, bench_session, shape, provider, mode):
 
 
 def logits_provider_fn(provider: str, device: torch.device):
+    if provider == "liger":
+        reason = peers.liger_reason(device)
+        if reason:
+            return None, reason
+        grpo = peers.liger_grpo_from_logits_fn(kl_coef=LOSS["kl_coef"], clip_low=LOSS["clip_low"],
+                                               clip_high=LOSS["clip_high"])
+        return (lambda logits, labels, old_logprobs, advantages, mask, ref_logprobs: grpo(
+            logits, labels, old_logprobs, advantages[:, 0].contiguous(), mask, ref_logprobs)), None
+
     def ours(backend):
         def fn(logits, labels, old_logprobs, advantages, mask, ref_logprobs):
             return fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask,
@@ -124,7 +138,7 @@ def logits_provider_fn(provider: str, device: torch.device):
 
 
 @pytest.mark.parametrize("shape, provider, mode",
-                         params(LOGIT_SHAPES, ("fastrlhf", "torch", "eager", "compile"),
+                         params(LOGIT_SHAPES, ("fastrlhf", "torch", "eager", "compile", "liger"),
                                 first_shapes_only={"compile": 1}))
 def test_bench_fused_ppo_loss_from_logits(benchmark, bench_session, shape, provider, mode):
     name, device = "fused_ppo_loss_from_logits", bench_session.device
@@ -132,9 +146,15 @@ def test_bench_fused_ppo_loss_from_logits(benchmark, bench_session, shape, provi
     require(bench_session, name, provider, reason)
     nve = shape["B"] * shape["T"] * shape["V"] * torch.finfo(DTYPE).bits / 8
     floors = {"fwd": Floor(bytes=nve), "bwd": Floor(bytes=nve), "full": Floor(bytes=2 * nve)}
-    extra = {"loss": LOSS}
+    extra, same, liger = {"loss": LOSS}, LOSS, provider == "liger"
     if provider == "fastrlhf":
         extra["backend"] = auto_backend(device)
+    if liger:
+        same = {**LOSS, "entropy_coef": 0.0}
+        extra["note"] = "Liger triton_grpo_loss (bnpo) on [B, T+1, V] logits: our objective without entropy"
+
+    def reference(logits, **kw):
+        return eager.ppo_loss_from_logits(logits[:, :shape["T"]], **kw, **same)
     run_case(benchmark, bench_session, Case(name, provider, mode, shape, DTYPE, floors),
-             make_inputs=lambda: make_inputs(shape, DTYPE, device, from_logits=True), forward=forward,
-             reference=functools.partial(eager.ppo_loss_from_logits, **LOSS), extra=extra)
+             make_inputs=lambda: make_inputs(shape, DTYPE, device, from_logits=True, next_position=liger),
+             forward=forward, reference=reference, extra=extra)
