@@ -181,3 +181,30 @@ def test_model_path_may_be_a_reward_model_checkpoint(tok, tmp_path):
     assert type(trainer.model) is RewardModel
     for (n, a), (_, b) in zip(rm.state_dict().items(), trainer.model.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, atol=0, rtol=0, msg=n)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tok, tmp_path, monkeypatch):
+    rows = synthetic_pairs(24, 5)
+
+    def trainer(out):
+        cfg = _cfg(out, epochs=2, batch_size=8, micro_batch_size=4, save_every=2)
+        return RewardTrainer(cfg, model=_lm(tok), tokenizer=tok, train_rows=rows, eval_rows=rows[:8])
+
+    straight = trainer(tmp_path / "a").train()
+    real, calls = RewardTrainer.train_step, {"n": 0}
+
+    def crash_at_step_4(self, indices):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, indices)
+
+    monkeypatch.setattr(RewardTrainer, "train_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "b").train()
+    monkeypatch.setattr(RewardTrainer, "train_step", real)
+    assert trainer(tmp_path / "b").train() == straight
+    a = RewardModel.from_pretrained(tmp_path / "a" / "final").state_dict()
+    b = RewardModel.from_pretrained(tmp_path / "b" / "final").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
