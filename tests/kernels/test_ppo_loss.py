@@ -34,14 +34,14 @@ def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _ppo_batch(B, T, V, kind, make_mask, garbage, seed=0, logits=None):
+def _ppo_batch(B, T, V, kind, make_mask, garbage, seed=0, logits=None, temperature=1.0):
     """Logits (given or random) and PPO inputs where the new policy is near the old one (ratios both sides
     of the clip range), garbage (NaN/inf, out-of-range labels) at masked positions, an empty last row."""
     g = torch.Generator().manual_seed(seed)
     mask = make_mask(B, T, kind, seed=seed)
     logits = torch.randn(B, T, V, generator=g) * 2 if logits is None else logits
     labels = torch.randint(0, V, (B, T), generator=g)
-    lp = reference.token_logprobs(logits, labels)
+    lp = reference.token_logprobs(logits, labels, temperature=temperature)
     old = lp + 0.3 * torch.randn(B, T, generator=g)
     ref = lp + 0.5 * torch.randn(B, T, generator=g)
     adv = torch.randn(B, T, generator=g)
@@ -77,13 +77,17 @@ def _check(got, want, grad_rel, loss_tol=(1e-5, 1e-6), stats_tol=(1e-4, 1e-5)):
 @pytest.mark.parametrize("kl_kind", ["k1", "k2", "k3", "abs"])
 def test_from_logits_matches_float64(interpret, loss_agg, kl_kind, make_mask, garbage):
     """(3, 37, 1031) fp32, every loss_agg x KL estimator, clip-higher, dual clip, entropy bonus, T = 0.8."""
-    d = _ppo_batch(3, 37, 1031, "ragged" if kl_kind in ("k1", "k3") else "left", make_mask, garbage)
-    kw = dict(kl_coef=0.1, kl_kind=kl_kind, entropy_coef=0.01, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+    d = _ppo_batch(3, 37, 1031, "ragged" if kl_kind in ("k1", "k3") else "left", make_mask, garbage,
+                   temperature=0.8)
+    kw = dict(kl_coef=0.1, kl_kind=kl_kind, entropy_coef=0.01, clip_low=0.2, clip_high=0.28, dual_clip=1.5,
               temperature=0.8, loss_agg=loss_agg)
     got = _run(fused_ppo_loss_from_logits, [d["logits"]], d, {**kw, "backend": "triton"})
     want = _run(reference.fused_ppo_loss_from_logits, [d["logits"]], d, kw, double=True)
     _check(got, want, GRAD_REL[torch.float32])
-    assert want[1]["clipfrac"] > 0.1  # the clip is active on a good share of tokens
+    # both clips bind on some tokens: the clip on a good share, the dual clip changes the loss
+    assert want[1]["clipfrac"] > 0.1
+    no_dual = _run(reference.fused_ppo_loss_from_logits, [d["logits"]], d, {**kw, "dual_clip": None}, True)
+    assert abs(no_dual[0] - want[0]) > 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -105,9 +109,9 @@ def test_from_hidden_matches_float64(interpret, dtype, chunk_size, make_mask, ga
     the default (one chunk); NaN in masked hidden rows must not reach grad_weight."""
     g = torch.Generator().manual_seed(3)
     hidden, weight = torch.randn(3, 37, 48, generator=g), torch.randn(1031, 48, generator=g) * 0.3
-    d = _ppo_batch(3, 37, 1031, "left", make_mask, garbage, seed=2, logits=hidden @ weight.t())
+    d = _ppo_batch(3, 37, 1031, "left", make_mask, garbage, seed=2, logits=hidden @ weight.t(), temperature=1.1)
     hidden, weight = garbage(hidden, d["mask"]).to(dtype), weight.to(dtype)
-    kw = dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, dual_clip=2.0, temperature=1.1,
+    kw = dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, dual_clip=1.5, temperature=1.1,
               loss_agg="token-mean")
     got = _run(fused_ppo_loss, [hidden, weight], d, {**kw, "chunk_size": chunk_size, "backend": "triton"})
     want = _run(reference.fused_ppo_loss, [hidden, weight], d, kw, double=True)
