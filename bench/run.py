@@ -4,7 +4,8 @@
 2. ``pytest bench`` in GPU mode (CPU: quick mode), rows written to ``<out>/<device>-<date>.json``;
 3. a markdown summary (``bench.report``: speedups vs eager and Liger, % of floor, memory ratios,
    issue 3's targets) next to it, also printed.
-When ``$OUT`` is set (the device machine's return folder) the JSON, summary and logs are copied there.
+When ``$OUT`` is set (the device machine's return folder) everything is written there as it goes (the JSON
+after every row), so a call cut short by the device tool's limit still returns its rows.
 Options: ``--skip-tests``, ``--tests-only``, ``--only EXPR`` (pytest ``-k`` for the bench), ``--part NAME``
 (several calls, one file each; join them with ``--merge FILES``), ``--budget-s`` (default 540: cases still
 to run then are skipped, so the call ends inside the device tool's 10-minute limit), ``--out DIR``,
@@ -73,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="skip the bench cases still to run after this many seconds (the device tool's "
                          "command limit is 600 s)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON and summary")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for the JSON, summary and logs (default: $OUT when set, so a call cut short "
+                         "still returns what it wrote; else bench/results)")
     ap.add_argument("--quick", action="store_true", help="CPU quick mode even on a GPU")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="join part files and summarize")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS_DIR
     if args.merge:
         print(merge(args.merge, args.out))
         return 0
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         tests = {"rc": rc, "summary": summary}
         if args.tests_only:
             json_path.write_text(json.dumps({"gpu_tests": tests}, indent=1) + "\n")
-            _copy_out([json_path, Path(f"{stem}-gpu-tests.log")])
+            _copy_out([json_path, Path(f"{stem}-gpu-tests.log")], args.out)
             return rc
     files = BENCH_ORDER + sorted(str(p.relative_to(REPO)) for p in (REPO / "bench").glob("test_bench_*.py")
                                  if str(p.relative_to(REPO)) not in BENCH_ORDER)
@@ -115,14 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     md = summarize(doc)
     Path(f"{stem}.md").write_text(md)
     print(md)
-    _copy_out([json_path, Path(f"{stem}.md"), Path(f"{stem}-gpu-tests.log"), Path(f"{stem}-bench.log")])
+    _copy_out([json_path, Path(f"{stem}.md"), Path(f"{stem}-gpu-tests.log"), Path(f"{stem}-bench.log")],
+              args.out)
     return max(bench_rc, tests["rc"] if tests else 0)
 
 
-def _copy_out(paths: list[Path]) -> None:
-    """Copy results into ``$OUT``: on the device machine only what is written there comes back."""
+def _copy_out(paths: list[Path], written_to: Path) -> None:
+    """Copy results into ``$OUT`` (on the device machine only what is written there comes back),
+    unless they were written there in the first place."""
     out = os.environ.get("OUT")
-    if out:
+    if out and Path(out).resolve() != written_to.resolve():
         for p in paths:
             if p.exists():
                 shutil.copy(p, out)
