@@ -1,6 +1,7 @@
 """Measure trainer -> vLLM weight sync (bucket size vs calls vs time) and vLLM vs HF generation time.
 
     python -m fastrlhf.engine.measure_sync [--sizes tiny,10m,50m] [--buckets 0,4,64,256] [--out FILE.json]
+    torchrun --nproc_per_node 2 -m fastrlhf.engine.measure_sync ...   (FSDP2-sharded trainer, gloo)
 
 For each Llama config (random weights; timing only) one in-process vLLM engine is started from the
 config with dummy weights, then synced ``--repeats`` times per bucket size through the same path the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -36,11 +38,14 @@ def build(name: str):
 
 
 def time_sync(model, buckets_mb: list[float], repeats: int) -> list[dict]:
-    from fastrlhf.engine.runtime import Runtime, make_rollout, sync_weights
-    from fastrlhf.engine.weight_sync import group_by_layer, policy_parameters
     from fastrlhf.data import build_test_tokenizer
+    from fastrlhf.engine.fsdp import shard_model
+    from fastrlhf.engine.runtime import init_runtime, make_rollout, sync_weights
+    from fastrlhf.engine.weight_sync import group_by_layer, policy_parameters
 
-    rt = Runtime(device=torch.device("cpu"))
+    rt = init_runtime("cpu")
+    if rt.world_size > 1:  # under torchrun: FSDP2 shards, gathered unit by unit during the sync
+        model = shard_model(model, device=rt.device, train=True)
     start = time.perf_counter()
     rollout = make_rollout(rt, "vllm", model, build_test_tokenizer(), max_model_len=256)
     startup = time.perf_counter() - start
@@ -104,20 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     buckets = [float(b) for b in args.buckets.split(",")]
     rows = []
-    print(f"{'model':>6} {'stream':>6} {'params':>11} {'MB':>8} {'layers':>6} {'bucket_MB':>9} {'calls':>5} "
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    show = print if main_rank else (lambda *a, **k: None)
+    show(f"{'model':>6} {'stream':>6} {'params':>11} {'MB':>8} {'layers':>6} {'bucket_MB':>9} {'calls':>5} "
           f"{'median_s':>9} {'GB/s':>6}", flush=True)
     for name in args.sizes.split(","):
         for r in time_sync(build(name), buckets, args.repeats):
             r["model"] = name
             rows.append(r)
-            print(f"{name:>6} {str(r['stream']):>6} {r['params']:>11,} {r['mb']:>8.1f} {r['layers']:>6} "
+            show(f"{name:>6} {str(r['stream']):>6} {r['params']:>11,} {r['mb']:>8.1f} {r['layers']:>6} "
                   f"{r['bucket_mb']:>9g} {r['calls']:>5} {r['median_s']:>9.4f} {r['gb_per_s']:>6.2f}",
                   flush=True)
-    result = {"sync": rows, "torch": torch.__version__}
+    result = {"sync": rows, "torch": torch.__version__, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     if args.generate:
         result["generation"] = time_generation()
-        print("generation:", result["generation"], flush=True)
-    if args.out:
+        show("generation:", result["generation"], flush=True)
+    if args.out and main_rank:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     return 0

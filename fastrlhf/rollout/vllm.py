@@ -257,10 +257,20 @@ def write_model_dir(hf_model, tokenizer, directory: str | Path | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(hf_model.config)
     if not getattr(config, "architectures", None):  # set by save_pretrained, absent on fresh models
-        config.architectures = [type(hf_model).__name__]
+        config.architectures = [_original_class(hf_model).__name__]
     config.save_pretrained(str(out))
     if getattr(hf_model, "generation_config", None) is not None:
         hf_model.generation_config.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def _original_class(module) -> type:
+    """The model's own class: FSDP2 swaps a sharded module's class for a generated ``FSDP<Name>``
+    subclass, a name vLLM does not know."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))

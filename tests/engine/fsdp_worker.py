@@ -18,6 +18,7 @@ from fastrlhf.engine.fsdp import full_state_dict, is_fsdp, offload_to_cpu, onloa
 from fastrlhf.engine.runtime import init_runtime, prepare_models
 from fastrlhf.engine.weight_sync import iter_weight_buckets
 from fastrlhf.models import RewardModel, ValueModel, tiny_llama
+from fastrlhf.rollout.vllm import write_model_dir
 
 VOCAB, B, T, STEPS, CLIP = 101, 4, 11, 3, 0.05
 
@@ -75,7 +76,9 @@ def main(out_path: str) -> None:
     reference = [copy.deepcopy(m) for m in (actor, critic)] if rt.is_main else None
     rm_head_rank0 = reward.head.weight.detach().clone()
     actor, critic, ref, reward = prepare_models(rt, actor=actor, critic=critic, ref=ref, reward_model=reward)
-    res = {"all_fsdp": all(is_fsdp(m) for m in (actor, critic, ref, reward)),
+    with tempfile.TemporaryDirectory() as tmp:  # the vLLM engine's config dir from a sharded LM
+        arch = json.loads((write_model_dir(actor, None, tmp) / "config.json").read_text())["architectures"]
+    res = {"arch": arch, "all_fsdp": all(is_fsdp(m) for m in (actor, critic, ref, reward)),
            "ref_frozen": not any(p.requires_grad for p in ref.parameters())}
     rows = slice(2 * rt.rank, 2 * rt.rank + 2)
     # Frozen-model forwards through methods other than forward (registered with FSDP2).

@@ -22,6 +22,7 @@ def result(tmp_path_factory, run_torchrun):
 @pytest.mark.slow
 def test_all_four_models_sharded_and_frozen_ones_frozen(result):
     assert result["all_fsdp"] and result["ref_frozen"]
+    assert result["arch"] == ["LlamaForCausalLM"]  # not FSDP2's generated "FSDPLlamaForCausalLM"
 
 
 @pytest.mark.slow
