@@ -7,6 +7,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests use tiny tensors: intra-op threads cost more than they give (measured up to 45x on a loaded
+# 2-core machine), and subprocesses (torchrun, vLLM) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
