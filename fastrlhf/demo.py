@@ -126,10 +126,12 @@ def sample(model, tok, prompts: list[str], *, seed: int, max_new_tokens: int, ba
 
 # ------------------------------------------------------------------------------------------ reward model
 def _encode_pair_side(tok, prompts, responses):
-    from fastrlhf.data import pad_batch, sft_features
-    feats = [sft_features(p, r if r.strip() else tok.eos_token, tok) for p, r in zip(prompts, responses)]
-    batch = pad_batch([{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in feats],
-                      tok.pad_token_id, padding_side="right")
+    """prompt + response + EOS (what the policy generates; an empty response is EOS alone), right-padded."""
+    from fastrlhf.data import pad_batch
+    seqs = [tok(p, add_special_tokens=False)["input_ids"] + tok(r, add_special_tokens=False)["input_ids"]
+            + [tok.eos_token_id] for p, r in zip(prompts, responses)]
+    batch = pad_batch([{"input_ids": x, "attention_mask": [1] * len(x)} for x in seqs], tok.pad_token_id,
+                      padding_side="right")
     return batch["input_ids"], batch["attention_mask"]
 
 
@@ -146,38 +148,12 @@ def make_pairs(sft_model, tok, s: DemoSettings, seed: int):
     prompts = task.make_prompts(s.n_pair_prompts, seed + 2)
     a, _ = sample(sft_model, tok, prompts, seed=seed * 7 + 11, max_new_tokens=s.max_new_tokens)
     b, _ = sample(sft_model, tok, prompts, seed=seed * 7 + 13, max_new_tokens=s.max_new_tokens)
-    pairs = task.label_pairs(prompts, a, b, tau=s.label_tau, seed=seed)
+    # an answer that is EOS alone decodes to "": preference rows need text on both sides
+    keep = [i for i in range(len(prompts)) if a[i].strip() and b[i].strip()]
+    pairs = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep],
+                             tau=s.label_tau, seed=seed)
     n_held = int(len(pairs) * s.heldout_frac)
     return pairs[n_held:], pairs[:n_held]
-
-
-def train_reward_model(sft_model, tok, train_pairs, s: DemoSettings, seed: int, log):
-    """Bradley-Terry training of a RewardModel initialised from the SFT policy (minimal loop)."""
-    from fastrlhf.algo import bradley_terry_loss
-    from fastrlhf.models import RewardModel
-    from fastrlhf.trainers import common
-
-    rm = RewardModel(sft_model)
-    opt = common.build_optimizer(rm, lr=s.rm_lr)
-    steps = common.num_optimizer_steps(len(train_pairs), s.rm_batch, s.rm_epochs)
-    sched = common.build_scheduler(opt, "cosine", num_training_steps=steps, warmup_ratio=0.05)
-    per_epoch = -(-len(train_pairs) // s.rm_batch)
-    rm.train()
-    for step in range(steps):
-        epoch, k = divmod(step, per_epoch)
-        rows = [train_pairs[i] for i in common.epoch_order(len(train_pairs), seed=seed, epoch=epoch)
-                [k * s.rm_batch:(k + 1) * s.rm_batch]]
-        prompts = [p.prompt for p in rows] * 2
-        ids, mask = _encode_pair_side(tok, prompts, [p.chosen for p in rows] + [p.rejected for p in rows])
-        scores = rm(ids, mask)
-        loss, acc, margin = bradley_terry_loss(scores[:len(rows)], scores[len(rows):])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        common.clip_grad_norm(rm.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        log(step + 1, {"loss": loss, "accuracy": acc, "margin": margin})
-    return rm.eval()
 
 
 def evaluate_reward_model(rm, tok, pairs) -> dict:
@@ -194,22 +170,28 @@ def evaluate_reward_model(rm, tok, pairs) -> dict:
             "chosen_scores": chosen.tolist(), "rejected_scores": rejected.tolist()}
 
 
-def stage_rm(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path) -> tuple[Path, dict]:
-    from fastrlhf.telemetry.metrics import MetricsLogger
-    from fastrlhf.trainers import common
+def _rows(pairs) -> list[dict]:
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
 
-    final, result_path = out / "rm" / "final", out / "rm" / "rm_result.json"
+
+def stage_rm(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path) -> tuple[Path, dict]:
+    """Label pairs of SFT samples, train the reward model (RewardTrainer), evaluate it on held-out pairs."""
+    from fastrlhf.models import RewardModel
+    from fastrlhf.trainers.reward import RewardConfig, RewardTrainer
+
+    final, result_path = out / "rm" / "final", out / "rm" / "demo_rm_result.json"
     if runtime.is_main and not result_path.is_file():
-        common.set_seed(seed)
         train_pairs, held = make_pairs(load_policy(sft_dir).eval(), tok, s, seed)
         _say(runtime, f"reward model: {len(train_pairs)} train / {len(held)} held-out labelled pairs")
-        logger = MetricsLogger(out / "rm", tensorboard=False)
-        rm = train_reward_model(load_policy(sft_dir), tok, train_pairs, s, seed,
-                                lambda step, row: logger.log(step, row, stage="rm"))
-        result = {**evaluate_reward_model(rm, tok, held), "train_pairs": len(train_pairs)}
-        logger.log(s.rm_epochs, {k: v for k, v in result.items() if not isinstance(v, list)}, stage="rm_eval")
-        with common.atomic_save_dir(final) as tmp:
-            rm.save_pretrained(tmp, tokenizer=tok)
+        # model / data name the in-memory objects passed below (RewardConfig requires both keys)
+        cfg = RewardConfig(model="demo:sft-policy", data="demo:pairs", output_dir=str(out / "rm"), lr=s.rm_lr,
+                           epochs=s.rm_epochs, batch_size=s.rm_batch, micro_batch_size=s.rm_batch, max_length=32,
+                           warmup_ratio=0.05, use_margin=False, seed=seed, bf16=False,
+                           device=str(runtime.device), progress=False, tensorboard=False)
+        trained = RewardTrainer(cfg, model=load_policy(sft_dir), tokenizer=tok, train_rows=_rows(train_pairs),
+                                eval_rows=_rows(held)).train()
+        result = {**evaluate_reward_model(RewardModel.from_pretrained(final).eval(), tok, held),
+                  "train_pairs": len(train_pairs), "trainer_eval_accuracy": trained.get("eval_accuracy")}
         _write_json(result_path, result)
     runtime.barrier()
     return final, json.loads(result_path.read_text())
