@@ -51,10 +51,11 @@ def _logprobs_fwd_kernel(
         e = tl.exp(z - m_ref)
         if HAS_ENTROPY:
             shift = tl.where(m == float("-inf"), 0.0, m - m_ref)  # s = t = 0 then; avoid -inf * 0
-            ez = tl.where(e > 0, e * (z - m_ref), 0.0)
-            t = alpha * (t + shift * s) + tl.reduce(ez, 0, tl.standard._sum_combine)
+            zm = tl.where(e > 0, z - m_ref, 0.0)  # e = 0 where z = -inf: 0, not 0 * -inf
+            t = alpha * (t + shift * s) + tl.reduce(e * zm, 0, tl.standard._sum_combine)
         s = alpha * s + tl.reduce(e, 0, tl.standard._sum_combine)
         m = m_new
+    s = tl.where(valid, s, 1.0)  # ignored row: s = 0; keep its (unused) results finite
     lse = m + tl.log(s)
     in_range = (label >= 0) & (label < V)
     z_label = tl.load(x_row + label, mask=valid & in_range, other=0.0).to(tl.float32) * inv_temp
@@ -101,8 +102,8 @@ def _logprobs_bwd_kernel(
         p = tl.exp(logp)
         coef = g_lp
         if HAS_ENT_GRAD:
-            coef = coef + g_ent * (logp + ent)
-        dz = tl.where(p > 0, -p * coef, 0.0) + tl.where(cols == label, g_lp, 0.0)
+            coef = coef + g_ent * (tl.where(p > 0, logp, 0.0) + ent)  # p log p = 0 at p = 0
+        dz = -p * coef + tl.where(cols == label, g_lp, 0.0)
         tl.store(dx_row + cols, (dz * inv_temp).to(dx_ptr.dtype.element_ty), mask=cols < V)
 
 

@@ -13,11 +13,6 @@ import torch
 
 from fastrlhf.kernels import reference, token_logprobs
 
-pytestmark = pytest.mark.filterwarnings(
-    # numpy inside the interpreter evaluates both sides of tl.where (log 0, -inf * 0): harmless
-    "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning",
-    "ignore:overflow encountered:RuntimeWarning")
-
 GRAD_ATOL_REL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 

@@ -14,10 +14,6 @@ import torch
 
 from fastrlhf.kernels import fused_ppo_loss, fused_ppo_loss_from_logits, reference, token_logprobs
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning",
-    "ignore:overflow encountered:RuntimeWarning")
-
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 GRAD_REL = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 # From hidden states: (grad rel, loss (rtol, atol), stats (rtol, atol)). Measured max errors, triton path
