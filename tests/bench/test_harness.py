@@ -188,3 +188,39 @@ def test_triton_path_through_the_harness_in_the_interpreter(monkeypatch, tmp_pat
     fwd = Case("token_logprobs", "fastrlhf", "fwd", dict(B=2, T=3, V=67), torch.float32, {})
     run_case(FakeBenchmark(), session, fwd, make_inputs=lambda: dict(inputs), reference=eager.token_logprobs,
              forward=lambda logits, labels: token_logprobs(logits, labels))
+
+
+def test_out_of_memory_becomes_a_row_and_a_skip(tmp_path):
+    session = BenchSession(torch.device("cpu"), "quick", tmp_path / "r.json")
+    case = Case("token_logprobs", "eager", "full", dict(B=1, T=2, V=5), torch.float32, {})
+
+    def forward(logits, labels):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with pytest.raises(pytest.skip.Exception, match="OOM"):
+        run_case(FakeBenchmark(), session, case, forward=forward,
+                 make_inputs=lambda: {"logits": torch.randn(1, 2, 5, requires_grad=True),
+                                      "labels": torch.tensor([[0, 4]])})
+    assert session.rows[0]["error"] == "OOM" and session.rows[0]["median_ms"] is None
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["error"] == "OOM"
+
+
+@pytest.mark.gpu
+def test_run_case_on_cuda_uses_events_and_measures_memory(benchmark, tmp_path):
+    """The harness's CUDA paths (event timing, peak memory) on one small real case, with pytest-benchmark."""
+    device = torch.device("cuda")
+    session = BenchSession(device, "gpu", tmp_path / "r.json")
+    case = Case("token_logprobs", "fastrlhf", "full", dict(B=2, T=128, V=4096), torch.bfloat16,
+                {"full": Floor(bytes=3 * 2 * 128 * 4096 * 2)})
+
+    def make_inputs():
+        gen = torch.Generator(device=device).manual_seed(0)
+        return {"logits": torch.randn(2, 128, 4096, generator=gen, device=device,
+                                      dtype=torch.bfloat16).requires_grad_(True),
+                "labels": torch.randint(0, 4096, (2, 128), generator=gen, device=device)}
+    row = run_case(benchmark, session, case, make_inputs=make_inputs,
+                   forward=lambda logits, labels: token_logprobs(logits, labels))
+    if benchmark.disabled:
+        pytest.skip("--benchmark-disable: no timing")
+    assert row["timer"] == "cuda_events" and row["median_ms"] > 0 and row["floor_ms"] > 0
+    # the bf16 logits' gradient (2 MiB) at least; eager would hold ~14 MiB (float32 copy, log-softmax, grads)
+    assert 2.0 <= row["peak_mem_mb"] < 10
