@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastrlhf.data import demo_task as task
+from fastrlhf.trainers.ppo import derive_seed
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class DemoSettings:
     rm_epochs: int
     rm_lr: float
     ppo_iterations: int
-    n_eval_prompts: int = 384
+    n_eval_prompts: int = 1024
     sft_batch: int = 64
     rm_batch: int = 64
     heldout_frac: float = 0.2
@@ -118,7 +119,8 @@ def sample(model, tok, prompts: list[str], *, seed: int, max_new_tokens: int, ba
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     texts, tokens = [], []
     for k in range(0, len(ids), batch):
-        gen = engine.generate(ids[k:k + batch], SamplingParams(max_new_tokens=max_new_tokens, seed=seed + k))
+        params = SamplingParams(max_new_tokens=max_new_tokens, seed=derive_seed(seed, "sample", k))
+        gen = engine.generate(ids[k:k + batch], params)
         tokens += gen.token_ids
         texts += [tok.decode(t, skip_special_tokens=True) for t in gen.token_ids]
     return texts, tokens
@@ -146,8 +148,8 @@ def score_texts(rm, tok, prompts, responses, batch: int = 256) -> torch.Tensor:
 
 def make_pairs(sft_model, tok, s: DemoSettings, seed: int):
     prompts = task.make_prompts(s.n_pair_prompts, seed + 2)
-    a, _ = sample(sft_model, tok, prompts, seed=seed * 7 + 11, max_new_tokens=s.max_new_tokens)
-    b, _ = sample(sft_model, tok, prompts, seed=seed * 7 + 13, max_new_tokens=s.max_new_tokens)
+    a, _ = sample(sft_model, tok, prompts, seed=derive_seed(seed, "pairs-a"), max_new_tokens=s.max_new_tokens)
+    b, _ = sample(sft_model, tok, prompts, seed=derive_seed(seed, "pairs-b"), max_new_tokens=s.max_new_tokens)
     # an answer that is EOS alone decodes to "": preference rows need text on both sides
     keep = [i for i in range(len(prompts)) if a[i].strip() and b[i].strip()]
     pairs = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep],
@@ -228,7 +230,8 @@ def evaluate_policies(trainer, tok, s: DemoSettings, seed: int) -> dict:
     result = {}
     for name, policy in (("before", trainer.ref), ("after", trainer.actor)):
         policy.eval()
-        texts, tokens = sample(policy, tok, prompts, seed=seed * 13 + 5, max_new_tokens=s.max_new_tokens)
+        texts, tokens = sample(policy, tok, prompts, seed=derive_seed(seed, "eval"),
+                              max_new_tokens=s.max_new_tokens)
         gold = [task.gold_reward(p, t) for p, t in zip(prompts, texts)]
         rm = score_texts(trainer.reward_model, tok, prompts, texts)
         result[name] = {"gold": sum(gold) / len(gold), "rm": float(rm.mean()),

@@ -16,6 +16,7 @@ Each rank samples its own prompt shard; metrics are all-reduced means; only rank
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,6 +36,13 @@ from fastrlhf.trainers.ppo_config import EarlyStopConfig, KLConfig, PPOConfig, R
 from fastrlhf.trainers.ppo_state import load_ppo_checkpoint, save_policy, save_ppo_checkpoint
 
 __all__ = ["PPOTrainer", "PPOConfig", "RolloutConfig", "KLConfig", "EarlyStopConfig", "cli_main"]
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed hashed from ``parts`` (seed, purpose, iteration, rank): streams for different
+    iterations / ranks / purposes are unrelated, and small structured seeds (0, 1, 2, ...) are avoided."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def build_kl_controller(cfg: KLConfig):
@@ -172,7 +180,7 @@ class PPOTrainer:
     def _prompt_rows(self, it: int) -> list[int]:
         """This rank's prompts for iteration ``it``: a window of an endless sequence of epoch orders."""
         n, bsz = len(self.prompt_ids), self.config.rollout_batch_size
-        seed = self.config.seed * 1009 + self.runtime.rank
+        seed = derive_seed(self.config.seed, "prompts", self.runtime.rank) % 2**31
         rows, cache = [], {}
         for k in range(it * bsz, (it + 1) * bsz):
             epoch, i = divmod(k, n)
@@ -183,7 +191,7 @@ class PPOTrainer:
 
     def _sampling_params(self, it: int) -> SamplingParams:
         r = self.config.rollout
-        seed = (self.config.seed * 1_000_003 + it) * 4096 + self.runtime.rank
+        seed = derive_seed(self.config.seed, "rollout", it, self.runtime.rank)
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, seed=seed)
 
@@ -246,7 +254,7 @@ class PPOTrainer:
     # ----------------------------------------------------------------------------------------- 3. train
     def train_epochs(self, batch: PPOBatch, it: int) -> dict:
         cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + it)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatches", it))
         totals: dict[str, torch.Tensor] = {}
         n = 0
         for _ in range(cfg.ppo_epochs):
