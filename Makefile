@@ -38,13 +38,13 @@ demo-quick: $(VENV)/.core
 	$(VENV)/bin/fastrlhf demo --quick --out runs/demo-quick $(DEMO_ARGS)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests bench $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests bench --benchmark-disable $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.test
-	$(PY) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+	$(PY) -m bench.run --skip-tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache
