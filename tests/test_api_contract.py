@@ -389,6 +389,27 @@ def test_return_logprobs_gives_three_tuple_with_detached_logprobs():
 GRAD_LEAVES = ("logits", "hidden", "weight", "lp", "values")
 
 
+# triton < 3.7's interpreter turns integer kernel arguments into 1-element numpy arrays and calls int() on
+# them in range(); numpy >= 2.4 refuses that (triton-lang/triton#9171). The GPU machine has triton 3.6 with
+# numpy 2.5, so there the interpreter cannot run at all; its compiled path is covered by the gpu tests.
+_TRITON_9171 = "only 0-dimensional arrays can be converted"
+
+
+def _use_interpreter(monkeypatch):
+    """Set TRITON_INTERPRET=1, or skip (with the reason) where this triton + numpy cannot interpret."""
+    import fastrlhf.kernels as K
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        K.gae(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), backend="triton")
+    except Exception as err:  # noqa: BLE001 - only the known incompatibility skips, anything else fails
+        if _TRITON_9171 not in str(err):
+            raise
+        import numpy
+        import triton
+        pytest.skip(f"the Triton interpreter of triton {triton.__version__} cannot run with numpy "
+                    f"{numpy.__version__} (triton-lang/triton#9171)")
+
+
 # Each op on its default path; the Triton ops also through the Triton interpreter (backend="auto" picks
 # Triton for CPU tensors under TRITON_INTERPRET=1, API.md).
 GARBAGE_CASES = [(op, False) for op in OPS] + [(op, True) for op in OPS if op in
@@ -402,7 +423,7 @@ def test_results_ignore_nan_garbage_at_masked_positions(op, interpret, monkeypat
     """Same values on valid positions (and 0 where API.md says so), and the same finite gradients,
     whether masked-out positions hold clean numbers or NaN/inf."""
     if interpret:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        _use_interpreter(monkeypatch)
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     mask = _mask()
@@ -490,7 +511,7 @@ def test_auto_backend_on_cpu_without_interpreter_is_torch(monkeypatch):
 @pytest.mark.parametrize("op", TRITON_OPS)
 def test_triton_path_computes_the_torch_function(op, monkeypatch):
     """"Both paths compute the same function": backend="triton" under the interpreter vs backend="torch"."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _use_interpreter(monkeypatch)
     out, ref = _call_with_backend(op, "triton"), _call_with_backend(op, "torch")
     for a, b in zip(_float32_tensors(out), _float32_tensors(ref), strict=True):
         assert a.dtype == torch.float32
