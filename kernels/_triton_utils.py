@@ -70,6 +70,18 @@ def check_launchable(op: str, *tensors: torch.Tensor) -> None:
                        f"(got {device}); use backend='torch' or backend='auto'")
 
 
+def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None) -> tuple:
+    """Inside ``torch.autocast`` for ``device``, the floating inputs cast to the autocast dtype: the dtype
+    ``hidden @ W.T`` would run in there, and what the PyTorch path computes. Differentiable casts, so
+    fp32 master weights get fp32 grads. Callers then run the op with autocast off, so the matmuls inside
+    (and their ``out=`` buffers) see exactly these dtypes. Outside autocast: the tensors unchanged.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def reject_float64(op: str, **named: torch.Tensor) -> None:
     """The kernels compute in fp32: float64 inputs belong to the PyTorch path (the float64 oracle)."""
     for name, t in named.items():

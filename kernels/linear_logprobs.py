@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._backend import (check_chunk_size, check_labels_in_range, check_linear_inputs, check_temperature,
                        resolve_backend)
-from ._triton_utils import check_launchable, reject_float64, rows_3d
+from ._triton_utils import autocast_inputs, check_launchable, reject_float64, rows_3d
 from .logprobs import logprobs_backward, logprobs_forward
 
 # One chunk of logits takes about this many bytes in the input dtype (256 MB: 860 tokens at V = 151936
@@ -57,6 +57,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
+        hidden = ctx.saved_tensors[0]
+        with torch.autocast(hidden.device.type, enabled=False):  # matmuls in the saved inputs' dtype
+            return LinearTokenLogprobsFunction._backward(ctx, g_lp, g_ent)
+
+    @staticmethod
+    def _backward(ctx, g_lp, g_ent):
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
@@ -86,11 +92,12 @@ def _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ign
                                   chunk_size):
     check_launchable("linear_token_logprobs", hidden, weight, labels, bias)
     reject_float64("linear_token_logprobs", hidden=hidden)
+    hidden, weight, bias = autocast_inputs(hidden.device, hidden, weight, bias)
     rows = chunk_size or default_chunk_rows(weight.shape[0], weight.element_size())
     labels1d = labels.reshape(-1).long().contiguous()
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    lp, ent = LinearTokenLogprobsFunction.apply(hidden2d, weight, bias, labels1d, float(temperature),
-                                                int(ignore_index), return_entropy, rows)
+    with torch.autocast(hidden.device.type, enabled=False):
+        lp, ent = LinearTokenLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels1d,
+                                                    float(temperature), int(ignore_index), return_entropy, rows)
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp
 

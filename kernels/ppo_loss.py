@@ -22,7 +22,7 @@ import triton.language as tl
 from . import reference
 from ._backend import (check_chunk_size, check_labels_in_range, check_linear_inputs, check_logits_labels,
                        check_ppo_inputs, check_temperature, resolve_backend)
-from ._triton_utils import check_launchable, lazy_jit, reject_float64, rows_3d
+from ._triton_utils import autocast_inputs, check_launchable, lazy_jit, reject_float64, rows_3d
 from .linear_logprobs import chunk_logits, default_chunk_rows
 from .logprobs import logprobs_backward, logprobs_forward
 from .losses import kl_estimate, masked_mean, ppo_policy_loss
@@ -271,9 +271,11 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     mask, labels_eff, terms = _prepare("fused_ppo_loss", labels, vocab, old_logprobs, advantages, mask, **kw)
     check_launchable("fused_ppo_loss", hidden, weight)
     reject_float64("fused_ppo_loss", hidden=hidden)
+    hidden, weight = autocast_inputs(hidden.device, hidden, weight)
     rows = chunk_size or default_chunk_rows(vocab, weight.element_size())
-    loss, lp, ent = FusedPPOFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels_eff, terms,
-                                           float(temperature), rows, torch.is_grad_enabled())
+    with torch.autocast(hidden.device.type, enabled=False):  # matmuls in the (cast) inputs' dtype
+        loss, lp, ent = FusedPPOFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels_eff, terms,
+                                               float(temperature), rows, torch.is_grad_enabled())
     return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)
 
 

@@ -112,6 +112,26 @@ def test_memory_bounded_by_one_chunk(interpret, float_guard):
         assert guard.largest <= 4 * 700
 
 
+def test_under_autocast_matches_torch_path(interpret):
+    """Inside torch.autocast(bf16) with fp32 hidden and weight: the matmuls run in bf16 on both paths,
+    the grads of the fp32 leaves are fp32 (bf16 tolerances)."""
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(2, 7, 16, generator=g), torch.randn(90, 16, generator=g)
+    labels, g_lp = torch.randint(0, 90, (2, 7), generator=g), torch.randn(2, 7, generator=g)
+    out = []
+    for backend in ("triton", "torch"):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = linear_token_logprobs(h, w, labels, chunk_size=5, backend=backend)
+            (lp * g_lp).sum().backward()
+        out.append((lp.detach(), h.grad, w.grad))
+    (lp, gh, gw), (lp0, gh0, gw0) = out
+    assert lp.dtype == gh.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(lp, lp0, atol=FWD_TOL[torch.bfloat16], rtol=0)
+    for a, b in ((gh, gh0), (gw, gw0)):
+        torch.testing.assert_close(a, b, atol=GRAD_REL[torch.bfloat16] * b.abs().max().item(), rtol=0)
+
+
 def test_auto_backend_and_errors(monkeypatch):
     h, w, labels = torch.randn(2, 3, 8), torch.randn(40, 8), torch.randint(0, 40, (2, 3))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

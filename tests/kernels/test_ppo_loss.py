@@ -133,6 +133,20 @@ def test_return_logprobs_no_grad_and_empty_mask(interpret, make_mask, garbage):
     assert loss.item() == 0 and (x.grad == 0).all() and all(v.item() == 0 for v in stats.values())
 
 
+def test_under_autocast_matches_torch_path(interpret, make_mask, garbage):
+    """fused_ppo_loss inside torch.autocast(bf16), fp32 leaves: same as the PyTorch path there (bf16 tol)."""
+    g = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(2, 9, 16, generator=g), torch.randn(120, 16, generator=g) * 0.5
+    d = _ppo_batch(2, 9, 120, "ragged", make_mask, garbage, seed=7, logits=hidden @ weight.t())
+    out = []
+    for backend in ("triton", "torch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out.append(_run(fused_ppo_loss, [hidden, weight], d, dict(entropy_coef=0.01, backend=backend)))
+    assert [gr.dtype for gr in out[0][2]] == [torch.float32] * 2
+    want = (out[1][0].double(), out[1][1], [gr.double() for gr in out[1][2]])
+    _check(out[0], want, *HIDDEN_TOL[torch.bfloat16])
+
+
 def test_backward_twice_fails_loudly(interpret):
     """The gradient is computed in forward and scaled in place by backward: a second backward through
     the same graph must raise, never return a doubly scaled gradient."""
