@@ -95,9 +95,10 @@ def _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ign
     hidden, weight, bias = autocast_inputs(hidden.device, hidden, weight, bias)
     rows = chunk_size or default_chunk_rows(weight.shape[0], weight.element_size())
     labels1d = labels.reshape(-1).long().contiguous()
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
     with torch.autocast(hidden.device.type, enabled=False):
-        lp, ent = LinearTokenLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels1d,
-                                                    float(temperature), int(ignore_index), return_entropy, rows)
+        lp, ent = LinearTokenLogprobsFunction.apply(hidden2d, weight, bias, labels1d, float(temperature),
+                                                    int(ignore_index), return_entropy, rows)
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp
 

@@ -273,9 +273,10 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     reject_float64("fused_ppo_loss", hidden=hidden)
     hidden, weight = autocast_inputs(hidden.device, hidden, weight)
     rows = chunk_size or default_chunk_rows(vocab, weight.element_size())
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
     with torch.autocast(hidden.device.type, enabled=False):  # matmuls in the (cast) inputs' dtype
-        loss, lp, ent = FusedPPOFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels_eff, terms,
-                                               float(temperature), rows, torch.is_grad_enabled())
+        loss, lp, ent = FusedPPOFunction.apply(hidden2d, weight, labels_eff, terms, float(temperature), rows,
+                                               torch.is_grad_enabled())
     return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)
 
 
