@@ -1,4 +1,6 @@
-"""`fastrlhf demo`: SFT -> reward model -> PPO on the built-in task (``fastrlhf.data.demo_task``), no downloads.
+"""`fastrlhf demo`: SFT -> reward model -> PPO on the built-in task (``fastrlhf.data.demo_task``).
+
+No downloads: tokenizer, models and data are built in-process from a seed.
 
 Stages, each written under ``--out`` and skipped when already complete (re-running resumes):
 
@@ -14,6 +16,7 @@ the response of log pi(y_t) - log pi_SFT(y_t) on sampled tokens, averaged over p
 estimate of the sequence-level KL). ``summary.json`` holds nested ``{"rm": {...}, "ppo": {...}}``
 sections plus ``world_size``, ``rollout`` and ``seconds``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,10 +48,12 @@ class DemoSettings:
     max_new_tokens: int = 10
 
 
-QUICK = DemoSettings(n_demos=4000, sft_epochs=6, sft_lr=3e-3, n_pair_prompts=6000, rm_epochs=4, rm_lr=1e-3,
-                     ppo_iterations=60)
-FULL = DemoSettings(n_demos=8000, sft_epochs=6, sft_lr=3e-3, n_pair_prompts=10000, rm_epochs=4, rm_lr=1e-3,
-                    ppo_iterations=150)
+QUICK = DemoSettings(
+    n_demos=4000, sft_epochs=6, sft_lr=3e-3, n_pair_prompts=6000, rm_epochs=4, rm_lr=1e-3, ppo_iterations=60
+)
+FULL = DemoSettings(
+    n_demos=8000, sft_epochs=6, sft_lr=3e-3, n_pair_prompts=10000, rm_epochs=4, rm_lr=1e-3, ppo_iterations=150
+)
 
 
 def ppo_config(settings: DemoSettings, seed: int, rollout: str, output_dir: Path):
@@ -57,12 +62,22 @@ def ppo_config(settings: DemoSettings, seed: int, rollout: str, output_dir: Path
     from fastrlhf.trainers.ppo import EarlyStopConfig, KLConfig, PPOConfig, RolloutConfig
 
     return PPOConfig(
-        output_dir=str(output_dir), seed=seed, iterations=settings.ppo_iterations, rollout_batch_size=64,
-        minibatch_size=32, ppo_epochs=4, actor_lr=3e-4, critic_lr=1e-3, reward_norm="running", reward_clip=5.0,
-        entropy_coef=0.0, checkpoint_every=10,
+        output_dir=str(output_dir),
+        seed=seed,
+        iterations=settings.ppo_iterations,
+        rollout_batch_size=64,
+        minibatch_size=32,
+        ppo_epochs=4,
+        actor_lr=3e-4,
+        critic_lr=1e-3,
+        reward_norm="running",
+        reward_clip=5.0,
+        entropy_coef=0.0,
+        checkpoint_every=10,
         rollout=RolloutConfig(backend=rollout, max_new_tokens=settings.max_new_tokens, temperature=1.0),
         kl=KLConfig(controller="adaptive", init_coef=0.05, target=6.0, horizon=2000),
-        early_stop=EarlyStopConfig(kl_factor=2.0, length_factor=2.0, score_falling_iters=20))
+        early_stop=EarlyStopConfig(kl_factor=2.0, length_factor=2.0, score_falling_iters=20),
+    )
 
 
 @contextlib.contextmanager
@@ -90,14 +105,36 @@ def stage_sft(out: Path, s: DemoSettings, tok, runtime, seed: int) -> Path:
     final = out / "sft" / "final"
     if runtime.is_main and not (out / "sft" / "sft_result.json").is_file():
         rows = task.make_demonstrations(s.n_demos, seed)
-        model = tiny_llama(len(tok), hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=seed,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                           bos_token_id=tok.bos_token_id)
+        model = tiny_llama(
+            len(tok),
+            hidden_size=64,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=128,
+            seed=seed,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
         # model / data name the in-memory objects passed below (SFTConfig requires both keys)
-        cfg = SFTConfig(model="demo:tiny_llama", data="demo:demonstrations", output_dir=str(out / "sft"), lr=s.sft_lr, epochs=s.sft_epochs, batch_size=s.sft_batch,
-                        micro_batch_size=s.sft_batch, max_length=32, seed=seed, bf16=False, device=str(runtime.device),
-                        lr_scheduler="cosine", warmup_ratio=0.05, progress=False, tensorboard=False,
-                        loss_impl="fused")
+        cfg = SFTConfig(
+            model="demo:tiny_llama",
+            data="demo:demonstrations",
+            output_dir=str(out / "sft"),
+            lr=s.sft_lr,
+            epochs=s.sft_epochs,
+            batch_size=s.sft_batch,
+            micro_batch_size=s.sft_batch,
+            max_length=32,
+            seed=seed,
+            bf16=False,
+            device=str(runtime.device),
+            lr_scheduler="cosine",
+            warmup_ratio=0.05,
+            progress=False,
+            tensorboard=False,
+            loss_impl="fused",
+        )
         result = SFTTrainer(cfg, model=model, tokenizer=tok, train_rows=rows).train()
         _say(runtime, f"SFT done: {result}")
     runtime.barrier()
@@ -106,6 +143,7 @@ def stage_sft(out: Path, s: DemoSettings, tok, runtime, seed: int) -> Path:
 
 def load_policy(path: Path):
     from fastrlhf.models import load_causal_lm
+
     return load_causal_lm(path)
 
 
@@ -120,7 +158,7 @@ def sample(model, tok, prompts: list[str], *, seed: int, max_new_tokens: int, ba
     texts, tokens = [], []
     for k in range(0, len(ids), batch):
         params = SamplingParams(max_new_tokens=max_new_tokens, seed=derive_seed(seed, "sample", k))
-        gen = engine.generate(ids[k:k + batch], params)
+        gen = engine.generate(ids[k : k + batch], params)
         tokens += gen.token_ids
         texts += [tok.decode(t, skip_special_tokens=True) for t in gen.token_ids]
     return texts, tokens
@@ -130,10 +168,18 @@ def sample(model, tok, prompts: list[str], *, seed: int, max_new_tokens: int, ba
 def _encode_pair_side(tok, prompts, responses):
     """prompt + response + EOS (what the policy generates; an empty response is EOS alone), right-padded."""
     from fastrlhf.data import pad_batch
-    seqs = [tok(p, add_special_tokens=False)["input_ids"] + tok(r, add_special_tokens=False)["input_ids"]
-            + [tok.eos_token_id] for p, r in zip(prompts, responses)]
-    batch = pad_batch([{"input_ids": x, "attention_mask": [1] * len(x)} for x in seqs], tok.pad_token_id,
-                      padding_side="right")
+
+    seqs = [
+        tok(p, add_special_tokens=False)["input_ids"]
+        + tok(r, add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    batch = pad_batch(
+        [{"input_ids": x, "attention_mask": [1] * len(x)} for x in seqs],
+        tok.pad_token_id,
+        padding_side="right",
+    )
     return batch["input_ids"], batch["attention_mask"]
 
 
@@ -141,7 +187,7 @@ def _encode_pair_side(tok, prompts, responses):
 def score_texts(rm, tok, prompts, responses, batch: int = 256) -> torch.Tensor:
     out = []
     for k in range(0, len(prompts), batch):
-        ids, mask = _encode_pair_side(tok, prompts[k:k + batch], responses[k:k + batch])
+        ids, mask = _encode_pair_side(tok, prompts[k : k + batch], responses[k : k + batch])
         out.append(rm(ids.to(rm.head.weight.device), mask.to(rm.head.weight.device)).float().cpu())
     return torch.cat(out)
 
@@ -152,8 +198,9 @@ def make_pairs(sft_model, tok, s: DemoSettings, seed: int):
     b, _ = sample(sft_model, tok, prompts, seed=derive_seed(seed, "pairs-b"), max_new_tokens=s.max_new_tokens)
     # an answer that is EOS alone decodes to "": preference rows need text on both sides
     keep = [i for i in range(len(prompts)) if a[i].strip() and b[i].strip()]
-    pairs = task.label_pairs([prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep],
-                             tau=s.label_tau, seed=seed)
+    pairs = task.label_pairs(
+        [prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep], tau=s.label_tau, seed=seed
+    )
     n_held = int(len(pairs) * s.heldout_frac)
     return pairs[n_held:], pairs[:n_held]
 
@@ -166,10 +213,14 @@ def evaluate_reward_model(rm, tok, pairs) -> dict:
     rejected = score_texts(rm, tok, prompts, [p.rejected for p in pairs])
     gold_order = torch.tensor([p.gold_chosen > p.gold_rejected for p in pairs])
     agree = (chosen > rejected) == gold_order
-    return {"heldout_accuracy": float((chosen > rejected).float().mean()),
-            "heldout_gold_accuracy": float(agree.float().mean()),
-            "ece": float(expected_calibration_error(chosen, rejected)), "heldout_pairs": len(pairs),
-            "chosen_scores": chosen.tolist(), "rejected_scores": rejected.tolist()}
+    return {
+        "heldout_accuracy": float((chosen > rejected).float().mean()),
+        "heldout_gold_accuracy": float(agree.float().mean()),
+        "ece": float(expected_calibration_error(chosen, rejected)),
+        "heldout_pairs": len(pairs),
+        "chosen_scores": chosen.tolist(),
+        "rejected_scores": rejected.tolist(),
+    }
 
 
 def _rows(pairs) -> list[dict]:
@@ -186,14 +237,35 @@ def stage_rm(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path)
         train_pairs, held = make_pairs(load_policy(sft_dir).eval(), tok, s, seed)
         _say(runtime, f"reward model: {len(train_pairs)} train / {len(held)} held-out labelled pairs")
         # model / data name the in-memory objects passed below (RewardConfig requires both keys)
-        cfg = RewardConfig(model="demo:sft-policy", data="demo:pairs", output_dir=str(out / "rm"), lr=s.rm_lr,
-                           epochs=s.rm_epochs, batch_size=s.rm_batch, micro_batch_size=s.rm_batch, max_length=32,
-                           warmup_ratio=0.05, use_margin=False, seed=seed, bf16=False,
-                           device=str(runtime.device), progress=False, tensorboard=False)
-        trained = RewardTrainer(cfg, model=load_policy(sft_dir), tokenizer=tok, train_rows=_rows(train_pairs),
-                                eval_rows=_rows(held)).train()
-        result = {**evaluate_reward_model(RewardModel.from_pretrained(final).eval(), tok, held),
-                  "train_pairs": len(train_pairs), "trainer_eval_accuracy": trained.get("eval_accuracy")}
+        cfg = RewardConfig(
+            model="demo:sft-policy",
+            data="demo:pairs",
+            output_dir=str(out / "rm"),
+            lr=s.rm_lr,
+            epochs=s.rm_epochs,
+            batch_size=s.rm_batch,
+            micro_batch_size=s.rm_batch,
+            max_length=32,
+            warmup_ratio=0.05,
+            use_margin=False,
+            seed=seed,
+            bf16=False,
+            device=str(runtime.device),
+            progress=False,
+            tensorboard=False,
+        )
+        trained = RewardTrainer(
+            cfg,
+            model=load_policy(sft_dir),
+            tokenizer=tok,
+            train_rows=_rows(train_pairs),
+            eval_rows=_rows(held),
+        ).train()
+        result = {
+            **evaluate_reward_model(RewardModel.from_pretrained(final).eval(), tok, held),
+            "train_pairs": len(train_pairs),
+            "trainer_eval_accuracy": trained.get("eval_accuracy"),
+        }
         _write_json(result_path, result)
     runtime.barrier()
     return final, json.loads(result_path.read_text())
@@ -211,10 +283,17 @@ def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path
     from fastrlhf.trainers.ppo import PPOTrainer
 
     cfg = ppo_config(s, seed, rollout, out / "ppo")
-    trainer = PPOTrainer(cfg, actor=load_policy(sft_dir), ref=load_policy(sft_dir),
-                         reward_model=RewardModel.from_pretrained(rm_dir), critic=ValueModel.from_pretrained(rm_dir),
-                         tokenizer=tok, prompts=task.make_prompts(2048, seed + 3), runtime=runtime,
-                         gold_fn=task.gold_reward)
+    trainer = PPOTrainer(
+        cfg,
+        actor=load_policy(sft_dir),
+        ref=load_policy(sft_dir),
+        reward_model=RewardModel.from_pretrained(rm_dir),
+        critic=ValueModel.from_pretrained(rm_dir),
+        tokenizer=tok,
+        prompts=task.make_prompts(2048, seed + 3),
+        runtime=runtime,
+        gold_fn=task.gold_reward,
+    )
     trainer.train()
     trainer.save_final(out / "ppo" / "final")
     return trainer
@@ -230,19 +309,33 @@ def evaluate_policies(trainer, tok, s: DemoSettings, seed: int) -> dict:
     result = {}
     for name, policy in (("before", trainer.ref), ("after", trainer.actor)):
         policy.eval()
-        texts, tokens = sample(policy, tok, prompts, seed=derive_seed(seed, "eval"),
-                              max_new_tokens=s.max_new_tokens)
-        gold = [task.gold_reward(p, t) for p, t in zip(prompts, texts)]
+        texts, tokens = sample(
+            policy, tok, prompts, seed=derive_seed(seed, "eval"), max_new_tokens=s.max_new_tokens
+        )
+        gold = [task.gold_reward(p, t) for p, t in zip(prompts, texts, strict=True)]
         rm = score_texts(trainer.reward_model, tok, prompts, texts)
-        result[name] = {"gold": sum(gold) / len(gold), "rm": float(rm.mean()),
-                        "length": sum(len(t) for t in tokens) / len(tokens), "gold_all": gold,
-                        "rm_all": rm.tolist()}
+        result[name] = {
+            "gold": sum(gold) / len(gold),
+            "rm": float(rm.mean()),
+            "length": sum(len(t) for t in tokens) / len(tokens),
+            "gold_all": gold,
+            "rm_all": rm.tolist(),
+        }
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     from fastrlhf.rollout.base import Generation
-    batch = build_batch(ids, Generation(tokens, [[0.0] * len(t) for t in tokens]), pad_token_id=tok.pad_token_id,
-                        device=trainer.runtime.device)
-    lp, _, _ = trainer.actor(batch.input_ids, batch.attention_mask, mode="logprobs", prompt_len=batch.prompt_len)
-    ref, _, _ = trainer.ref(batch.input_ids, batch.attention_mask, mode="logprobs", prompt_len=batch.prompt_len)
+
+    batch = build_batch(
+        ids,
+        Generation(tokens, [[0.0] * len(t) for t in tokens]),
+        pad_token_id=tok.pad_token_id,
+        device=trainer.runtime.device,
+    )
+    lp, _, _ = trainer.actor(
+        batch.input_ids, batch.attention_mask, mode="logprobs", prompt_len=batch.prompt_len
+    )
+    ref, _, _ = trainer.ref(
+        batch.input_ids, batch.attention_mask, mode="logprobs", prompt_len=batch.prompt_len
+    )
     result["kl"] = float(torch.where(batch.mask, lp - ref, torch.zeros_like(lp)).sum(-1).mean())
     return result
 
@@ -262,6 +355,7 @@ def collect_metrics(out: Path) -> None:
 
 def make_plots(out: Path, rm_result: dict, evals: dict) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -270,10 +364,15 @@ def make_plots(out: Path, rm_result: dict, evals: dict) -> list[str]:
     rows = [r for r in read_metrics(out / "ppo" / "metrics.jsonl") if r.get("stage") == "ppo" and "kl" in r]
     written = []
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    panels = (("rm_score", "RM score"), ("gold_reward", "gold reward"), ("kl", "KL to SFT (nats / seq)"),
-              ("response_length", "response length (tokens)"), ("entropy", "policy entropy (nats / token)"),
-              ("kl_coef", "KL coefficient"))
-    for ax, (key, title) in zip(axes.flat, panels):
+    panels = (
+        ("rm_score", "RM score"),
+        ("gold_reward", "gold reward"),
+        ("kl", "KL to SFT (nats / seq)"),
+        ("response_length", "response length (tokens)"),
+        ("entropy", "policy entropy (nats / token)"),
+        ("kl_coef", "KL coefficient"),
+    )
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
         ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows])
         if key == "gold_reward":
             ax.axhline(task.GOLD_MAX, ls="--", c="gray", label="gold max")
@@ -292,8 +391,13 @@ def make_plots(out: Path, rm_result: dict, evals: dict) -> list[str]:
     written.append("rm_chosen_vs_rejected.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ("before", "after"):
-        ax.scatter(evals[name]["rm_all"], evals[name]["gold_all"], s=8, alpha=0.4,
-                   label=f"{'SFT' if name == 'before' else 'PPO'} samples")
+        ax.scatter(
+            evals[name]["rm_all"],
+            evals[name]["gold_all"],
+            s=8,
+            alpha=0.4,
+            label=f"{'SFT' if name == 'before' else 'PPO'} samples",
+        )
     ax.set_xlabel("RM score")
     ax.set_ylabel("gold reward")
     ax.set_title("gold reward vs RM score (divergence = reward hacking)")
@@ -304,39 +408,62 @@ def make_plots(out: Path, rm_result: dict, evals: dict) -> list[str]:
     return written
 
 
-def build_summary(rm_result: dict, evals: dict, cfg, runtime, rollout: str, seconds: float, quick: bool) -> dict:
+def build_summary(
+    rm_result: dict, evals: dict, cfg, runtime, rollout: str, seconds: float, quick: bool
+) -> dict:
     before, after = evals["before"]["gold"], evals["after"]["gold"]
     gap = task.GOLD_MAX - before
     return {
         "rm": {k: v for k, v in rm_result.items() if not isinstance(v, list)},
-        "ppo": {"gold_reward_before": before, "gold_reward_after": after, "gold_reward_max": task.GOLD_MAX,
-                "gap_closed": (after - before) / gap if gap > 0 else float("nan"),
-                "rm_score_before": evals["before"]["rm"], "rm_score_after": evals["after"]["rm"],
-                "length_before": evals["before"]["length"], "length_after": evals["after"]["length"],
-                "kl_final": evals["kl"], "kl_target": cfg.kl.target,
-                "kl_definition": "mean over held-out prompts of sum_t log pi_PPO(y_t) - log pi_SFT(y_t), "
-                                 "y sampled from pi_PPO (nats per sequence)",
-                "iterations": cfg.iterations},
-        "world_size": runtime.world_size, "rollout": rollout, "quick": quick, "seconds": seconds,
+        "ppo": {
+            "gold_reward_before": before,
+            "gold_reward_after": after,
+            "gold_reward_max": task.GOLD_MAX,
+            "gap_closed": (after - before) / gap if gap > 0 else float("nan"),
+            "rm_score_before": evals["before"]["rm"],
+            "rm_score_after": evals["after"]["rm"],
+            "length_before": evals["before"]["length"],
+            "length_after": evals["after"]["length"],
+            "kl_final": evals["kl"],
+            "kl_target": cfg.kl.target,
+            "kl_definition": "mean over held-out prompts of sum_t log pi_PPO(y_t) - log pi_SFT(y_t), "
+            "y sampled from pi_PPO (nats per sequence)",
+            "iterations": cfg.iterations,
+        },
+        "world_size": runtime.world_size,
+        "rollout": rollout,
+        "quick": quick,
+        "seconds": seconds,
     }
 
 
 def print_summary(summary: dict) -> None:
     p, r = summary["ppo"], summary["rm"]
     print("\n==== fastrlhf demo summary ====")
-    print(f"reward model : held-out accuracy {r['heldout_accuracy']:.3f} (vs gold order "
-          f"{r['heldout_gold_accuracy']:.3f}), ECE {r['ece']:.3f}")
-    print(f"gold reward  : SFT {p['gold_reward_before']:.3f} -> PPO {p['gold_reward_after']:.3f} "
-          f"(max {p['gold_reward_max']:.1f}; {100 * p['gap_closed']:.1f}% of the gap closed)")
+    print(
+        f"reward model : held-out accuracy {r['heldout_accuracy']:.3f} (vs gold order "
+        f"{r['heldout_gold_accuracy']:.3f}), ECE {r['ece']:.3f}"
+    )
+    print(
+        f"gold reward  : SFT {p['gold_reward_before']:.3f} -> PPO {p['gold_reward_after']:.3f} "
+        f"(max {p['gold_reward_max']:.1f}; {100 * p['gap_closed']:.1f}% of the gap closed)"
+    )
     print(f"RM score     : {p['rm_score_before']:.3f} -> {p['rm_score_after']:.3f}")
-    print(f"KL to SFT    : {p['kl_final']:.3f} nats/seq (target {p['kl_target']}, limit {2 * p['kl_target']})")
+    print(
+        f"KL to SFT    : {p['kl_final']:.3f} nats/seq (target {p['kl_target']}, limit {2 * p['kl_target']})"
+    )
     print(f"length       : {p['length_before']:.2f} -> {p['length_after']:.2f} tokens")
-    print(f"time         : {summary['seconds']:.0f} s  (world size {summary['world_size']}, "
-          f"rollout {summary['rollout']})\n", flush=True)
+    print(
+        f"time         : {summary['seconds']:.0f} s  (world size {summary['world_size']}, "
+        f"rollout {summary['rollout']})\n",
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- entry
-def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf") -> dict:
+def run_demo(
+    out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf"
+) -> dict:
     """The whole pipeline; returns the summary dict (also written to ``out/summary.json``)."""
     from fastrlhf.engine import runtime as rt
 

@@ -1,4 +1,5 @@
 """`fastrlhf demo --quick` end to end: the quality bar of issue 5, the files it promises, and resume."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ def _run_demo(out: Path, cwd: Path) -> tuple[subprocess.CompletedProcess, float]
     # shadow the `kernels` name that transformers probes for.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "fastrlhf", "demo", "--quick", "--out", str(out), "--seed", "0"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastrlhf", "demo", "--quick", "--out", str(out), "--seed", "0"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return proc, time.time() - start
 
 
@@ -45,7 +52,9 @@ def test_quick_demo_meets_the_bar_and_resumes(tmp_path):
         assert (out / name).stat().st_size > 0
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"sft", "rm", "ppo"} <= stages
-    assert (out / "sft" / "final" / "tokenizer.json").is_file()  # HF format with its tokenizer (vLLM loads it)
+    assert (
+        out / "sft" / "final" / "tokenizer.json"
+    ).is_file()  # HF format with its tokenizer (vLLM loads it)
     assert "gap closed" in proc.stdout
 
     # Re-running with the same --out skips the finished stages and ends with the same result.

@@ -10,7 +10,8 @@ of a response (a sequence of words, EOS and other special tokens not counted) is
 so the best the task allows is ``GOLD_MAX = MAX_WORDS = 8`` (eight on-topic words, nothing else).
 Demonstrations are deliberately mediocre (0-4 good words, careless repeats, off-topic words, fillers),
 so an SFT policy trained on them starts far below the maximum (about 1.5 of 8). Preference labels come
-from a noisy Bradley-Terry draw on the gold scores, ``P(a preferred to b) = sigmoid((gold_a - gold_b) / tau)``,
+from a noisy Bradley-Terry draw on the gold scores,
+``P(a preferred to b) = sigmoid((gold_a - gold_b) / tau)``,
 as a human labeller would give; equal gold scores are a "tie" that labellers skip. Everything is a pure
 function of a seed.
 
@@ -19,6 +20,7 @@ pairs learns per-word topic membership well but not duplicate detection, so a di
 turns PPO into a repeat-the-same-word reward hack (measured: gold fell while the RM score rose).
 Overlong answers are still penalised, and off-topic words still cost, so the RM has to be read right.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +35,9 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "music": ("song", "drum", "piano", "guitar", "violin"),
     "sports": ("ball", "goal", "race", "swim", "team"),
 }
-FILLERS = tuple("the a and is very so i like it this that really some many nice big small we see love".split())
+FILLERS = tuple(
+    "the a and is very so i like it this that really some many nice big small we see love".split()
+)
 TEMPLATES = ("tell me about {}", "write about {}", "talk about {}", "say something about {}")
 MAX_WORDS = 8
 GOLD_MAX = float(MAX_WORDS)
@@ -54,6 +58,7 @@ def vocabulary() -> list[str]:
 def build_tokenizer():
     """Word-level tokenizer over :func:`vocabulary`, left padding (prompts are left-padded for generation)."""
     from fastrlhf.data.tokenizer import build_word_tokenizer
+
     return build_word_tokenizer(vocabulary(), chat_template=None, padding_side="left")
 
 
@@ -111,8 +116,9 @@ class PreferencePair:
     gold_rejected: float
 
 
-def label_pairs(prompts: list[str], responses_a: list[str], responses_b: list[str], *, tau: float,
-                seed: int) -> list[PreferencePair]:
+def label_pairs(
+    prompts: list[str], responses_a: list[str], responses_b: list[str], *, tau: float, seed: int
+) -> list[PreferencePair]:
     """Noisy Bradley-Terry labels on gold scores; ties (equal gold) are skipped as a labeller would."""
     rng = random.Random(f"labels-{seed}")
     pairs = []

@@ -1,4 +1,4 @@
-"""PolicyWithLoss: an HF causal LM whose forward returns PPO losses or token log-probs, never [B, T, V] logits.
+"""PolicyWithLoss: an HF causal LM whose forward returns PPO losses or token log-probs, never [B,T,V] logits.
 
 Why a wrapper: under FSDP2 the lm_head weight is only unsharded inside a forward of the module that
 owns it (DESIGN.md, "integration points"). So the fused loss (``fastrlhf.kernels.fused_ppo_loss``)
@@ -10,6 +10,7 @@ by responses right-padded to ``R``; ``attention_mask`` marks real tokens of both
 position ``P - 1 + j`` predicts response token ``j``, so ``hidden[:, P-1 : P+R-1]`` lines up with
 ``labels = input_ids[:, P:]``. Position ids follow the attention mask (left padding is invisible).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,15 @@ class PolicyWithLoss(nn.Module):
       - ``"loss"``: ``fused_ppo_loss`` over the responses -> ``(loss, stats, values [B, R] or None)``.
     """
 
-    def __init__(self, lm: nn.Module, *, shared_critic: bool = False, temperature: float = 1.0,
-                 backend: str = "auto", chunk_size: int | None = None):
+    def __init__(
+        self,
+        lm: nn.Module,
+        *,
+        shared_critic: bool = False,
+        temperature: float = 1.0,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+    ):
         super().__init__()
         self.lm = lm
         self.temperature = float(temperature)
@@ -51,9 +59,13 @@ class PolicyWithLoss(nn.Module):
 
     def _response_hidden(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
         body = self.lm.get_decoder()
-        out = body(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=positions_from_mask(attention_mask), use_cache=False)
-        return out.last_hidden_state[:, prompt_len - 1: input_ids.shape[1] - 1]
+        out = body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state[:, prompt_len - 1 : input_ids.shape[1] - 1]
 
     def _head(self):
         head = self.lm.get_output_embeddings()
@@ -64,8 +76,9 @@ class PolicyWithLoss(nn.Module):
             return None
         return self.value_head(hidden).squeeze(-1).float()
 
-    def forward(self, input_ids, attention_mask=None, *, mode: str = "lm", prompt_len: int | None = None,
-                **kwargs):
+    def forward(
+        self, input_ids, attention_mask=None, *, mode: str = "lm", prompt_len: int | None = None, **kwargs
+    ):
         if mode == "lm":
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if prompt_len is None or not 1 <= prompt_len < input_ids.shape[1]:
@@ -78,12 +91,27 @@ class PolicyWithLoss(nn.Module):
         if mode == "loss":
             if bias is not None:
                 raise NotImplementedError("fused_ppo_loss takes no lm_head bias; this model's head has one")
-            loss, stats = fused_ppo_loss(hidden, weight, labels, temperature=self.temperature,
-                                         chunk_size=self.chunk_size, backend=self.backend, **kwargs)
+            loss, stats = fused_ppo_loss(
+                hidden,
+                weight,
+                labels,
+                temperature=self.temperature,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+                **kwargs,
+            )
             return loss, stats, self._values(hidden)
         raise ValueError(f"mode must be 'lm', 'logprobs' or 'loss', got {mode!r}")
 
     def _logprobs(self, hidden, weight, bias, labels):
-        lp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
-                                        return_entropy=True, chunk_size=self.chunk_size, backend=self.backend)
+        lp, ent = linear_token_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            temperature=self.temperature,
+            return_entropy=True,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
         return lp, ent, self._values(hidden)

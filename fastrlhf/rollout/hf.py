@@ -11,9 +11,10 @@ past_key_values=, use_cache=True, logits_to_keep=1)`` returning ``.logits`` and 
 ``fastrlhf.models.policy.PolicyWithLoss`` forwards that call to its LM inside its own forward, so a
 wrapped (FSDP2-sharded) actor works unchanged.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -48,8 +49,8 @@ def left_pad(prompt_ids: list[list[int]], pad_token_id: int, device) -> tuple[to
     ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
     for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -117,9 +118,15 @@ class HFRollout:
         cache = DynamicCache()
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         step_ids, out_tokens, out_lp = ids, [], []
-        for step in range(params.max_new_tokens):
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=position,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for _step in range(params.max_new_tokens):
+            out = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             cache = out.past_key_values
             tok, lp = self._sample(out.logits[:, -1, :], params, gen)
             out_tokens.append(tok)
@@ -136,8 +143,10 @@ class HFRollout:
         for e in self.eos_token_ids:
             is_eos |= tokens == e
         lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, tokens.shape[1]).tolist()
-        return Generation(token_ids=[t[:n].tolist() for t, n in zip(tokens, lengths)],
-                          logprobs=[lp[:n].tolist() for lp, n in zip(logprobs, lengths)])
+        return Generation(
+            token_ids=[t[:n].tolist() for t, n in zip(tokens, lengths, strict=True)],
+            logprobs=[lp[:n].tolist() for lp, n in zip(logprobs, lengths, strict=True)],
+        )
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The actor's parameters are the generator's: nothing to load."""

@@ -14,17 +14,24 @@ Device, process group, model wrapping, rollout engine and weight sync come only 
 ``fastrlhf.engine.runtime``, so the same code runs in one process and under torchrun with FSDP2 / vLLM.
 Each rank samples its own prompt shard; metrics are all-reduced means; only rank 0 writes files.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from fastrlhf.algo import (AdaptiveKLController, FixedKLController, RunningMoments, StepKLController,
-                           normalize_rewards, token_rewards)
+from fastrlhf.algo import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    StepKLController,
+    normalize_rewards,
+    token_rewards,
+)
 from fastrlhf.engine import runtime as rt
 from fastrlhf.kernels import gae, masked_mean, masked_whiten, ppo_value_loss
 from fastrlhf.models.policy import PolicyWithLoss
@@ -33,7 +40,13 @@ from fastrlhf.telemetry.metrics import MetricsLogger
 from fastrlhf.trainers import common
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch, count_units, loss_weight, split_rows
 from fastrlhf.trainers.ppo_config import EarlyStopConfig, KLConfig, PPOConfig, RolloutConfig  # noqa: F401
-from fastrlhf.trainers.ppo_state import load_ppo_checkpoint, save_policy, save_ppo_checkpoint
+from fastrlhf.trainers.ppo_state import (
+    drop_rows_after,
+    early_stop_rule,
+    load_ppo_checkpoint,
+    save_policy,
+    save_ppo_checkpoint,
+)
 
 __all__ = ["PPOTrainer", "PPOConfig", "RolloutConfig", "KLConfig", "EarlyStopConfig", "cli_main"]
 
@@ -49,23 +62,43 @@ def build_kl_controller(cfg: KLConfig):
     if cfg.controller == "adaptive":
         return AdaptiveKLController(cfg.init_coef, cfg.target, cfg.horizon)
     if cfg.controller == "step":
-        return StepKLController(cfg.init_coef, cfg.target, factor=cfg.step_factor, tolerance=cfg.step_tolerance,
-                                min_coef=cfg.min_coef, max_coef=cfg.max_coef)
+        return StepKLController(
+            cfg.init_coef,
+            cfg.target,
+            factor=cfg.step_factor,
+            tolerance=cfg.step_tolerance,
+            min_coef=cfg.min_coef,
+            max_coef=cfg.max_coef,
+        )
     return FixedKLController(cfg.init_coef)
 
 
 class PPOTrainer:
     """``PPOTrainer(config, actor=, ref=, reward_model=, critic=, tokenizer=, prompts=).train()``.
 
-    ``actor`` / ``ref``: HF causal LMs (or ``PolicyWithLoss``); ``reward_model``: ``forward(ids, mask) -> [B]``;
+    ``actor`` / ``ref``: HF causal LMs (or ``PolicyWithLoss``);
+    ``reward_model``: ``forward(ids, mask) -> [B]``;
     ``critic``: ``forward(ids, mask) -> [B, T]`` (``ValueModel``), None with ``shared_critic``.
     ``prompts``: strings or token-id lists. ``gold_fn(prompt, response) -> float`` (optional) is a hidden
     scorer logged as ``gold_reward``; it never feeds the rewards.
     """
 
-    def __init__(self, config: PPOConfig, *, actor, ref, reward_model, critic, tokenizer, prompts: Sequence,
-                 runtime: rt.Runtime | None = None, rollout=None, gold_fn: Callable | None = None,
-                 output_dir: str | Path | None = None, prompt_texts: Sequence[str] | None = None):
+    def __init__(
+        self,
+        config: PPOConfig,
+        *,
+        actor,
+        ref,
+        reward_model,
+        critic,
+        tokenizer,
+        prompts: Sequence,
+        runtime: rt.Runtime | None = None,
+        rollout=None,
+        gold_fn: Callable | None = None,
+        output_dir: str | Path | None = None,
+        prompt_texts: Sequence[str] | None = None,
+    ):
         self.config = cfg = config
         self.runtime = runtime or rt.init_runtime()
         self.tokenizer = tokenizer
@@ -76,28 +109,41 @@ class PPOTrainer:
         common.set_seed(cfg.seed)
         # log-probs under the sampling temperature (greedy sampling reports temperature-1 log-probs)
         wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
-        actor = actor if isinstance(actor, PolicyWithLoss) else PolicyWithLoss(
-            actor, shared_critic=cfg.shared_critic, **wrap)
+        actor = (
+            actor
+            if isinstance(actor, PolicyWithLoss)
+            else PolicyWithLoss(actor, shared_critic=cfg.shared_critic, **wrap)
+        )
         ref = ref if isinstance(ref, PolicyWithLoss) else PolicyWithLoss(ref, **wrap)
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
-            self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model)
+            self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model
+        )
         self.rollout = rollout or rt.make_rollout(self.runtime, cfg.rollout.backend, self.actor, tokenizer)
         self._setup_prompts(prompts, prompt_texts)
         self._setup_optim()
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.moments = RunningMoments()
         self.counters = {"skipped_rollouts": 0, "skipped_steps": 0}
-        self.stop_state = {"base_length": None, "score_ema": None, "falling": 0, "prev_ema": None,
-                           "stopped": None}
+        self.stop_state = {
+            "base_length": None,
+            "score_ema": None,
+            "falling": 0,
+            "stopped": None,
+        }
         self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main, tensorboard=False)
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------------- setup
     def _setup_prompts(self, prompts, prompt_texts):
-        encoded = [list(p) if not isinstance(p, str) else
-                   self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        texts = list(prompt_texts) if prompt_texts is not None else [
-            p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
+        encoded = [
+            list(p) if not isinstance(p, str) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
+            for p in prompts
+        ]
+        texts = (
+            list(prompt_texts)
+            if prompt_texts is not None
+            else [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
+        )
         for i, e in enumerate(encoded):
             if not 1 <= len(e) <= self.config.max_prompt_length:
                 raise ValueError(f"prompt {i} has {len(e)} tokens; need 1..{self.config.max_prompt_length}")
@@ -110,14 +156,19 @@ class PPOTrainer:
     def _setup_optim(self):
         cfg = self.config
         steps = cfg.iterations * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.minibatch_size)
-        self.optimizers = {"actor": common.build_optimizer(self.actor, lr=cfg.actor_lr,
-                                                           weight_decay=cfg.weight_decay)}
+        self.optimizers = {
+            "actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
+        }
         if self.critic is not None:
-            self.optimizers["critic"] = common.build_optimizer(self.critic, lr=cfg.critic_lr,
-                                                               weight_decay=cfg.weight_decay)
-        self.schedulers = {k: common.build_scheduler(o, cfg.lr_scheduler, num_training_steps=max(steps, 1),
-                                                     warmup_ratio=cfg.warmup_ratio)
-                           for k, o in self.optimizers.items()}
+            self.optimizers["critic"] = common.build_optimizer(
+                self.critic, lr=cfg.critic_lr, weight_decay=cfg.weight_decay
+            )
+        self.schedulers = {
+            k: common.build_scheduler(
+                o, cfg.lr_scheduler, num_training_steps=max(steps, 1), warmup_ratio=cfg.warmup_ratio
+            )
+            for k, o in self.optimizers.items()
+        }
 
     def optimized(self) -> dict:
         models = {"actor": self.actor, "critic": self.critic}
@@ -147,13 +198,15 @@ class PPOTrainer:
         return self.history
 
     def iteration(self, it: int) -> dict:
-        cfg, sched = self.config, self.runtime.scheduler
+        _cfg, sched = self.config, self.runtime.scheduler
         prompt_rows = self._prompt_rows(it)
         prompts = [self.prompt_ids[i] for i in prompt_rows]
         # 1. generate
         with sched.phase("generate"):
             gen = self.rollout.generate(prompts, self._sampling_params(it))
-        batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device)
+        batch = build_batch(
+            prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device
+        )
         # 2. score
         with sched.phase("score"):
             scores, score_stats = self.score(batch)
@@ -192,8 +245,13 @@ class PPOTrainer:
     def _sampling_params(self, it: int) -> SamplingParams:
         r = self.config.rollout
         seed = derive_seed(self.config.seed, "rollout", it, self.runtime.rank)
-        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, seed=seed)
+        return SamplingParams(
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            seed=seed,
+        )
 
     @torch.no_grad()
     def score(self, batch: PPOBatch) -> tuple[torch.Tensor, dict]:
@@ -204,41 +262,61 @@ class PPOTrainer:
         self.actor.train()
         ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
         if self.critic is not None:
-            values = self.critic(ids, attn)[:, p_len - 1: -1].float()
+            values = self.critic(ids, attn)[:, p_len - 1 : -1].float()
         zero = torch.zeros((), device=ids.device)
         batch.old_logprobs = torch.where(mask, old_lp, zero)
         batch.ref_logprobs = torch.where(mask, ref_lp, zero)
         batch.old_values = torch.where(mask, values, zero)
         scores = self.reward_model(ids, attn).float()
         diff = (batch.sampler_logprobs - batch.old_logprobs).abs()
-        stats = {"rm_score": scores.mean(), "rm_score_std": scores.std() if scores.numel() > 1 else zero,
-                 "response_length": mask.sum(-1).float().mean(), "entropy": masked_mean(entropy, mask),
-                 "logprob_mismatch_abs": masked_mean(diff, mask),
-                 "logprob_mismatch_max": torch.where(mask, diff, zero).max()}
+        stats = {
+            "rm_score": scores.mean(),
+            "rm_score_std": scores.std() if scores.numel() > 1 else zero,
+            "response_length": mask.sum(-1).float().mean(),
+            "entropy": masked_mean(entropy, mask),
+            "logprob_mismatch_abs": masked_mean(diff, mask),
+            "logprob_mismatch_max": torch.where(mask, diff, zero).max(),
+        }
         return scores, stats
 
     def _all_finite(self, *tensors) -> bool:
         dev = self.runtime.device
-        bad = torch.stack([(~torch.isfinite(t)).sum().float().to(dev) for t in tensors if t is not None]).sum()
+        bad = torch.stack(
+            [(~torch.isfinite(t)).sum().float().to(dev) for t in tensors if t is not None]
+        ).sum()
         return float(self.runtime.all_reduce_mean(bad)) == 0.0
 
     @torch.no_grad()
     def advantages(self, batch: PPOBatch, scores: torch.Tensor) -> dict:
         """normalize_rewards -> token_rewards -> gae -> whitening; fills batch.advantages / returns."""
         cfg, mask = self.config, batch.mask
-        norm = normalize_rewards(scores, mode=cfg.reward_norm, lengths=mask.sum(-1).clamp(min=1),
-                                 clip=cfg.reward_clip, stats=self.moments)
-        rewards, _ = token_rewards(norm, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef=self.kl_ctl.value,
-                                   kl_kind=cfg.kl.kind)
-        adv, ret = gae(rewards, batch.old_values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.kernel_backend)
+        norm = normalize_rewards(
+            scores,
+            mode=cfg.reward_norm,
+            lengths=mask.sum(-1).clamp(min=1),
+            clip=cfg.reward_clip,
+            stats=self.moments,
+        )
+        rewards, _ = token_rewards(
+            norm, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef=self.kl_ctl.value, kl_kind=cfg.kl.kind
+        )
+        adv, ret = gae(
+            rewards, batch.old_values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.kernel_backend
+        )
         batch.returns = ret
         batch.advantages = self._whiten(adv, mask) if cfg.whiten_advantages else adv
         # KL to the reference, per sequence: sum over the response of log pi - log ref (k1), mean over rows
         seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).mean()
         kl = self.runtime.all_reduce_mean(seq_kl)
-        return {"kl": kl, "kl_coef": torch.tensor(self.kl_ctl.value), "reward_normalized": norm.mean(),
-                "advantage_mean": masked_mean(adv, mask), "advantage_std": masked_mean(adv * adv, mask).sqrt(),
-                "return_mean": masked_mean(ret, mask), "value_mean": masked_mean(batch.old_values, mask)}
+        return {
+            "kl": kl,
+            "kl_coef": torch.tensor(self.kl_ctl.value),
+            "reward_normalized": norm.mean(),
+            "advantage_mean": masked_mean(adv, mask),
+            "advantage_std": masked_mean(adv * adv, mask).sqrt(),
+            "return_mean": masked_mean(ret, mask),
+            "value_mean": masked_mean(batch.old_values, mask),
+        }
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Advantage whitening over the valid tokens of the global batch (all ranks)."""
@@ -289,15 +367,27 @@ class PPOTrainer:
     def _micro_loss(self, micro: PPOBatch) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         pg_loss, stats, values = self.actor(
-            micro.input_ids, micro.attention_mask, mode="loss", prompt_len=micro.prompt_len,
-            old_logprobs=micro.old_logprobs, advantages=micro.advantages, mask=micro.mask,
-            ref_logprobs=micro.ref_logprobs if cfg.kl.loss_coef else None, kl_coef=cfg.kl.loss_coef,
-            kl_kind=cfg.kl.loss_kind, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg)
+            micro.input_ids,
+            micro.attention_mask,
+            mode="loss",
+            prompt_len=micro.prompt_len,
+            old_logprobs=micro.old_logprobs,
+            advantages=micro.advantages,
+            mask=micro.mask,
+            ref_logprobs=micro.ref_logprobs if cfg.kl.loss_coef else None,
+            kl_coef=cfg.kl.loss_coef,
+            kl_kind=cfg.kl.loss_kind,
+            entropy_coef=cfg.entropy_coef,
+            clip_low=cfg.clip,
+            clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip,
+            loss_agg=cfg.loss_agg,
+        )
         if self.critic is not None:
-            values = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1: -1]
-        vf_loss, vf_stats = ppo_value_loss(values, micro.old_values, micro.returns, micro.mask,
-                                           clip=cfg.value_clip, loss_agg=cfg.loss_agg)
+            values = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1 : -1]
+        vf_loss, vf_stats = ppo_value_loss(
+            values, micro.old_values, micro.returns, micro.mask, clip=cfg.value_clip, loss_agg=cfg.loss_agg
+        )
         vf_weight = cfg.vf_coef if self.critic is None else 1.0
         stats = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), **stats, **vf_stats}
         stats = {("policy_" + k if k in ("kl", "entropy") else k): v for k, v in stats.items()}
@@ -315,7 +405,9 @@ class PPOTrainer:
             return {}
         stats["grad_norm_actor"] = common.clip_grad_norm(self.actor.parameters(), self.config.max_grad_norm)
         if self.critic is not None:
-            stats["grad_norm_critic"] = common.clip_grad_norm(self.critic.parameters(), self.config.max_grad_norm)
+            stats["grad_norm_critic"] = common.clip_grad_norm(
+                self.critic.parameters(), self.config.max_grad_norm
+            )
         for name, opt in self.optimizers.items():
             opt.step()
             self.schedulers[name].step()
@@ -325,52 +417,51 @@ class PPOTrainer:
     def _gold(self, rows: list[int], batch: PPOBatch) -> dict:
         if self.gold_fn is None:
             return {}
-        responses = [self.tokenizer.decode(r[m], skip_special_tokens=True)
-                     for r, m in zip(batch.responses.cpu(), batch.mask.cpu())]
-        gold = [self.gold_fn(self.prompt_texts[i], resp) for i, resp in zip(rows, responses)]
+        responses = [
+            self.tokenizer.decode(r[m], skip_special_tokens=True)
+            for r, m in zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)
+        ]
+        gold = [self.gold_fn(self.prompt_texts[i], resp) for i, resp in zip(rows, responses, strict=True)]
         return {"gold_reward": torch.tensor(sum(gold) / len(gold))}
 
     def _log(self, it: int, metrics: dict, batch: PPOBatch | None = None) -> dict:
         names = sorted(metrics)
-        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names])
+        values = torch.stack(
+            [torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names]
+        )
         values = self.runtime.all_reduce_mean(values.to(self.runtime.device)).cpu().tolist()
-        row = dict(zip(names, values))
+        row = dict(zip(names, values, strict=True))
         phases = self.runtime.scheduler.pop_stats()
         row.update(phases)
         if batch is not None:
             n_resp = float(batch.mask.sum()) * self.runtime.world_size
             n_all = float(batch.attention_mask.sum()) * self.runtime.world_size
-            for phase, n_tok in (("generate", n_resp), ("score", n_all),
-                                 ("train", n_all * self.config.ppo_epochs)):
+            for phase, n_tok in (
+                ("generate", n_resp),
+                ("score", n_all),
+                ("train", n_all * self.config.ppo_epochs),
+            ):
                 if phases.get(f"time/{phase}_s"):
                     row[f"tokens_per_s/{phase}"] = n_tok / phases[f"time/{phase}_s"]
         row["iteration"] = it + 1
         return self.logger.log(it + 1, row, stage="ppo")
 
-    def _check_early_stop(self, it: int, m: dict) -> None:
-        es, st = self.config.early_stop, self.stop_state
-        if st["base_length"] is None:
-            st["base_length"] = m["response_length"]
-        prev = st["score_ema"]
-        st["score_ema"] = m["rm_score"] if prev is None else es.score_ema * prev + (1 - es.score_ema) * m["rm_score"]
-        st["falling"] = st["falling"] + 1 if prev is not None and st["score_ema"] < prev else 0
-        rule = None
-        if es.kl_factor is not None and m["kl"] > es.kl_factor * self.config.kl.target:
-            rule = f"kl {m['kl']:.3f} > {es.kl_factor} x target {self.config.kl.target}"
-        elif es.length_factor is not None and m["response_length"] > es.length_factor * st["base_length"]:
-            rule = f"response length {m['response_length']:.2f} > {es.length_factor} x SFT {st['base_length']:.2f}"
-        elif es.score_falling_iters is not None and st["falling"] >= es.score_falling_iters:
-            rule = f"RM score EMA fell for {st['falling']} iterations"
+    def _check_early_stop(self, it: int, metrics: dict) -> None:
+        rule = early_stop_rule(self.config.early_stop, self.config.kl.target, self.stop_state, metrics)
         if rule is not None:
-            st["stopped"] = rule
+            self.stop_state["stopped"] = rule
             self.logger.log(it + 1, {"early_stop": rule}, stage="ppo")
             if self.runtime.is_main:
                 print(f"[ppo] early stop at iteration {it + 1}: {rule}", flush=True)
 
     # -------------------------------------------------------------------------------------- resume
     def bookkeeping_state(self) -> dict:
-        return {"kl_ctl": self.kl_ctl.state_dict(), "moments": self.moments.state_dict(),
-                "counters": dict(self.counters), "stop_state": dict(self.stop_state)}
+        return {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "moments": self.moments.state_dict(),
+            "counters": dict(self.counters),
+            "stop_state": dict(self.stop_state),
+        }
 
     def load_bookkeeping_state(self, extra: dict) -> None:
         self.kl_ctl.load_state_dict(extra["kl_ctl"])
@@ -384,32 +475,13 @@ class PPOTrainer:
             return 0
         step = load_ppo_checkpoint(self, ckpt)
         if self.runtime.is_main:
-            _drop_rows_after(self.logger.path, step)
+            drop_rows_after(self.logger.path, step)
             print(f"[ppo] resumed from {ckpt} (iteration {step})", flush=True)
         return step
-
-
-def _drop_rows_after(path: Path, step: int) -> None:
-    """Remove ppo rows logged after ``step`` (by a run that crashed before its next checkpoint)."""
-    import json
-    import os
-
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not (row.get("stage") == "ppo" and row.get("step", 0) > step):
-            keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
 
 
 def cli_main(config_path: str, overrides: Sequence[str] = ()) -> int:
     """``fastrlhf ppo --config FILE [key=value ...]`` on HF models (see ``fastrlhf.trainers.ppo_cli``)."""
     from fastrlhf.trainers.ppo_cli import run_from_config
+
     return run_from_config(config_path, overrides)

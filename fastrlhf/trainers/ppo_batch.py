@@ -4,6 +4,7 @@ Layout (see ``fastrlhf.models.policy``): ``input_ids [B, P + R]`` = prompts left
 then responses right-padded to ``R``; every per-token tensor is ``[B, R]`` over the response part,
 with ``mask [B, R]`` marking real response tokens (EOS included).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,17 +34,21 @@ class PPOBatch:
 
     @property
     def responses(self) -> torch.Tensor:
-        return self.input_ids[:, self.prompt_len:]
+        return self.input_ids[:, self.prompt_len :]
 
-    def select(self, rows: torch.Tensor) -> "PPOBatch":
+    def select(self, rows: torch.Tensor) -> PPOBatch:
         """The rows ``rows`` (int64 [n]) of every tensor; widths (P, R) are kept."""
-        picked = {f.name: (v.index_select(0, rows) if isinstance(v, torch.Tensor) else v)
-                  for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        picked = {
+            f.name: (v.index_select(0, rows) if isinstance(v, torch.Tensor) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
         return PPOBatch(**picked)
 
 
-def build_batch(prompt_ids: list[list[int]], gen: Generation, *, pad_token_id: int,
-                device: torch.device) -> PPOBatch:
+def build_batch(
+    prompt_ids: list[list[int]], gen: Generation, *, pad_token_id: int, device: torch.device
+) -> PPOBatch:
     """Ragged prompts + generations -> a padded :class:`PPOBatch` on ``device``."""
     if len(prompt_ids) != len(gen.token_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(gen.token_ids)} responses")
@@ -53,14 +58,19 @@ def build_batch(prompt_ids: list[list[int]], gen: Generation, *, pad_token_id: i
     ids = torch.full((bsz, p_len + r_len), pad_token_id, dtype=torch.long)
     attn = torch.zeros((bsz, p_len + r_len), dtype=torch.long)
     lps = torch.zeros((bsz, r_len), dtype=torch.float32)
-    for i, (p, r, lp) in enumerate(zip(prompt_ids, gen.token_ids, gen.logprobs)):
-        ids[i, p_len - len(p): p_len] = torch.tensor(p, dtype=torch.long)
-        ids[i, p_len: p_len + len(r)] = torch.tensor(r, dtype=torch.long)
-        attn[i, p_len - len(p): p_len + len(r)] = 1
+    for i, (p, r, lp) in enumerate(zip(prompt_ids, gen.token_ids, gen.logprobs, strict=True)):
+        ids[i, p_len - len(p) : p_len] = torch.tensor(p, dtype=torch.long)
+        ids[i, p_len : p_len + len(r)] = torch.tensor(r, dtype=torch.long)
+        attn[i, p_len - len(p) : p_len + len(r)] = 1
         lps[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
     mask = attn[:, p_len:].bool()
-    return PPOBatch(input_ids=ids.to(device), attention_mask=attn.to(device), mask=mask.to(device),
-                    prompt_len=p_len, sampler_logprobs=lps.to(device))
+    return PPOBatch(
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        mask=mask.to(device),
+        prompt_len=p_len,
+        sampler_logprobs=lps.to(device),
+    )
 
 
 def loss_weight(mask: torch.Tensor, total: torch.Tensor, loss_agg: str) -> torch.Tensor:

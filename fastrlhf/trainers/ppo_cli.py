@@ -6,9 +6,10 @@ are loaded from it), ``reward_model`` (a ``RewardModel.save_pretrained`` dir), `
 ``output_dir``, and every PPO setting. Re-running the same command resumes from the last checkpoint.
 The final policy is written to ``output_dir/final`` (HF format, with the tokenizer).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastrlhf.config import load_config
 
@@ -16,8 +17,9 @@ from fastrlhf.config import load_config
 def _chat_or_plain(tokenizer, prompt: str) -> str:
     """Prompts are wrapped in the tokenizer's chat template when it has one (a user turn)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
@@ -38,10 +40,21 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
     ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
     reward_model = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype)
-    critic = None if cfg.shared_critic else ValueModel.from_pretrained(cfg.critic_model or cfg.reward_model,
-                                                                       dtype=cfg.dtype)
-    trainer = PPOTrainer(cfg, actor=actor, ref=ref, reward_model=reward_model, critic=critic,
-                         tokenizer=tokenizer, prompts=prompts, runtime=runtime)
+    critic = (
+        None
+        if cfg.shared_critic
+        else ValueModel.from_pretrained(cfg.critic_model or cfg.reward_model, dtype=cfg.dtype)
+    )
+    trainer = PPOTrainer(
+        cfg,
+        actor=actor,
+        ref=ref,
+        reward_model=reward_model,
+        critic=critic,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        runtime=runtime,
+    )
     trainer.train()
     trainer.save_final()
     return 0

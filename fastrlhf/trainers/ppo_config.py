@@ -5,6 +5,7 @@ details of RLHF with PPO" notes): gamma 1, lambda 0.95, clip 0.2, value clip 0.2
 actor LR in 1e-6..5e-6 with the critic at a few times that, grad norm 1.0, an adaptive KL
 coefficient aiming at a per-sequence KL of 6 nats.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -119,8 +120,10 @@ class PPOConfig:
             (self.loss_agg in LOSS_AGGS, f"loss_agg must be one of {LOSS_AGGS}"),
             (self.iterations >= 0, "iterations must be >= 0"),
             (self.rollout_batch_size >= 1, "rollout_batch_size must be >= 1"),
-            (1 <= self.minibatch_size <= self.rollout_batch_size,
-             "minibatch_size must be in [1, rollout_batch_size]"),
+            (
+                1 <= self.minibatch_size <= self.rollout_batch_size,
+                "minibatch_size must be in [1, rollout_batch_size]",
+            ),
             (self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),

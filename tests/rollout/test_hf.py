@@ -1,4 +1,5 @@
 """HFRollout: KV-cached sampling with left padding, lockstep step count, EOS cut, seeded determinism."""
+
 from __future__ import annotations
 
 import copy
@@ -44,10 +45,16 @@ def test_greedy_matches_hf_generate_per_prompt(lm, tok):
     """Batched, left-padded, cached decoding gives each prompt what unpadded HF generate gives it."""
     engine = HFRollout(lm, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     gen = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0))
-    for prompt, got in zip(PROMPTS, gen.token_ids):
+    for prompt, got in zip(PROMPTS, gen.token_ids, strict=True):
         ids = torch.tensor([prompt])
-        ref = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+        ref = lm.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0, len(prompt) :].tolist()
         assert got == ref[: len(got)] and (len(got) == 6 or got[-1] == tok.eos_token_id)
 
 

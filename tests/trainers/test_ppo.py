@@ -1,4 +1,5 @@
 """PPOTrainer: hand-checkable pieces of one iteration, micro-batch invariance, skips, early stop, resume."""
+
 from __future__ import annotations
 
 import json
@@ -60,14 +61,33 @@ def make_trainer(tmp_path, tok, *, rollout=None, reward_model=None, **overrides)
     def lm(seed):
         return tiny_llama(vocab, seed=seed, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
-    fields = dict(iterations=2, rollout_batch_size=4, minibatch_size=4, ppo_epochs=2, actor_lr=1e-3,
-                  critic_lr=1e-3, checkpoint_every=1, reward_norm="none", kernel_backend="torch",
-                  rollout=RolloutConfig(max_new_tokens=4), early_stop=EarlyStopConfig(score_falling_iters=None))
+    fields = dict(
+        iterations=2,
+        rollout_batch_size=4,
+        minibatch_size=4,
+        ppo_epochs=2,
+        actor_lr=1e-3,
+        critic_lr=1e-3,
+        checkpoint_every=1,
+        reward_norm="none",
+        kernel_backend="torch",
+        rollout=RolloutConfig(max_new_tokens=4),
+        early_stop=EarlyStopConfig(score_falling_iters=None),
+    )
     fields.update(overrides)
     cfg = PPOConfig(**fields)
     critic = None if cfg.shared_critic else ValueModel(lm(2))
-    return PPOTrainer(cfg, actor=lm(0), ref=lm(0), reward_model=reward_model or RewardModel(lm(1)), critic=critic,
-                      tokenizer=tok, prompts=PROMPTS, rollout=rollout, output_dir=tmp_path)
+    return PPOTrainer(
+        cfg,
+        actor=lm(0),
+        ref=lm(0),
+        reward_model=reward_model or RewardModel(lm(1)),
+        critic=critic,
+        tokenizer=tok,
+        prompts=PROMPTS,
+        rollout=rollout,
+        output_dir=tmp_path,
+    )
 
 
 RESPONSES = [[20, 21, 1], [22], [23, 24, 25, 26], [27, 1]]  # EOS (id 1) or cut at max_new_tokens
@@ -75,8 +95,12 @@ RESPONSES = [[20, 21, 1], [22], [23, 24, 25, 26], [27, 1]]  # EOS (id 1) or cut 
 
 def scored_batch(trainer, responses=RESPONSES):
     ids = [trainer.prompt_ids[i] for i in range(4)]
-    batch = build_batch(ids, Generation(responses, [[-1.0] * len(r) for r in responses]),
-                        pad_token_id=trainer.tokenizer.pad_token_id, device=torch.device("cpu"))
+    batch = build_batch(
+        ids,
+        Generation(responses, [[-1.0] * len(r) for r in responses]),
+        pad_token_id=trainer.tokenizer.pad_token_id,
+        device=torch.device("cpu"),
+    )
     scores, _ = trainer.score(batch)
     return batch, scores
 
@@ -86,16 +110,22 @@ def test_layout_left_padded_prompts_right_padded_responses(tmp_path, tok):
     batch, _ = scored_batch(trainer)
     lengths = [len(r) for r in RESPONSES]
     assert batch.mask.sum(-1).tolist() == lengths
-    for i, (p, r) in enumerate(zip(trainer.prompt_ids, RESPONSES)):
-        assert batch.input_ids[i, batch.prompt_len - len(p): batch.prompt_len].tolist() == p
+    for i, (p, r) in enumerate(zip(trainer.prompt_ids, RESPONSES, strict=True)):
+        assert batch.input_ids[i, batch.prompt_len - len(p) : batch.prompt_len].tolist() == p
         assert batch.responses[i, : len(r)].tolist() == r
         assert batch.attention_mask[i].sum() == len(p) + len(r)
 
 
 def test_reward_lands_on_last_valid_token(tmp_path, tok):
     """gamma=0.5, lam=1, kl_coef=0, values=0 (zero-initialised critic head): A_t = score * 0.5^(last - t)."""
-    trainer = make_trainer(tmp_path, tok, gamma=0.5, lam=1.0, whiten_advantages=False,
-                           kl=KLConfig(controller="fixed", init_coef=0.0))
+    trainer = make_trainer(
+        tmp_path,
+        tok,
+        gamma=0.5,
+        lam=1.0,
+        whiten_advantages=False,
+        kl=KLConfig(controller="fixed", init_coef=0.0),
+    )
     batch, scores = scored_batch(trainer)
     assert torch.count_nonzero(batch.old_values) == 0
     trainer.advantages(batch, scores)
@@ -110,11 +140,13 @@ def test_reward_lands_on_last_valid_token(tmp_path, tok):
 def _pad_wider(batch: PPOBatch, extra: int) -> PPOBatch:
     """The same batch with ``extra`` more padding columns, holding garbage where the layout allows."""
     b = batch.size
-    return PPOBatch(input_ids=torch.cat([batch.input_ids, torch.full((b, extra), 7)], 1),
-                    attention_mask=torch.cat([batch.attention_mask, torch.zeros(b, extra, dtype=torch.long)], 1),
-                    mask=torch.cat([batch.mask, torch.zeros(b, extra, dtype=torch.bool)], 1),
-                    prompt_len=batch.prompt_len,
-                    sampler_logprobs=torch.cat([batch.sampler_logprobs, torch.full((b, extra), float("nan"))], 1))
+    return PPOBatch(
+        input_ids=torch.cat([batch.input_ids, torch.full((b, extra), 7)], 1),
+        attention_mask=torch.cat([batch.attention_mask, torch.zeros(b, extra, dtype=torch.long)], 1),
+        mask=torch.cat([batch.mask, torch.zeros(b, extra, dtype=torch.bool)], 1),
+        prompt_len=batch.prompt_len,
+        sampler_logprobs=torch.cat([batch.sampler_logprobs, torch.full((b, extra), float("nan"))], 1),
+    )
 
 
 def test_advantage_whitening_ignores_padding(tmp_path, tok):
@@ -141,9 +173,15 @@ def _grads(trainer):
 def test_minibatch_loss_and_grads_do_not_depend_on_micro_batching(tmp_path, tok, loss_agg, shared_critic):
     losses, grads = [], []
     for micro in (None, 1, 3):
-        trainer = make_trainer(tmp_path / str(micro), tok, loss_agg=loss_agg, micro_batch_size=micro,
-                               shared_critic=shared_critic, entropy_coef=0.01,
-                               kl=KLConfig(controller="fixed", init_coef=0.1, loss_coef=0.05))
+        trainer = make_trainer(
+            tmp_path / str(micro),
+            tok,
+            loss_agg=loss_agg,
+            micro_batch_size=micro,
+            shared_critic=shared_critic,
+            entropy_coef=0.01,
+            kl=KLConfig(controller="fixed", init_coef=0.1, loss_coef=0.05),
+        )
         batch, scores = scored_batch(trainer)
         trainer.advantages(batch, scores)
         batch.old_logprobs = batch.old_logprobs - 0.3 * batch.mask  # ratios away from 1: clipping active
@@ -151,10 +189,10 @@ def test_minibatch_loss_and_grads_do_not_depend_on_micro_batching(tmp_path, tok,
         losses.append(loss)
         grads.append(_grads(trainer))
         assert 0 < stats["clipfrac"] <= 1
-    for loss, grad in zip(losses[1:], grads[1:]):
+    for loss, grad in zip(losses[1:], grads[1:], strict=True):
         torch.testing.assert_close(loss, losses[0], atol=1e-6, rtol=1e-5)
         assert len(grad) == len(grads[0]) > 0
-        for g, g0 in zip(grad, grads[0]):
+        for g, g0 in zip(grad, grads[0], strict=True):
             torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
 
 
@@ -182,24 +220,39 @@ def test_non_finite_loss_skips_the_step(tmp_path, tok):
 
 
 def test_early_stop_on_kl_fires_is_logged_and_sticks(tmp_path, tok):
-    trainer = make_trainer(tmp_path, tok, iterations=6, kl=KLConfig(target=1e-4),
-                           early_stop=EarlyStopConfig(kl_factor=2.0, score_falling_iters=None))
+    trainer = make_trainer(
+        tmp_path,
+        tok,
+        iterations=6,
+        kl=KLConfig(target=1e-4),
+        early_stop=EarlyStopConfig(kl_factor=2.0, score_falling_iters=None),
+    )
     rows = trainer.train()
     assert len(rows) < 6 and trainer.stop_state["stopped"].startswith("kl")
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("early_stop" in r for r in logged)
-    again = make_trainer(tmp_path, tok, iterations=6, kl=KLConfig(target=1e-4),
-                         early_stop=EarlyStopConfig(kl_factor=2.0, score_falling_iters=None))
+    again = make_trainer(
+        tmp_path,
+        tok,
+        iterations=6,
+        kl=KLConfig(target=1e-4),
+        early_stop=EarlyStopConfig(kl_factor=2.0, score_falling_iters=None),
+    )
     assert again.train() == []  # resumed from the stop checkpoint: nothing more to do
 
 
 def _state(trainer):
-    return {**{f"actor.{k}": v for k, v in trainer.actor.state_dict().items()},
-            **{f"critic.{k}": v for k, v in trainer.critic.state_dict().items()}}
+    return {
+        **{f"actor.{k}": v for k, v in trainer.actor.state_dict().items()},
+        **{f"critic.{k}": v for k, v in trainer.critic.state_dict().items()},
+    }
 
 
 def _comparable(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(("time", "tokens_per_s", "mem", "plan"))} for r in rows]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time", "tokens_per_s", "mem", "plan"))}
+        for r in rows
+    ]
 
 
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path, tok, monkeypatch):
@@ -229,8 +282,10 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, tok, monkeypatch)
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
     assert full.kl_ctl.value == resumed.kl_ctl.value
     assert full.moments.state_dict() == resumed.moments.state_dict()
-    read = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-            for d in (tmp_path / "a", tmp_path / "b")]
+    read = [
+        [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
     strip = [[{k: v for k, v in r.items() if k != "time"} for r in rows] for rows in read]
     assert _comparable(strip[0]) == _comparable(strip[1])
 
@@ -253,8 +308,16 @@ def test_config_checks(tmp_path, tok):
         PPOConfig(kl=KLConfig(controller="pid"))
     lm = tiny_llama(len(tok))
     with pytest.raises(ValueError, match="critic=None"):  # a critic and shared_critic=True
-        PPOTrainer(PPOConfig(shared_critic=True), actor=lm, ref=lm, reward_model=RewardModel(lm),
-                   critic=ValueModel(lm), tokenizer=tok, prompts=PROMPTS, output_dir=tmp_path)
+        PPOTrainer(
+            PPOConfig(shared_critic=True),
+            actor=lm,
+            ref=lm,
+            reward_model=RewardModel(lm),
+            critic=ValueModel(lm),
+            tokenizer=tok,
+            prompts=PROMPTS,
+            output_dir=tmp_path,
+        )
 
 
 def test_cli_runs_on_saved_models(tmp_path, tok):
@@ -265,11 +328,44 @@ def test_cli_runs_on_saved_models(tmp_path, tok):
     tok.save_pretrained(tmp_path / "sft")
     RewardModel(tiny_llama(len(tok), seed=1)).save_pretrained(tmp_path / "rm")
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    config = {"model": str(tmp_path / "sft"), "reward_model": str(tmp_path / "rm"),
-              "data": str(tmp_path / "data.jsonl"), "output_dir": str(tmp_path / "out"), "iterations": 1,
-              "rollout_batch_size": 2, "minibatch_size": 2, "ppo_epochs": 1, "rollout": {"max_new_tokens": 3}}
+    config = {
+        "model": str(tmp_path / "sft"),
+        "reward_model": str(tmp_path / "rm"),
+        "data": str(tmp_path / "data.jsonl"),
+        "output_dir": str(tmp_path / "out"),
+        "iterations": 1,
+        "rollout_batch_size": 2,
+        "minibatch_size": 2,
+        "ppo_epochs": 1,
+        "rollout": {"max_new_tokens": 3},
+    }
     (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(config))
     assert cli_main(str(tmp_path / "ppo.yaml"), ["kl.target=3.0"]) == 0
     assert (tmp_path / "out" / "final" / "config.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iteration"] == 1 and math.isfinite(rows[-1]["kl"])
+
+
+def test_early_stop_rules_hand_cases():
+    from fastrlhf.trainers.ppo_state import early_stop_rule
+
+    def fresh():
+        return {"base_length": None, "score_ema": None, "falling": 0, "stopped": None}
+
+    es = EarlyStopConfig(kl_factor=2.0, length_factor=2.0, score_falling_iters=2, score_ema=0.5)
+    state = fresh()
+    assert early_stop_rule(es, 6.0, state, {"kl": 1.0, "response_length": 5.0, "rm_score": 1.0}) is None
+    assert state["base_length"] == 5.0  # the SFT policy's length, from the first iteration
+    assert early_stop_rule(es, 6.0, state, {"kl": 12.5, "response_length": 5.0, "rm_score": 1.0}).startswith(
+        "kl"
+    )
+    assert early_stop_rule(es, 6.0, state, {"kl": 1.0, "response_length": 10.5, "rm_score": 1.0}).startswith(
+        "response length"
+    )
+    state = fresh()
+    for score in (1.0, 0.0):  # EMA 1.0 -> 0.5: fell once
+        assert early_stop_rule(es, 6.0, state, {"kl": 0.0, "response_length": 5.0, "rm_score": score}) is None
+    rule = early_stop_rule(es, 6.0, state, {"kl": 0.0, "response_length": 5.0, "rm_score": 0.0})  # 0.25
+    assert rule == "RM score EMA fell for 2 iterations"
+    off = EarlyStopConfig(kl_factor=None, length_factor=None, score_falling_iters=None)
+    assert early_stop_rule(off, 6.0, fresh(), {"kl": 1e9, "response_length": 1e9, "rm_score": -1e9}) is None
