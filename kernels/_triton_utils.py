@@ -58,14 +58,41 @@ def lazy_jit(fn) -> LazyKernel:
     return LazyKernel(fn)
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def interpreter_unavailable_reason() -> str | None:
+    """Why the Triton interpreter cannot run in this environment, or None when it can.
+
+    triton < 3.7 hands integer kernel arguments to the program as 1-element numpy arrays and ``range()``
+    calls ``int()`` on them, which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed by #9172). The
+    GPU machine has this pair (triton 3.6, numpy 2.5); there the compiled path is what runs.
+    """
+    import numpy
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton.__version__} cannot run with numpy "
+                f"{numpy.__version__} (numpy: 'only 0-dimensional arrays can be converted to Python "
+                f"scalars', triton-lang/triton#9171)")
+    return None
+
+
 def check_launchable(op: str, *tensors: torch.Tensor) -> None:
-    """Raise a clear error when the Triton path cannot run on these tensors (CPU without the interpreter)."""
+    """Raise a clear error when the Triton path cannot run on these tensors (CPU without the interpreter,
+    or an interpreter that cannot run with this numpy)."""
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+    if device.type == "cuda" and not interpreter_enabled():
         return
+    if device.type in ("cpu", "cuda") and interpreter_enabled():
+        reason = interpreter_unavailable_reason()
+        if reason is None:
+            return
+        raise RuntimeError(f"{op}: TRITON_INTERPRET=1 is set but {reason}; use backend='torch'")
     raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
                        f"(got {device}); use backend='torch' or backend='auto'")
 

@@ -9,10 +9,15 @@ import pytest
 import torch
 
 from fastrlhf.kernels import gae, reference
+from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 
 
 @pytest.fixture
 def interpret(monkeypatch):
+    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
+    reason = interpreter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -58,7 +63,7 @@ def test_strided_inputs_and_int_mask(interpret, make_mask):
     torch.testing.assert_close(ret.double(), ret0, atol=2e-5, rtol=0)
 
 
-def test_auto_backend_and_errors(monkeypatch):
+def test_auto_backend_and_errors(interpret, monkeypatch):
     r, v, m = torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4, dtype=torch.bool)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastrlhf.kernels import linear_token_logprobs, reference
+from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 
 
 # Measured (triton path; PyTorch path at the same dtype in brackets): lp/entropy fp32 2.2e-6, fp16 4.5e-3,
@@ -21,6 +22,10 @@ GRAD_REL = {torch.float32: 5e-6, torch.float16: 5e-3, torch.bfloat16: 6e-2}
 
 @pytest.fixture
 def interpret(monkeypatch):
+    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
+    reason = interpreter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -132,7 +137,7 @@ def test_under_autocast_matches_torch_path(interpret):
         torch.testing.assert_close(a, b, atol=GRAD_REL[torch.bfloat16] * b.abs().max().item(), rtol=0)
 
 
-def test_auto_backend_and_errors(monkeypatch):
+def test_auto_backend_and_errors(interpret, monkeypatch):
     h, w, labels = torch.randn(2, 3, 8), torch.randn(40, 8), torch.randint(0, 40, (2, 3))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     want = linear_token_logprobs(h, w, labels)

@@ -12,12 +12,17 @@ import pytest
 import torch
 
 from fastrlhf.kernels import reference, token_logprobs
+from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 
 GRAD_ATOL_REL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 
 @pytest.fixture
 def interpret(monkeypatch):
+    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
+    reason = interpreter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -128,7 +133,7 @@ def _graph_names(t, depth=3):
     return " ".join(names)
 
 
-def test_auto_picks_triton_only_under_interpreter(monkeypatch):
+def test_auto_picks_triton_only_under_interpreter(interpret, monkeypatch):
     logits = torch.randn(4, 33, requires_grad=True)
     labels = torch.tensor([0, 5, -100, 32])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -140,6 +145,20 @@ def test_auto_picks_triton_only_under_interpreter(monkeypatch):
     out = token_logprobs(logits, labels)
     assert "TokenLogprobsFunction" in _graph_names(out)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_interpreter_that_cannot_run_gives_a_clear_error(monkeypatch):
+    """triton < 3.7 with numpy >= 2.4 (the GPU machine's pair): a named reason, not a numpy TypeError."""
+    import numpy
+    import triton
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.5.0")
+    assert "triton-lang/triton#9171" in interpreter_unavailable_reason()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1 is set but .*#9171.*backend='torch'"):
+        token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), backend="triton")
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert interpreter_unavailable_reason() is None
 
 
 def test_bad_inputs(interpret):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastrlhf.kernels import fused_ppo_loss, fused_ppo_loss_from_logits, reference, token_logprobs
+from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 GRAD_REL = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
@@ -27,6 +28,10 @@ UPSTREAM = 2.5  # d(outer)/d(loss): backward must scale the gradient computed in
 
 @pytest.fixture
 def interpret(monkeypatch):
+    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
+    reason = interpreter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -159,7 +164,7 @@ def test_backward_twice_fails_loudly(interpret):
         loss.backward()
 
 
-def test_auto_backend_and_errors(monkeypatch):
+def test_auto_backend_and_errors(interpret, monkeypatch):
     x = torch.randn(2, 5, 33, requires_grad=True)
     labels, mask = torch.randint(0, 33, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
     old, adv = torch.randn(2, 5), torch.randn(2, 5)
