@@ -118,7 +118,14 @@ class PPOTrainer:
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
             self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model
         )
-        self.rollout = rollout or rt.make_rollout(self.runtime, cfg.rollout.backend, self.actor, tokenizer)
+        self.rollout = rollout or rt.make_rollout(
+            self.runtime,
+            cfg.rollout.backend,
+            self.actor,
+            tokenizer,
+            bucket_mb=cfg.rollout.bucket_mb,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        )
         self._setup_prompts(prompts, prompt_texts)
         self._setup_optim()
         self.kl_ctl = build_kl_controller(cfg.kl)
@@ -186,6 +193,8 @@ class PPOTrainer:
         """Run (or resume) ``config.iterations`` iterations; returns this process's logged metric rows."""
         cfg = self.config
         start = self._resume()
+        # an engine with its own weights (vLLM) starts from dummy or stale ones: fill it before generating
+        rt.sync_weights(self.runtime, self.actor, self.rollout)
         for it in range(start, cfg.iterations):
             if self.stop_state["stopped"] is not None:
                 break
