@@ -19,6 +19,7 @@ import importlib
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,12 +43,14 @@ DOCUMENTED = [
     ("fastrlhf.kernels", "ppo_policy_loss",
      "(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, "
      "loss_agg='token-mean')"),
-    ("fastrlhf.kernels", "ppo_value_loss", "(values, old_values, returns, mask, *, clip=0.2, loss_agg='token-mean')"),
+    ("fastrlhf.kernels", "ppo_value_loss",
+     "(values, old_values, returns, mask, *, clip=0.2, loss_agg='token-mean')"),
     ("fastrlhf.kernels", "fused_ppo_loss",
      f"(hidden, weight, labels, old_logprobs, advantages, mask, *, {_PPO_KW}, chunk_size=None, "
      "return_logprobs=False, backend='auto')"),
     ("fastrlhf.kernels", "fused_ppo_loss_from_logits",
-     f"(logits, labels, old_logprobs, advantages, mask, *, {_PPO_KW}, return_logprobs=False, backend='auto')"),
+     f"(logits, labels, old_logprobs, advantages, mask, *, {_PPO_KW}, return_logprobs=False, "
+     "backend='auto')"),
     ("fastrlhf.algo", "bradley_terry_loss", "(chosen, rejected, margin=None)"),
     ("fastrlhf.algo", "token_rewards", "(scores, logprobs, ref_logprobs, mask, *, kl_coef, kl_kind='k1')"),
     ("fastrlhf.algo", "FixedKLController", "(value)"),
@@ -69,6 +72,7 @@ DOCUMENTED = [
 # Named in API.md without a signature: they must exist (and be classes where API.md says so).
 NAMES_ONLY = [("fastrlhf.algo", "RunningMoments"), ("fastrlhf.models", "RewardModel.save_pretrained"),
               ("fastrlhf.models", "RewardModel.from_pretrained")]
+REPO = Path(__file__).resolve().parents[1]
 TRAINERS = ("SFTTrainer", "RewardTrainer", "PPOTrainer")
 CONFIGS = ("SFTConfig", "RewardConfig", "PPOConfig")
 
@@ -158,7 +162,8 @@ def test_model_save_and_load_take_a_directory():
     for fn, skip in ((RewardModel.save_pretrained, 1), (RewardModel.from_pretrained, 0)):
         params = list(inspect.signature(fn).parameters.values())[skip:]
         assert params and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        assert all(p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params[1:])
+        variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        assert all(p.default is not p.empty or p.kind in variadic for p in params[1:])
 
 
 @pytest.mark.parametrize("name", TRAINERS + CONFIGS)
@@ -170,8 +175,8 @@ def test_trainers_and_configs_importable_from_fastrlhf_trainers(name):
 
 
 def _trainer_module(name):
-    mod = {"SFT": "fastrlhf.trainers.sft", "Reward": "fastrlhf.trainers.reward", "PPO": "fastrlhf.trainers.ppo"}
-    return importlib.import_module(next(m for k, m in mod.items() if name.startswith(k)))
+    module = next(m for k, m in (("SFT", "sft"), ("Reward", "reward"), ("PPO", "ppo")) if name.startswith(k))
+    return importlib.import_module(f"fastrlhf.trainers.{module}")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -230,17 +235,23 @@ def test_cli_report_passes_run_dir(monkeypatch):
 
 
 def test_python_dash_m_fastrlhf_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "fastrlhf", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "fastrlhf", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     for command in ("demo", "sft", "rm", "ppo", "report"):
         assert command in out.stdout
 
 
 def test_console_script_points_at_cli_main():
-    from importlib.metadata import entry_points
-    scripts = [e for e in entry_points(group="console_scripts") if e.name == "fastrlhf"]
-    assert scripts, "no `fastrlhf` console script installed (pip install -e .)"
-    assert scripts[0].value == "fastrlhf.cli:main"
+    """Installed metadata, else pyproject.toml (the GPU machine runs from the repo, not installed)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    try:
+        entries = distribution("fastrlhf").entry_points
+        scripts = {e.name: e.value for e in entries if e.group == "console_scripts"}
+    except PackageNotFoundError:
+        tomllib = pytest.importorskip("tomllib")
+        scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts.get("fastrlhf") == "fastrlhf.cli:main"
 
 
 # ---------------------------------------------------------------- conventions, one small case per op
@@ -268,57 +279,55 @@ def _inputs(dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(0)
     mask = _mask()
     labels = torch.randint(0, V, (B, T), generator=g)
-    return dict(
-        mask=mask, labels=labels, labels_ignored=labels.masked_fill(~mask, -100),
-        hidden=torch.randn(B, T, H, generator=g).to(dtype), weight=(torch.randn(V, H, generator=g) / 3).to(dtype),
-        logits=torch.randn(B, T, V, generator=g).to(dtype),
-        lp=(-torch.rand(B, T, generator=g) * 3).to(dtype), old=(-torch.rand(B, T, generator=g) * 3).to(dtype),
-        ref=(-torch.rand(B, T, generator=g) * 3).to(dtype), adv=torch.randn(B, T, generator=g).to(dtype),
-        values=torch.randn(B, T, generator=g).to(dtype), returns=torch.randn(B, T, generator=g).to(dtype),
-        rewards=torch.randn(B, T, generator=g).to(dtype),
-    )
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    return dict(mask=mask, labels=labels, labels_tok=labels.masked_fill(~mask, -100),
+                hidden=rand(B, T, H), weight=rand(V, H, scale=0.3), logits=rand(B, T, V),
+                lp=-rand(B, T).abs(), old=-rand(B, T).abs(), ref=-rand(B, T).abs(), adv=rand(B, T),
+                values=rand(B, T), returns=rand(B, T), rewards=rand(B, T))
 
 
-def _float32_tensors(out):
-    items = out if isinstance(out, tuple) else (out,)
-    for x in items:
-        if isinstance(x, torch.Tensor):
-            yield x
+PER_TOKEN = ("hidden", "logits", "lp", "old", "ref", "adv", "values", "returns", "rewards")
+
+
+def _dirty(d: dict) -> dict:
+    """``d`` with NaN/inf in every per-token float input and out-of-range labels at masked-out positions.
+    (``labels_tok`` keeps -100 there: for token_logprobs ``ignore_index`` is what marks padding.)"""
+    out = {**d, **{k: _garbage(d[k], d["mask"]) for k in PER_TOKEN}}
+    out["labels"] = d["labels"].masked_fill(~d["mask"], 10**6 + 7)
+    return out
+
+
+def _tensors(out):
+    return [x for x in (out if isinstance(out, tuple) else (out,)) if isinstance(x, torch.Tensor)]
 
 
 def _ops():
-    """op name -> callable(inputs dict, garbage: bool) -> output (tensor or tuple), built from API.md calls."""
+    """op name -> callable(inputs) -> output (tensor or tuple), each a plain API.md call."""
     import fastrlhf.kernels as K
-    from fastrlhf.algo import token_rewards
 
-    def g(x, m, on):
-        return _garbage(x, m) if on else x
-
+    import fastrlhf.algo as A
+    ppo_kw = dict(kl_coef=0.1, entropy_coef=0.01, clip_high=0.28, dual_clip=3.0)
     return {
-        "token_logprobs": lambda d, on: K.token_logprobs(
-            g(d["logits"], d["mask"], on), d["labels_ignored"], return_entropy=True),
-        "linear_token_logprobs": lambda d, on: K.linear_token_logprobs(
-            g(d["hidden"], d["mask"], on), d["weight"], d["labels_ignored"], return_entropy=True, chunk_size=4),
-        "masked_mean": lambda d, on: K.masked_mean(g(d["values"], d["mask"], on), d["mask"]),
-        "masked_var": lambda d, on: K.masked_var(g(d["values"], d["mask"], on), d["mask"]),
-        "masked_whiten": lambda d, on: K.masked_whiten(g(d["values"], d["mask"], on), d["mask"]),
-        "gae": lambda d, on: K.gae(g(d["rewards"], d["mask"], on), g(d["values"], d["mask"], on), d["mask"]),
-        "ppo_policy_loss": lambda d, on: K.ppo_policy_loss(
-            g(d["lp"], d["mask"], on), g(d["old"], d["mask"], on), g(d["adv"], d["mask"], on), d["mask"],
-            dual_clip=3.0),
-        "ppo_value_loss": lambda d, on: K.ppo_value_loss(
-            g(d["values"], d["mask"], on), g(d["old"], d["mask"], on), g(d["returns"], d["mask"], on), d["mask"]),
-        "fused_ppo_loss": lambda d, on: K.fused_ppo_loss(
-            g(d["hidden"], d["mask"], on), d["weight"], d["labels_ignored"] if on else d["labels"],
-            g(d["old"], d["mask"], on), g(d["adv"], d["mask"], on), d["mask"], ref_logprobs=g(d["ref"], d["mask"], on),
-            kl_coef=0.1, entropy_coef=0.01, chunk_size=4, loss_agg="seq-mean-token-mean"),
-        "fused_ppo_loss_from_logits": lambda d, on: K.fused_ppo_loss_from_logits(
-            g(d["logits"], d["mask"], on), d["labels_ignored"] if on else d["labels"], g(d["old"], d["mask"], on),
-            g(d["adv"], d["mask"], on), d["mask"], ref_logprobs=g(d["ref"], d["mask"], on), kl_coef=0.1,
-            entropy_coef=0.01, loss_agg="seq-mean-token-sum"),
-        "token_rewards": lambda d, on: token_rewards(
-            torch.tensor([1.0, -2.0, 0.5], dtype=d["lp"].dtype), g(d["lp"], d["mask"], on),
-            g(d["ref"], d["mask"], on), d["mask"], kl_coef=0.1),
+        "token_logprobs": lambda d: K.token_logprobs(d["logits"], d["labels_tok"], return_entropy=True),
+        "linear_token_logprobs": lambda d: K.linear_token_logprobs(
+            d["hidden"], d["weight"], d["labels_tok"], return_entropy=True, chunk_size=4),
+        "masked_mean": lambda d: K.masked_mean(d["values"], d["mask"]),
+        "masked_var": lambda d: K.masked_var(d["values"], d["mask"]),
+        "masked_whiten": lambda d: K.masked_whiten(d["values"], d["mask"]),
+        "gae": lambda d: K.gae(d["rewards"], d["values"], d["mask"]),
+        "ppo_policy_loss": lambda d: K.ppo_policy_loss(d["lp"], d["old"], d["adv"], d["mask"], dual_clip=3.0),
+        "ppo_value_loss": lambda d: K.ppo_value_loss(d["values"], d["old"], d["returns"], d["mask"]),
+        "fused_ppo_loss": lambda d: K.fused_ppo_loss(
+            d["hidden"], d["weight"], d["labels"], d["old"], d["adv"], d["mask"], ref_logprobs=d["ref"],
+            chunk_size=4, loss_agg="seq-mean-token-mean", **ppo_kw),
+        "fused_ppo_loss_from_logits": lambda d: K.fused_ppo_loss_from_logits(
+            d["logits"], d["labels"], d["old"], d["adv"], d["mask"], ref_logprobs=d["ref"],
+            loss_agg="seq-mean-token-sum", **ppo_kw),
+        "token_rewards": lambda d: A.token_rewards(
+            torch.tensor([1.0, -2.0, 0.5]), d["lp"], d["ref"], d["mask"], kl_coef=0.1),
     }
 
 
@@ -327,8 +336,8 @@ OPS = tuple(_ops())
 
 @pytest.mark.parametrize("op", OPS)
 def test_bf16_inputs_give_float32_outputs(op):
-    out = _ops()[op](_inputs(torch.bfloat16), False)
-    tensors = list(_float32_tensors(out))
+    out = _ops()[op](_inputs(torch.bfloat16))
+    tensors = _tensors(out)
     assert tensors
     for t in tensors:
         assert t.dtype == torch.float32, f"{op}: output dtype {t.dtype}"
@@ -432,19 +441,21 @@ def test_results_ignore_nan_garbage_at_masked_positions(op, interpret, monkeypat
         d = _inputs(torch.float32)
         for k in GRAD_LEAVES:
             d[k].requires_grad_()
-        out = _ops()[op](d, garbage)
-        tensors = list(_float32_tensors(out))
+        out = _ops()[op](_dirty(d) if garbage else d)
+        tensors = _tensors(out)
         stats = out[-1] if isinstance(out, tuple) and isinstance(out[-1], dict) else {}
         results.append([t.detach() for t in tensors] + [stats[k] for k in sorted(stats)])
-        loss = sum((t.float() * (torch.arange(t.numel()).view(t.shape) % 3 + 1)).where(
-            _valid_like(t, mask), 0.0).sum() for t in tensors if t.requires_grad)
+        upstream = [torch.arange(t.numel()).view(t.shape) % 3 + 1.0 for t in tensors]  # not all ones
+        loss = sum((t * u).where(_valid_like(t, mask), 0.0).sum()
+                   for t, u in zip(tensors, upstream, strict=True) if t.requires_grad)
         if torch.is_tensor(loss) and loss.requires_grad:
             loss.backward()
         grads.append({k: d[k].grad for k in GRAD_LEAVES if d[k].grad is not None})
     for clean, dirty in zip(*results, strict=True):
         valid = _valid_like(clean, mask)
         assert torch.isfinite(dirty[valid]).all(), f"{op}: non-finite output on valid positions"
-        torch.testing.assert_close(dirty.where(valid, 0.0), clean.where(valid, 0.0), msg=f"{op}: output changed")
+        torch.testing.assert_close(dirty.where(valid, 0.0), clean.where(valid, 0.0),
+                                   msg=f"{op}: output changed")
         if clean.dim() >= 2:  # per-token outputs are 0 at masked-out positions (API.md)
             assert (dirty[~valid] == 0).all() and (clean[~valid] == 0).all(), f"{op}: masked-out output not 0"
     for k, g_clean in grads[0].items():
@@ -461,7 +472,8 @@ def _valid_like(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(t, dtype=torch.bool)
 
 
-TRITON_OPS = ("token_logprobs", "linear_token_logprobs", "gae", "fused_ppo_loss", "fused_ppo_loss_from_logits")
+TRITON_OPS = ("token_logprobs", "linear_token_logprobs", "gae", "fused_ppo_loss",
+              "fused_ppo_loss_from_logits")
 
 
 def _call_with_backend(op, backend):
@@ -474,8 +486,10 @@ def _call_with_backend(op, backend):
     if op == "gae":
         return K.gae(d["rewards"], d["values"], d["mask"], backend=backend)
     if op == "fused_ppo_loss":
-        return K.fused_ppo_loss(d["hidden"], d["weight"], d["labels"], d["old"], d["adv"], d["mask"], backend=backend)
-    return K.fused_ppo_loss_from_logits(d["logits"], d["labels"], d["old"], d["adv"], d["mask"], backend=backend)
+        return K.fused_ppo_loss(d["hidden"], d["weight"], d["labels"], d["old"], d["adv"], d["mask"],
+                                backend=backend)
+    return K.fused_ppo_loss_from_logits(d["logits"], d["labels"], d["old"], d["adv"], d["mask"],
+                                        backend=backend)
 
 
 @pytest.mark.parametrize("op", TRITON_OPS)
@@ -496,15 +510,15 @@ def test_triton_backend_on_cpu_without_interpreter_is_clear(op, monkeypatch):
         assert "TRITON_INTERPRET" in msg or "CUDA" in msg or "backend" in msg, f"{op}: unclear error {msg!r}"
         return
     ref = _call_with_backend(op, "torch")
-    for a, b in zip(_float32_tensors(out), _float32_tensors(ref), strict=True):
+    for a, b in zip(_tensors(out), _tensors(ref), strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_auto_backend_on_cpu_without_interpreter_is_torch(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for op in TRITON_OPS:
-        for a, b in zip(_float32_tensors(_call_with_backend(op, "auto")),
-                        _float32_tensors(_call_with_backend(op, "torch")), strict=True):
+        for a, b in zip(_tensors(_call_with_backend(op, "auto")),
+                        _tensors(_call_with_backend(op, "torch")), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -513,7 +527,7 @@ def test_triton_path_computes_the_torch_function(op, monkeypatch):
     """"Both paths compute the same function": backend="triton" under the interpreter vs backend="torch"."""
     _use_interpreter(monkeypatch)
     out, ref = _call_with_backend(op, "triton"), _call_with_backend(op, "torch")
-    for a, b in zip(_float32_tensors(out), _float32_tensors(ref), strict=True):
+    for a, b in zip(_tensors(out), _tensors(ref), strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     if isinstance(out, tuple) and isinstance(out[-1], dict):
@@ -525,16 +539,17 @@ def test_triton_path_computes_the_torch_function(op, monkeypatch):
 # ---------------------------------------------------------------- algo, data, models: shapes and types
 
 def test_algo_return_conventions():
-    from fastrlhf.algo import (AdaptiveKLController, FixedKLController, StepKLController, bradley_terry_loss,
-                               expected_calibration_error, normalize_rewards)
+    import fastrlhf.algo as A
     chosen = torch.tensor([1.0, 0.5, -1.0], dtype=torch.bfloat16)
     rejected = torch.tensor([0.0, 1.0, -2.0], dtype=torch.bfloat16)
-    out = bradley_terry_loss(chosen, rejected, margin=torch.tensor([0.1, 0.0, 0.2]))
+    out = A.bradley_terry_loss(chosen, rejected, margin=torch.tensor([0.1, 0.0, 0.2]))
     assert isinstance(out, tuple) and len(out) == 3
     assert all(t.dim() == 0 and t.dtype == torch.float32 for t in out)
-    assert expected_calibration_error(chosen, rejected).dtype == torch.float32
-    assert normalize_rewards(chosen, mode="batch", clip=1.0).dtype == torch.float32
-    for ctl in (FixedKLController(0.1), AdaptiveKLController(0.1, 6.0, 10_000), StepKLController(0.1, 6.0)):
+    assert A.expected_calibration_error(chosen, rejected).dtype == torch.float32
+    assert A.normalize_rewards(chosen, mode="batch", clip=1.0).dtype == torch.float32
+    controllers = (A.FixedKLController(0.1), A.AdaptiveKLController(0.1, 6.0, 10_000),
+                   A.StepKLController(0.1, 6.0))
+    for ctl in controllers:
         ctl.update(12.0, 64)
         assert isinstance(ctl.value, float)
 
@@ -543,8 +558,8 @@ def test_data_features_keys():
     from fastrlhf.data import build_test_tokenizer, chat_sft_features, sft_features
     tok = build_test_tokenizer()
     for feats in (sft_features("repeat a b :", "a b", tok),
-                  chat_sft_features([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-                                    tok)):
+                  chat_sft_features([{"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "hello"}], tok)):
         assert {"input_ids", "labels", "attention_mask"} <= set(feats)
         assert len(feats["input_ids"]) == len(feats["labels"]) == len(feats["attention_mask"])
 
