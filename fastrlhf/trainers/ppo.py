@@ -118,6 +118,11 @@ class PPOTrainer:
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
             self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model
         )
+        # Dropout off in every model, training included: old log-probs, values and the first epoch's
+        # new ones must come from the same function, or the PPO ratio starts away from 1.
+        for model in (self.actor, self.critic):
+            if model is not None:
+                model.eval()
         self.rollout = rollout or rt.make_rollout(
             self.runtime,
             cfg.rollout.backend,
@@ -266,9 +271,7 @@ class PPOTrainer:
     def score(self, batch: PPOBatch) -> tuple[torch.Tensor, dict]:
         """Fill old / ref log-probs and values of ``batch``; return RM scores ``[B]`` and score stats."""
         ids, attn, p_len, mask = batch.input_ids, batch.attention_mask, batch.prompt_len, batch.mask
-        self.actor.eval()
         old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len)
-        self.actor.train()
         ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
         if self.critic is not None:
             values = self.critic(ids, attn)[:, p_len - 1 : -1].float()

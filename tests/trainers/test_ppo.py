@@ -369,3 +369,38 @@ def test_early_stop_rules_hand_cases():
     assert rule == "RM score EMA fell for 2 iterations"
     off = EarlyStopConfig(kl_factor=None, length_factor=None, score_falling_iters=None)
     assert early_stop_rule(off, 6.0, fresh(), {"kl": 1e9, "response_length": 1e9, "rm_score": -1e9}) is None
+
+
+def test_gpt2_with_dropout_first_minibatch_has_ratio_one(tmp_path, tok):
+    """Dropout is off in PPO (old and new log-probs from the same function), also for GPT-2 (absolute
+    positions, left-padded prompts): the first minibatch of the first epoch has ratio exactly 1."""
+    from fastrlhf.models import tiny_gpt2
+
+    def gpt2(seed):
+        return tiny_gpt2(
+            len(tok), seed=seed, dropout=0.3, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+        )
+
+    torch.manual_seed(0)
+    cfg = PPOConfig(
+        iterations=1,
+        rollout_batch_size=4,
+        minibatch_size=4,
+        ppo_epochs=1,
+        reward_norm="none",
+        kernel_backend="torch",
+        rollout=RolloutConfig(max_new_tokens=4),
+    )
+    trainer = PPOTrainer(
+        cfg,
+        actor=gpt2(0),
+        ref=gpt2(0),
+        reward_model=RewardModel(gpt2(1)),
+        critic=ValueModel(gpt2(2)),
+        tokenizer=tok,
+        prompts=PROMPTS,
+        output_dir=tmp_path,
+    )
+    (row,) = trainer.train()
+    assert row["ratio_mean"] == 1.0 and row["approx_kl"] == 0.0 and row["clipfrac"] == 0.0
+    assert row["kl"] == 0.0 and row["logprob_mismatch_abs"] < 1e-5
