@@ -1,4 +1,5 @@
-"""fastrlhf.kernels: fused per-token RL math, reusable by any trainer. Imports only torch and triton.
+"""fastrlhf.kernels: fused per-token RL math, reusable by any trainer. Imports only torch and triton
+(triton is optional: without it, e.g. on macOS, every op runs its PyTorch path).
 
 Every op with a Triton kernel takes ``backend="auto" | "triton" | "torch"``; the PyTorch path
 (``reference.py``) is the CPU fallback and the test oracle. See ../shared/API.md for exact semantics.

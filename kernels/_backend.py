@@ -8,6 +8,7 @@ tensors, where reading the labels costs nothing.
 from __future__ import annotations
 
 import math
+import importlib.util
 import os
 
 import torch
@@ -24,16 +25,23 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_available() -> bool:
+    """Whether the triton package is installed (it has no wheel for macOS or Windows)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Map ``backend`` to "triton" or "torch".
 
     "auto" picks Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``;
-    otherwise the PyTorch path.
+    otherwise (and always when triton is not installed) the PyTorch path.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
+    if not triton_available():
+        return "torch"
     if any(t.is_cuda for t in tensors):
         return "triton"
     return "triton" if interpreter_enabled() else "torch"

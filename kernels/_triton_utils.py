@@ -13,7 +13,12 @@ the interpreter recognises and runs in numpy. Then ``TRITON_INTERPRET=1`` may be
 from __future__ import annotations
 
 import torch
-import triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton wheel for this platform (macOS, Windows): only backend="torch" runs
+    triton = tl = None
 
 from ._backend import interpreter_enabled
 
@@ -82,6 +87,9 @@ def interpreter_unavailable_reason() -> str | None:
 def check_launchable(op: str, *tensors: torch.Tensor) -> None:
     """Raise a clear error when the Triton path cannot run on these tensors (CPU without the interpreter,
     or an interpreter that cannot run with this numpy)."""
+    if triton is None:
+        raise RuntimeError(f"{op}: backend='triton' needs the triton package, which is not installed here; "
+                           "use backend='torch' or backend='auto'")
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")

@@ -6,12 +6,10 @@ next valid token per row, so holes in the mask are skipped exactly as in the ref
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
 from ._backend import check_gae_inputs, resolve_backend
-from ._triton_utils import check_launchable, lazy_jit, reject_float64
+from ._triton_utils import check_launchable, lazy_jit, reject_float64, tl, triton
 
 
 @lazy_jit

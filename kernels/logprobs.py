@@ -7,11 +7,10 @@ intermediate). The two row kernels are reused by ``linear_logprobs.py`` and ``pp
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 
 from . import reference
 from ._backend import check_labels_in_range, check_logits_labels, check_temperature, resolve_backend
-from ._triton_utils import check_launchable, lazy_jit, reject_float64, row_warps, rows_3d, vocab_block
+from ._triton_utils import check_launchable, lazy_jit, reject_float64, row_warps, rows_3d, tl, vocab_block
 
 
 @lazy_jit

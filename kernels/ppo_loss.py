@@ -16,13 +16,11 @@ local: L = sum_t w_t l_t(lp_t, H_t). Stats come from the public ``losses`` funct
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import reference
 from ._backend import (check_chunk_size, check_labels_in_range, check_linear_inputs, check_logits_labels,
                        check_ppo_inputs, check_temperature, resolve_backend)
-from ._triton_utils import autocast_inputs, check_launchable, lazy_jit, reject_float64, rows_3d
+from ._triton_utils import autocast_inputs, check_launchable, lazy_jit, reject_float64, rows_3d, tl, triton
 from .linear_logprobs import chunk_logits, default_chunk_rows
 from .logprobs import logprobs_backward, logprobs_forward
 from .losses import kl_estimate, masked_mean, ppo_policy_loss
