@@ -89,6 +89,9 @@ def shard_model(model: nn.Module, *, device: torch.device, train: bool, bf16: bo
     for name in _FORWARD_METHODS:
         if callable(getattr(model, name, None)):
             register_fsdp_forward_method(model, name)
+    if not train:
+        # No backward will reshard a frozen root: free its gathered embeddings / heads after forward.
+        model.register_forward_hook(lambda module, args, output: module.reshard())
     return model
 
 

