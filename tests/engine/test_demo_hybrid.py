@@ -32,18 +32,22 @@ def check_bar(out, *, world_size: int, rollout: str) -> dict:
 
 @pytest.mark.slow
 def test_demo_quick_two_ranks_fsdp(tmp_path, run_torchrun):
-    run_torchrun("fastrlhf", "demo", "--quick", "--out", str(tmp_path), module=True, timeout=15 * 60)
-    check_bar(tmp_path, world_size=2, rollout="hf")
+    out = tmp_path / "demo"
+    # cwd outside the repo: with the repo root on sys.path the top-level `kernels/` folder would shadow
+    # the `kernels` name that transformers probes for (as in tests/test_demo.py)
+    run_torchrun("fastrlhf", "demo", "--quick", "--out", str(out), module=True, timeout=15 * 60, cwd=tmp_path)
+    check_bar(out, world_size=2, rollout="hf")
 
 
 @pytest.mark.slow
 def test_demo_quick_vllm_rollout(tmp_path):
     pytest.importorskip("vllm")
+    out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "fastrlhf", "demo", "--quick", "--rollout", "vllm",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=15 * 60,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           "--out", str(out)], capture_output=True, text=True, timeout=15 * 60,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    check_bar(tmp_path, world_size=1, rollout="vllm")
-    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    check_bar(out, world_size=1, rollout="vllm")
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     syncs = [r["time/sync_s"] for r in rows if "time/sync_s" in r]
     assert syncs and max(syncs) < 1.0  # weight sync of the demo model: well under a second
