@@ -45,7 +45,7 @@ class DemoSettings:
     rm_batch: int = 64
     heldout_frac: float = 0.2
     label_tau: float = 0.5
-    max_new_tokens: int = 10
+    max_new_tokens: int = 9
 
 
 QUICK = DemoSettings(
@@ -75,7 +75,7 @@ def ppo_config(settings: DemoSettings, seed: int, rollout: str, output_dir: Path
         entropy_coef=0.0,
         checkpoint_every=10,
         rollout=RolloutConfig(backend=rollout, max_new_tokens=settings.max_new_tokens, temperature=1.0),
-        kl=KLConfig(controller="adaptive", init_coef=0.05, target=6.0, horizon=2000),
+        kl=KLConfig(controller="adaptive", init_coef=0.1, target=6.0, horizon=500),
         early_stop=EarlyStopConfig(kl_factor=2.0, length_factor=2.0, score_falling_iters=20),
     )
 
