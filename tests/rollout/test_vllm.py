@@ -193,3 +193,25 @@ def test_scheduler_phases_drive_sleep_and_wake(setup):
     assert actions == ["wake", "sleep", "sleep", "wake_weights", "wake"]
     stats = sched.pop_stats()
     assert {"time/generate_s", "time/score_s", "time/train_s", "time/sync_s"} <= set(stats)
+
+
+def test_qwen2_with_biases_and_tied_embeddings(setup):
+    """A second architecture: Qwen2 (q/k/v biases) with tied input/output embeddings (as Qwen2-0.5B):
+    the sync sends the embedding once and vLLM ties lm_head to it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tok = setup[0]
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(4)
+    model = Qwen2ForCausalLM(config).float().eval()
+    with torch.no_grad():  # HF initialises biases to zero: make them matter
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_(0, 0.5)
+            layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    names = [hf for _, hf in policy_parameters(model)]
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    rollout = make_rollout(Runtime(device=torch.device("cpu")), "vllm", model, tok, max_model_len=128)
+    ids = _prompt_ids(tok)
+    assert rollout.generate(ids, SamplingParams(max_new_tokens=8, temperature=0.0)).token_ids == \
+        _hf_greedy(model, ids, 8, tok.eos_token_id)
