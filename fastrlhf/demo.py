@@ -13,8 +13,16 @@ Stages, each written under ``--out`` and skipped when already complete (re-runni
 Then the SFT policy and the PPO policy are evaluated on the same held-out prompts with the same
 sampling seed: gold reward, RM score, response length and KL(PPO || SFT) per sequence (the sum over
 the response of log pi(y_t) - log pi_SFT(y_t) on sampled tokens, averaged over prompts: an unbiased
-estimate of the sequence-level KL). ``summary.json`` holds nested ``{"rm": {...}, "ppo": {...}}``
-sections plus ``world_size``, ``rollout`` and ``seconds``.
+estimate of the sequence-level KL). The KL target (6 nats per sequence, the seed's default) is held
+by Ziegler's adaptive controller; answers are capped at ``MAX_WORDS + 1`` tokens so the policy cannot
+leave the length range the reward model was trained on.
+
+``summary.json`` has nested sections (API.md's "rm.heldout_accuracy" = ``summary["rm"]["heldout_accuracy"]``).
+``rm``: ``heldout_accuracy`` (against the noisy held-out labels), ``heldout_gold_accuracy`` (against
+the gold order), ``ece``, ``heldout_pairs``, ``train_pairs``; ``ppo``: ``gold_reward_before`` /
+``_after`` / ``_max``, ``gap_closed``, ``rm_score_before`` / ``_after``, ``length_before`` / ``_after``,
+``kl_final``, ``kl_target``, ``kl_definition``, ``iterations``; ``world_size``, ``rollout``, ``quick``,
+``plots`` and ``seconds`` (wall time of this invocation: a resumed run counts only its own part).
 """
 
 from __future__ import annotations
