@@ -71,10 +71,10 @@ def time_sync(model, buckets_mb: list[float], repeats: int) -> list[dict]:
 
 def time_generation(repeats: int = 3, batch: int = 64, new_tokens: int = 12) -> dict:
     """vLLM vs HFRollout on the tiny model: ``batch`` prompts of 6-10 tokens, ``new_tokens`` sampled."""
+    from fastrlhf.data import build_test_tokenizer
     from fastrlhf.engine.runtime import Runtime, make_rollout
     from fastrlhf.rollout.base import SamplingParams
     from fastrlhf.rollout.hf import HFRollout
-    from fastrlhf.data import build_test_tokenizer
 
     tok = build_test_tokenizer()
     model = build("tiny")

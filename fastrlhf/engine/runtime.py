@@ -93,7 +93,7 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
     use_fsdp = runtime.world_size > 1 if fsdp is None else fsdp
     if use_fsdp and not torch.distributed.is_initialized():
         raise RuntimeError("prepare_models(fsdp=True) needs a process group; start with torchrun")
-    models = dict(zip(_NAMES, (actor, critic, ref, reward_model)))
+    models = dict(zip(_NAMES, (actor, critic, ref, reward_model), strict=True))
     # Sizes before sharding (global numel either way) and before the frozen models lose grads.
     runtime.sizes = {n: model_size(m, trained=n in ("actor", "critic")) if m is not None else None
                      for n, m in models.items()}

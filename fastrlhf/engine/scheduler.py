@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -146,7 +146,7 @@ class VLLMRollout:
             comp = out.outputs[0]
             toks = list(comp.token_ids)
             ids.append(toks)
-            lps.append([float(step[t].logprob) for t, step in zip(toks, comp.logprobs or [])])
+            lps.append([float(step[t].logprob) for t, step in zip(toks, comp.logprobs or [], strict=False)])
             if len(lps[-1]) != len(toks):
                 raise RuntimeError(f"vLLM returned {len(lps[-1])} log-probs for {len(toks)} tokens")
         return Generation(token_ids=ids, logprobs=lps)

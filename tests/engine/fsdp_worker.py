@@ -106,7 +106,7 @@ def main(out_path: str) -> None:
         ref_opt, ref_norms = train(ref_actor, ref_critic, ids, mask, targets)
         res["actor_diff"] = max_diff(actor_sd, ref_actor.state_dict())
         res["critic_diff"] = max_diff(critic_sd, ref_critic.state_dict())
-        res["norm_diff"] = max(abs(a - b) for a, b in zip(norms, ref_norms))
+        res["norm_diff"] = max(abs(a - b) for a, b in zip(norms, ref_norms, strict=True))
         res["clipped"] = min(ref_norms) > CLIP
         res["rm_head_is_rank0"] = torch.equal(rm_sd["head.weight"], rm_head_rank0)
         with torch.no_grad():

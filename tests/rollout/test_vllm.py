@@ -12,10 +12,11 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
+from fastrlhf.kernels import token_logprobs  # noqa: E402
+
 from fastrlhf.data import build_test_tokenizer  # noqa: E402
 from fastrlhf.engine.runtime import Runtime, make_rollout, sync_weights  # noqa: E402
 from fastrlhf.engine.weight_sync import bucket_plan, group_by_layer, policy_parameters  # noqa: E402
-from fastrlhf.kernels import token_logprobs  # noqa: E402
 from fastrlhf.models import tiny_llama  # noqa: E402
 from fastrlhf.rollout.base import SamplingParams  # noqa: E402
 
@@ -81,7 +82,7 @@ def test_sampler_logprobs_match_trainer_recompute(setup, temperature):
     ids = _prompt_ids(tok)
     gen = rollout.generate(ids, SamplingParams(max_new_tokens=10, temperature=temperature, seed=3))
     worst = 0.0
-    for p, resp, lps in zip(ids, gen.token_ids, gen.logprobs):
+    for p, resp, lps in zip(ids, gen.token_ids, gen.logprobs, strict=True):
         full = torch.tensor([p + resp])
         with torch.no_grad():
             logits = first(full).logits[0, len(p) - 1:-1]
@@ -202,7 +203,8 @@ def test_qwen2_with_biases_and_tied_embeddings(setup):
     tok = setup[0]
     config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
     torch.manual_seed(4)
     model = Qwen2ForCausalLM(config).float().eval()
     with torch.no_grad():  # HF initialises biases to zero: make them matter
