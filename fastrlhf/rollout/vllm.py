@@ -112,6 +112,7 @@ class VLLMRollout:
                        gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
                        enable_sleep_mode=enable_sleep_mode, **llm_kwargs)
         self.dtype = self.llm.llm_engine.model_config.dtype
+        self.tp_group = _tp_group(tensor_parallel_size) if tensor_parallel_size > 1 else None
         self.startup_s = time.perf_counter() - start
         self.asleep: set[str] = set()  # tags released by sleep: {"weights", "kv_cache"}
         self.calls = {"reload": 0, "sleep": 0, "wake": 0, "generate": 0, "sync": 0}
@@ -123,14 +124,19 @@ class VLLMRollout:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
         """One sampled response per prompt: token ids (ending with EOS when the model stopped) and the
         sampler's log-prob of each under ``params.temperature``. ``temperature == 0`` is greedy."""
-        from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
         if self.asleep:
             raise RuntimeError(f"VLLMRollout.generate called while {sorted(self.asleep)} are asleep; "
                                "call wake() first")
         for i, p in enumerate(prompt_ids):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty; vLLM needs at least one prompt token")
+        if self.tp_group is not None:  # one engine spans the TP group: it must see the same requests
+            return self._generate_tp(prompt_ids, params)
+        return self._generate_local(prompt_ids, params)
+
+    def _generate_local(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
         stop = [self.eos_token_id] if self.eos_token_id is not None else None
         sps = [VSamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
                                top_p=params.top_p, top_k=params.top_k, logprobs=0, stop_token_ids=stop,
@@ -150,6 +156,18 @@ class VLLMRollout:
             if len(lps[-1]) != len(toks):
                 raise RuntimeError(f"vLLM returned {len(lps[-1])} log-probs for {len(toks)} tokens")
         return Generation(token_ids=ids, logprobs=lps)
+
+    def _generate_tp(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        """Tensor parallel: every rank of the group submits the group's prompts (all shards, gathered)
+        with the group leader's sampling parameters, and keeps the results of its own shard."""
+        import torch.distributed as dist
+        size = dist.get_world_size(self.tp_group)
+        shards: list = [None] * size
+        dist.all_gather_object(shards, (list(prompt_ids), params), group=self.tp_group)
+        out = self._generate_local([p for shard, _ in shards for p in shard], shards[0][1])
+        start = sum(len(shard) for shard, _ in shards[:dist.get_rank(self.tp_group)])
+        stop = start + len(prompt_ids)
+        return Generation(token_ids=out.token_ids[start:stop], logprobs=out.logprobs[start:stop])
 
     # --------------------------------------------------------------------------------- weight sync
     def load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
@@ -289,6 +307,24 @@ def _refresh_tied_heads(worker) -> list[str]:
             method.process_weights_after_loading(module)
             refreshed.append(name)
     return refreshed
+
+
+def _tp_group(tp: int):
+    """This rank's tensor-parallel group: consecutive blocks of ``tp`` ranks, the layout vLLM uses with
+    ``external_launcher`` (TP is the innermost dimension of its rank grid). Every rank creates every
+    group (``new_group`` is collective)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        raise RuntimeError(f"tensor_parallel_size={tp} needs a torch.distributed group (torchrun)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tp:
+        raise ValueError(f"tensor_parallel_size={tp} does not divide the world size {world}")
+    mine = None
+    for start in range(0, world, tp):
+        group = dist.new_group(list(range(start, start + tp)))
+        if start <= rank < start + tp:
+            mine = group
+    return mine
 
 
 def _original_class(module) -> type:

@@ -21,6 +21,13 @@ def result(tmp_path_factory, run_torchrun):
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def result_tp(tmp_path_factory, run_torchrun):
+    out = tmp_path_factory.mktemp("hybrid_tp") / "result.json"
+    run_torchrun(HERE / "vllm_worker.py", str(out), "2", timeout=600)
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_one_engine_per_rank_inside_the_torch_world(result):
     assert result["world"] == 2  # vLLM did not replace the trainer's process group
@@ -42,3 +49,10 @@ def test_second_sync_after_training_uses_new_weights_on_every_rank(result):
 @pytest.mark.slow
 def test_phase_hooks_sleep_and_wake_the_engine(result):
     assert result["events"][-5:] == ["wake", "sleep", "sleep", "wake_weights", "wake"]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_over_both_ranks(result_tp):
+    """tensor_parallel_size=2: one engine sharded over the 2 ranks; each rank still submits its own
+    (uneven) prompt shard and gets its own results, before and after a sync of new weights."""
+    assert result_tp["all_ranks"] == [1.0, 1.0, 1.0]

@@ -1,4 +1,4 @@
-"""Worker for tests/engine/test_hybrid.py: ``torchrun --nproc_per_node 2 vllm_worker.py OUT.json``.
+"""Worker for tests/engine/test_hybrid.py: ``torchrun --nproc_per_node 2 vllm_worker.py OUT.json [TP]``.
 
 The hybrid engine end to end on 2 gloo ranks: process group first, FSDP2-sharded PolicyWithLoss actor,
 one in-process vLLM engine per rank (``external_launcher``) filled by the bucketed FSDP-aware sync,
@@ -19,7 +19,7 @@ from fastrlhf.models import tiny_llama
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
 
-PROMPTS = ["hello", "count 1 2 3 4 5 6 7 8", "red cat and blue dog", "what is 2 + 3 ?"]
+PROMPTS = ["hello", "count 1 2 3 4 5 6 7 8", "red cat and blue dog", "what is 2 + 3 ?", "sort big small"]
 
 
 def hf_greedy(lm, prompt_ids, max_new, eos):
@@ -40,7 +40,7 @@ def full_copy(actor, like):
     return lm
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, tp: int = 1) -> None:
     rt = init_runtime("cpu")
     tok = build_test_tokenizer()
     lm = tiny_llama(len(tok), seed=5, num_layers=2, pad_token_id=tok.pad_token_id,
@@ -48,9 +48,10 @@ def main(out_path: str) -> None:
     plain = copy.deepcopy(lm)
     actor = PolicyWithLoss(lm, shared_critic=True)
     actor, _, _, _ = prepare_models(rt, actor=actor, critic=None, ref=None, reward_model=None)
-    rollout = make_rollout(rt, "vllm", actor, tok, bucket_mb=0.05, max_model_len=128)
+    rollout = make_rollout(rt, "vllm", actor, tok, bucket_mb=0.05, max_model_len=128, tensor_parallel_size=tp)
     ids = [tok(p).input_ids for p in PROMPTS]
-    # data-parallel: each rank generates its own shard of prompts
+    # data-parallel: each rank generates its own shard of prompts (3 and 2: uneven); with tp=2 one
+    # engine spans both ranks and each still gets back its own shard
     mine = ids[rt.rank::rt.world_size]
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
     res = {"first_sync": dict(rollout.last_sync), "backend": rollout.llm.llm_engine.vllm_config
@@ -85,4 +86,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
