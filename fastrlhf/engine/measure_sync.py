@@ -29,10 +29,19 @@ CONFIGS = {
     "50m": (512, 12, 8, 1536, 16000),
     "100m": (768, 12, 12, 2048, 32000),
 }
+# Qwen2-0.5B's shape (2 KV heads, q/k/v biases, tied embeddings), random weights: a "0.5B-class" model
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=256,
+                 tie_word_embeddings=True)
 
 
 def build(name: str):
     from fastrlhf.models import tiny_llama
+    if name == "qwen0.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return Qwen2ForCausalLM(Qwen2Config(**QWEN2_05B, pad_token_id=0, eos_token_id=1)).float().eval()
     hidden, layers, heads, inter, vocab = CONFIGS[name]
     return tiny_llama(vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter,
                       max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -102,7 +111,7 @@ def time_generation(repeats: int = 3, batch: int = 64, new_tokens: int = 12) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="tiny,10m,50m")
+    p.add_argument("--sizes", default="tiny,10m,50m", help=f"any of {[*CONFIGS, 'qwen0.5b']}")
     p.add_argument("--buckets", default="0,4,64,256", help="bucket sizes in MB (0: one call per layer)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--generate", action="store_true")
