@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -147,11 +149,13 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
     from fastrlhf.rollout.vllm import VLLMRollout, write_model_dir
 
     from .fsdp import hf_model_prefix
-    model_dir = kwargs.pop("model_dir", None)
+    model_dir, tmp_dir = kwargs.pop("model_dir", None), None
     if model_dir is None:
-        model_dir = write_model_dir(hf_model_prefix(actor)[1], tokenizer)
+        model_dir = tmp_dir = write_model_dir(hf_model_prefix(actor)[1], tokenizer)
     kwargs.setdefault("seed", runtime.rank)  # data-parallel engines sample distinct streams
     rollout = VLLMRollout(model_dir, eos_token_id=tokenizer.eos_token_id, device=runtime.device, **kwargs)
+    if tmp_dir is not None:  # the config directory lives as long as the engine
+        weakref.finalize(rollout, shutil.rmtree, tmp_dir, True)
     itemsize = torch.empty((), dtype=rollout.dtype).element_size()
     kv = 0
     if runtime.device.type == "cuda":  # vLLM's share of the GPU holds its weights and the KV cache
