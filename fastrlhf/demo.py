@@ -442,6 +442,7 @@ def build_summary(
         "rollout": rollout,
         "quick": quick,
         "seconds": seconds,
+        "memory_plan": runtime.scheduler.plan_dict(),
     }
 
 

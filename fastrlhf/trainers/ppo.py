@@ -181,6 +181,8 @@ class PPOTrainer:
             )
             for k, o in self.optimizers.items()
         }
+        for name, opt in self.optimizers.items():  # the memory plan may offload their state between phases
+            self.runtime.register_optimizer(name, opt)
 
     def optimized(self) -> dict:
         models = {"actor": self.actor, "critic": self.critic}
