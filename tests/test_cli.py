@@ -1,6 +1,7 @@
 """`fastrlhf sft`, `fastrlhf rm` and `fastrlhf report` end to end on CPU from jsonl files (no downloads)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -61,7 +62,9 @@ def test_sft_then_rm_then_report(base_model, tmp_path):
     final = tmp_path / "sft" / "final"
     policy = AutoModelForCausalLM.from_pretrained(final)
     assert policy.config.vocab_size == len(build_test_tokenizer())
-    assert (tmp_path / "sft" / "tensorboard").is_dir()
+    # TensorBoard is an optional extra: event files exactly when it is installed
+    has_tb = importlib.util.find_spec("tensorboard") is not None
+    assert (tmp_path / "sft" / "tensorboard").is_dir() == has_tb
     sft_rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in sft_rows) == 8 and sum("eval_loss" in r for r in sft_rows) == 3
 
