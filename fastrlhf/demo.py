@@ -498,5 +498,9 @@ def run_demo(
 
 
 def run_demo_cli(args) -> int:
+    # The demo saves a dozen tiny checkpoints; transformers' per-save progress bars would bury the
+    # stage output (the command line owns its output, so it turns them off here, not run_demo).
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     run_demo(args.out, quick=args.quick, seed=args.seed, rollout=args.rollout)
     return 0
