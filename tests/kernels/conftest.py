@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
+
 MASK_KINDS = ("full", "ragged", "left", "holes")
 
 
@@ -96,3 +98,13 @@ def garbage():
 def float_guard():
     """``with float_guard() as g: ...``; then ``g.largest`` is the numel of the biggest fp32/fp64 tensor made."""
     return LargeFloatGuard
+
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
+    reason = interpreter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

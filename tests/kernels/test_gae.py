@@ -9,16 +9,6 @@ import pytest
 import torch
 
 from fastrlhf.kernels import gae, reference
-from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
-    reason = interpreter_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

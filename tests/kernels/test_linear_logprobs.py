@@ -11,22 +11,12 @@ import pytest
 import torch
 
 from fastrlhf.kernels import linear_token_logprobs, reference
-from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 
 
 # Measured (triton path; PyTorch path at the same dtype in brackets): lp/entropy fp32 2.2e-6, fp16 4.5e-3,
 # bf16 3e-2 (same); rel grads fp32 1e-6 (1.1e-6), fp16 1.6e-3 (1.4e-3), bf16 2.2e-2 (1.9e-2).
 FWD_TOL = {torch.float32: 1e-5, torch.float16: 1.5e-2, torch.bfloat16: 1e-1}
 GRAD_REL = {torch.float32: 5e-6, torch.float16: 5e-3, torch.bfloat16: 6e-2}
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
-    reason = interpreter_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _run(fn, hidden, weight, bias, labels, g_lp, g_ent, double=False, **kw):

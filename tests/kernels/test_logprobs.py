@@ -17,15 +17,6 @@ from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 GRAD_ATOL_REL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
-    reason = interpreter_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def _oracle(logits, labels, g_lp, g_ent, **kw):
     """Reference outputs and dlogits in float64 from the same (exactly upcast) logits."""
     x = logits.detach().double().requires_grad_(True)

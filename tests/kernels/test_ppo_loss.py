@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from fastrlhf.kernels import fused_ppo_loss, fused_ppo_loss_from_logits, reference, token_logprobs
-from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 GRAD_REL = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
@@ -24,15 +23,6 @@ HIDDEN_TOL = {torch.float32: (2e-6, (1e-5, 1e-6), (1e-4, 1e-5)),
               torch.float16: (3e-3, (1e-3, 2e-4), (1e-3, 1e-3)),
               torch.bfloat16: (2e-2, (1e-3, 2e-4), (1e-2, 3e-3))}
 UPSTREAM = 2.5  # d(outer)/d(loss): backward must scale the gradient computed in forward
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
-    reason = interpreter_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _ppo_batch(B, T, V, kind, make_mask, garbage, seed=0, logits=None, temperature=1.0):

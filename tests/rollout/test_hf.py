@@ -15,14 +15,6 @@ from fastrlhf.rollout.hf import HFRollout, filter_logits
 from fastrlhf.trainers.ppo_batch import build_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return build_test_tokenizer()

@@ -16,14 +16,6 @@ from fastrlhf.trainers.ppo import EarlyStopConfig, KLConfig, PPOConfig, PPOTrain
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return build_test_tokenizer()
