@@ -26,13 +26,12 @@ from fastrlhf.models.loading import load_tokenizer, resolve_dtype
 from fastrlhf.models.multihead import MultiHeadRewardModel
 from fastrlhf.telemetry.report import plot_reward_histogram
 from fastrlhf.trainers import common
-from fastrlhf.trainers.sft import validate_common
 
 STAGE = "rm"
 
 
 @dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(common.StageConfig):
     """Every reward-model setting, with its default. ``model`` (the SFT checkpoint), ``data`` and
     ``output_dir`` are required. Rows: ``{"prompt", "chosen", "rejected"}`` and an optional ``margin``
     (used when ``use_margin``). ``chat_template`` as in ``SFTConfig`` (keep it equal across stages).
@@ -44,45 +43,15 @@ class RewardConfig:
     rewards on the eval pairs (the train pairs when there is no eval set) for normalisation at PPO time.
     """
 
-    model: str = ""
-    data: str = ""
-    output_dir: str = ""
-    eval_data: str | None = None
-    tokenizer: str | None = None
-    data_split: str = "train"
-    eval_split: str = "test"
-    max_length: int = 1024
     lr: float = 9e-6
-    epochs: int = 1
-    batch_size: int = 64
-    micro_batch_size: int = 8
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
     use_margin: bool = True
-    chat_template: bool = False
     heads: tuple[str, ...] = ()
     head_weights: tuple[float, ...] = ()
     center_rewards_coef: float = 0.0
-    seed: int = 0
-    bf16: bool = True
-    dtype: str = "float32"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    max_steps: int = 0
-    drop_overlong: bool = True
     ece_bins: int = 10
-    log_every: int = 1
-    progress: bool = True
-    tensorboard: bool = True
-    resume: bool = True
 
     def __post_init__(self):
-        validate_common(self)
+        super().__post_init__()
         if self.head_weights and len(self.head_weights) != len(self.heads):
             raise ConfigError(f"RewardConfig: {len(self.head_weights)} head_weights for heads "
                               f"{list(self.heads)}")

@@ -27,7 +27,7 @@ STAGE = "sft"
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(common.StageConfig):
     """Every SFT setting, with its default. ``model``, ``data`` and ``output_dir`` are required.
 
     ``batch_size`` sequences per optimizer step, processed ``micro_batch_size`` at a time.
@@ -38,69 +38,17 @@ class SFTConfig:
     the model's logits. ``kernel_backend``: "auto" | "triton" | "torch" for that op.
     """
 
-    model: str = ""
-    data: str = ""
-    output_dir: str = ""
-    eval_data: str | None = None
-    tokenizer: str | None = None
-    data_split: str = "train"
-    eval_split: str = "test"
-    max_length: int = 1024
-    lr: float = 1e-5
-    epochs: int = 1
-    batch_size: int = 64
-    micro_batch_size: int = 8
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    bf16: bool = True
-    dtype: str = "float32"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
     packing: bool = False
-    chat_template: bool = False
     loss_impl: str = "fused"
     kernel_backend: str = "auto"
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    max_steps: int = 0
-    drop_overlong: bool = True
-    log_every: int = 1
-    progress: bool = True
-    tensorboard: bool = True
-    resume: bool = True
 
     def __post_init__(self):
-        validate_common(self)
+        super().__post_init__()
         if self.loss_impl not in ("fused", "logits"):
             raise ConfigError(f"SFTConfig: loss_impl must be 'fused' or 'logits', got {self.loss_impl!r}")
         if self.kernel_backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"SFTConfig: kernel_backend must be auto|triton|torch, "
                               f"got {self.kernel_backend!r}")
-
-
-def validate_common(cfg) -> None:
-    """Checks shared by the SFT and reward configs; errors name the key."""
-    name = type(cfg).__name__
-    for key in ("model", "data", "output_dir"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"{name}: {key!r} is required")
-    for key in ("max_length", "epochs", "batch_size", "micro_batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{name}: {key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("eval_every", "save_every", "max_steps", "log_every", "keep_checkpoints"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{name}: {key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.lr_scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
-        raise ConfigError(f"{name}: lr_scheduler must be 'cosine' or 'linear' (or 'constant[_with_warmup]'), "
-                          f"got {cfg.lr_scheduler!r}")
-    if not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise ConfigError(f"{name}: warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"{name}: lr must be > 0, got {cfg.lr}")
 
 
 # ------------------------------------------------------------------------------------------------ loss
