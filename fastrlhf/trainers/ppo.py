@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fastrlhf.algo import (
     AdaptiveKLController,
@@ -33,7 +34,7 @@ from fastrlhf.algo import (
     token_rewards,
 )
 from fastrlhf.engine import runtime as rt
-from fastrlhf.kernels import gae, masked_mean, masked_whiten, ppo_value_loss
+from fastrlhf.kernels import gae, masked_mean, masked_var, masked_whiten, ppo_value_loss
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
 from fastrlhf.telemetry.metrics import MetricsLogger
@@ -202,11 +203,15 @@ class PPOTrainer:
         start = self._resume()
         # an engine with its own weights (vLLM) starts from dummy or stale ones: fill it before generating
         rt.sync_weights(self.runtime, self.actor, self.rollout)
-        for it in range(start, cfg.iterations):
+        bar = tqdm(range(start, cfg.iterations), desc="ppo", total=cfg.iterations, initial=start,
+                   disable=not (cfg.progress and self.runtime.is_main))
+        for it in bar:
             if self.stop_state["stopped"] is not None:
                 break
             metrics = self.iteration(it)
             self.history.append(metrics)
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rm_score", "kl", "gold_reward") if k in metrics},
+                            refresh=False)
             last = it + 1 == cfg.iterations or self.stop_state["stopped"] is not None
             if (it + 1) % cfg.checkpoint_every == 0 or last:
                 save_ppo_checkpoint(self, it + 1)
@@ -327,7 +332,7 @@ class PPOTrainer:
             "kl_coef": torch.tensor(self.kl_ctl.value),
             "reward_normalized": norm.mean(),
             "advantage_mean": masked_mean(adv, mask),
-            "advantage_std": masked_mean(adv * adv, mask).sqrt(),
+            "advantage_std": masked_var(adv, mask).sqrt(),
             "return_mean": masked_mean(ret, mask),
             "value_mean": masked_mean(batch.old_values, mask),
         }

@@ -109,6 +109,7 @@ class PPOConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     kernel_backend: str = "auto"
+    progress: bool = True  # a progress bar over iterations on rank 0
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
