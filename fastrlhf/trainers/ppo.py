@@ -74,6 +74,11 @@ def build_kl_controller(cfg: KLConfig):
     return FixedKLController(cfg.init_coef)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's global grad norm) as a plain tensor; other tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class PPOTrainer:
     """``PPOTrainer(config, actor=, ref=, reward_model=, critic=, tokenizer=, prompts=).train()``.
 
@@ -358,6 +363,8 @@ class PPOTrainer:
             order = torch.randperm(batch.size, generator=gen).to(batch.input_ids.device)
             for rows in split_rows(order, cfg.minibatch_size):
                 stats = self.train_minibatch(batch.select(rows))
+                if not stats:  # a skipped step contributes nothing to the averages
+                    continue
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 n += 1
@@ -369,8 +376,10 @@ class PPOTrainer:
     def minibatch_loss(self, mb: PPOBatch, *, backward: bool = True) -> tuple[torch.Tensor, dict]:
         """Sum over micro-batches of weight * loss (== the minibatch's loss); backward per micro-batch."""
         cfg = self.config
-        total = count_units(mb.mask, cfg.loss_agg)
-        loss_sum = torch.zeros(())
+        # loss_agg is over the *global* minibatch: FSDP averages gradients over ranks, so each rank's share
+        # is its units / the mean units per rank (== world * local / global); one process: local / local
+        total = self.runtime.all_reduce_mean(count_units(mb.mask, cfg.loss_agg).float())
+        loss_sum = torch.zeros((), device=mb.mask.device)  # stats stay on the device: no sync per micro-batch
         stats: dict[str, torch.Tensor] = {}
         for rows in split_rows(torch.arange(mb.size, device=mb.mask.device), cfg.micro_batch_size):
             micro = mb.select(rows)
@@ -378,9 +387,9 @@ class PPOTrainer:
             loss, st = self._micro_loss(micro)
             if backward:
                 (w * loss).backward()
-            loss_sum = loss_sum + w * loss.detach().cpu()
+            loss_sum = loss_sum + w * loss.detach()
             for k, v in st.items():
-                stats[k] = stats.get(k, 0.0) + w * v.detach().cpu()
+                stats[k] = stats.get(k, 0.0) + w * v.detach()
         return loss_sum, stats
 
     def _micro_loss(self, micro: PPOBatch) -> tuple[torch.Tensor, dict]:
@@ -417,16 +426,17 @@ class PPOTrainer:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss, stats = self.minibatch_loss(mb)
-        if not self._all_finite(loss):
-            self.counters["skipped_steps"] += 1  # never applied: grads dropped, optimizers untouched
+        norms = {"grad_norm_actor": common.clip_grad_norm(self.actor.parameters(), self.config.max_grad_norm)}
+        if self.critic is not None:
+            norms["grad_norm_critic"] = common.clip_grad_norm(self.critic.parameters(), self.config.max_grad_norm)
+        # One check, one host sync: a non-finite loss *or gradient* is never applied (clipping by an inf
+        # norm turns the gradients into NaN, and AdamW would write them into the weights).
+        if not self._all_finite(loss, *(_full(n) for n in norms.values())):
+            self.counters["skipped_steps"] += 1  # grads dropped, optimizers untouched
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
             return {}
-        stats["grad_norm_actor"] = common.clip_grad_norm(self.actor.parameters(), self.config.max_grad_norm)
-        if self.critic is not None:
-            stats["grad_norm_critic"] = common.clip_grad_norm(
-                self.critic.parameters(), self.config.max_grad_norm
-            )
+        stats.update(norms)
         for name, opt in self.optimizers.items():
             opt.step()
             self.schedulers[name].step()

@@ -81,7 +81,8 @@ def loss_weight(mask: torch.Tensor, total: torch.Tensor, loss_agg: str) -> torch
     weight = such rows in the micro-batch / such rows in the minibatch. ``total`` is that minibatch
     count (0-dim). A micro-batch with nothing valid gets weight 0.
     """
-    return count_units(mask, loss_agg).float() / total.clamp(min=1).float()
+    # total may be a mean over ranks (fractional); nothing valid anywhere gives 0 / tiny = 0
+    return count_units(mask, loss_agg).float() / total.float().clamp(min=1e-12)
 
 
 def count_units(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
