@@ -18,6 +18,8 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_KINDS = ("k1", "k2", "k3", "abs")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# labels must hold ignore_index (-100) and the mask marker: int8 / uint8 would wrap them round
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16)
 
 
 def interpreter_enabled() -> bool:
@@ -63,8 +65,9 @@ def check_tensor(name: str, t, *, floating: bool = False, integer: bool = False)
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (fp32/bf16/fp16/fp64), got {t.dtype}")
-    if integer and t.dtype not in INT_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor (int64 preferred), got {t.dtype}")
+    if integer and t.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of int64/int32/int16 (int64 preferred), got "
+                        f"{t.dtype}: narrower types cannot hold ignore_index")
 
 
 def check_same_device(**named: torch.Tensor | None) -> None:

@@ -76,5 +76,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     mask = check_gae_inputs(rewards, values, mask, gamma, lam)
     chosen = resolve_backend(backend, rewards)
     if chosen == "torch" or (backend == "auto" and torch.float64 in (rewards.dtype, values.dtype)):
-        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+        # detached on both paths: advantages and returns are targets, never differentiated through
+        return reference.gae(rewards.detach(), values.detach(), mask, gamma=gamma, lam=lam)
     return _gae_triton(rewards.detach(), values.detach(), mask, gamma, lam)

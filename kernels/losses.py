@@ -58,7 +58,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     check_tensor("logprobs", logprobs, floating=True)
     check_tensor("ref_logprobs", ref_logprobs, floating=True)
     check_same_shape(logprobs.shape, "logprobs", ref_logprobs=ref_logprobs)  # no silent broadcasting
-    dtype = _compute_dtype(logprobs, ref_logprobs)
+    dtype = _compute_dtype(logprobs)  # fp64 only for an fp64 oracle
     d = logprobs.to(dtype) - ref_logprobs.to(dtype)
     return KL_ESTIMATORS[kind](d)
 
@@ -150,7 +150,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     """
     mask = _check_tokens("logprobs", logprobs, mask, old_logprobs=old_logprobs, advantages=advantages)
     clip_high = check_clip(clip_low, clip_high, dual_clip)
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    dtype = _compute_dtype(logprobs)  # as the Triton path: fp32 unless logprobs are fp64
     log_ratio = _masked(logprobs, mask, dtype) - _masked(old_logprobs, mask, dtype)
     adv = _masked(advantages, mask, dtype)
     ratio = torch.exp(log_ratio)
@@ -181,7 +181,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     mask = _check_tokens("values", values, mask, old_values=old_values, returns=returns)
     if clip is not None and not clip >= 0:
         raise ValueError(f"clip must be >= 0 or None, got {clip!r}")
-    dtype = _compute_dtype(values, old_values, returns)
+    dtype = _compute_dtype(values)
     v, ret = _masked(values, mask, dtype), _masked(returns, mask, dtype)
     err = (v - ret).square()
     if clip is None:

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fastrlhf.kernels import (aggregate, fused_ppo_loss, fused_ppo_loss_from_logits, kl_estimate,
+from fastrlhf.kernels import (aggregate, fused_ppo_loss, fused_ppo_loss_from_logits, gae, kl_estimate,
                               linear_token_logprobs, masked_mean, masked_var, masked_whiten, ppo_policy_loss,
                               ppo_value_loss, reference)
 
@@ -356,3 +356,17 @@ def test_fused_ppo_loss_validation_errors(make_mask):
         fused_ppo_loss(hidden, weight, labels, old, adv, mask, ref_logprobs=ref, kl_kind="kl", backend="torch")
     with pytest.raises(ValueError, match="loss_agg must be one of"):
         fused_ppo_loss(hidden, weight, labels, old, adv, mask, loss_agg="mean", backend="torch")
+
+
+def test_policy_loss_dtype_follows_logprobs_only():
+    """fp32 log-probs with fp64 old log-probs / advantages give an fp32 loss, as on the Triton path."""
+    lp = torch.randn(2, 5)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    loss, _ = ppo_policy_loss(lp, lp.double() + 0.1, torch.randn(2, 5, dtype=torch.float64), mask)
+    assert loss.dtype == torch.float32
+
+
+def test_gae_is_detached_on_every_path():
+    values = torch.randn(2, 4, requires_grad=True)
+    adv, ret = gae(torch.randn(2, 4), values, torch.ones(2, 4, dtype=torch.bool), backend="torch")
+    assert not adv.requires_grad and not ret.requires_grad

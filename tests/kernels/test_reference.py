@@ -178,6 +178,9 @@ def test_token_logprobs_validation_errors():
         token_logprobs(x, torch.zeros(2, 4, dtype=torch.long), backend="torch")
     with pytest.raises(TypeError, match="labels must be an integer"):
         token_logprobs(x, torch.zeros(2, 3), backend="torch")
+    # uint8 would wrap ignore_index (-100 -> 156) and silently count ignored tokens as valid
+    with pytest.raises(TypeError, match="cannot hold ignore_index"):
+        token_logprobs(x, torch.zeros(2, 3, dtype=torch.uint8), backend="torch")
     with pytest.raises(ValueError, match=r"labels\[1, 2\] = 10"):
         token_logprobs(x, torch.tensor([[0, 1, 2], [3, 4, 10]]), backend="torch")
     with pytest.raises(ValueError, match="temperature"):
