@@ -24,6 +24,25 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def effective_temperature(config, temperature: float) -> float:
+    """``temperature`` with the model's own scaling of its logits folded in, so that log-probs from
+    ``hidden @ lm_head.T`` match the distribution the model samples from: Cohere multiplies its logits
+    by ``logit_scale``, Granite divides them by ``logits_scaling``. Gemma-2/3's tanh soft-capping
+    (``final_logit_softcapping``) is not a scaling, and the fused path refuses it rather than compute
+    log-probs of a different distribution."""
+    if getattr(config, "final_logit_softcapping", None):
+        raise NotImplementedError(
+            f"{type(config).__name__}.final_logit_softcapping={config.final_logit_softcapping}: logit "
+            "soft-capping is not supported by the fused log-prob / PPO path")
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale not in (0, 1):
+        temperature = temperature / scale
+    divide = getattr(config, "logits_scaling", None)
+    if isinstance(divide, (int, float)) and divide not in (0, 1):
+        temperature = temperature * divide
+    return float(temperature)
+
+
 class PolicyWithLoss(nn.Module):
     """Wraps ``lm`` (an HF ``*ForCausalLM``). ``shared_critic=True`` adds a value head (3-model PPO).
 
@@ -44,7 +63,7 @@ class PolicyWithLoss(nn.Module):
     ):
         super().__init__()
         self.lm = lm
-        self.temperature = float(temperature)
+        self.temperature = effective_temperature(lm.config, float(temperature))
         self.backend = backend
         self.chunk_size = chunk_size
         hidden = lm.get_output_embeddings().weight.shape[1]
@@ -89,8 +108,10 @@ class PolicyWithLoss(nn.Module):
         if mode == "logprobs":
             return self._logprobs(hidden, weight, bias, labels)
         if mode == "loss":
-            if bias is not None:
-                raise NotImplementedError("fused_ppo_loss takes no lm_head bias; this model's head has one")
+            values = self._values(hidden)
+            if bias is not None:  # folded in exactly: [h, 1] @ [W, b].T = h @ W.T + b (grads reach b too)
+                hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
+                weight = torch.cat([weight, bias.unsqueeze(-1).to(weight.dtype)], dim=-1)
             loss, stats = fused_ppo_loss(
                 hidden,
                 weight,
@@ -100,7 +121,7 @@ class PolicyWithLoss(nn.Module):
                 backend=self.backend,
                 **kwargs,
             )
-            return loss, stats, self._values(hidden)
+            return loss, stats, values
         raise ValueError(f"mode must be 'lm', 'logprobs' or 'loss', got {mode!r}")
 
     def _logprobs(self, hidden, weight, bias, labels):
