@@ -33,6 +33,7 @@ from fastrlhf.algo import (
     normalize_rewards,
     token_rewards,
 )
+from fastrlhf.data import prompt_features
 from fastrlhf.engine import runtime as rt
 from fastrlhf.kernels import gae, masked_mean, masked_var, masked_whiten, ppo_value_loss
 from fastrlhf.models.policy import PolicyWithLoss
@@ -153,10 +154,9 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- setup
     def _setup_prompts(self, prompts, prompt_texts):
-        encoded = [
-            list(p) if not isinstance(p, str) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            for p in prompts
-        ]
+        # text prompts get the tokenizer's leading specials (BOS) exactly as SFT / RM features do
+        encoded = [list(p) if not isinstance(p, str) else prompt_features(p, self.tokenizer)["input_ids"]
+                   for p in prompts]
         texts = (
             list(prompt_texts)
             if prompt_texts is not None

@@ -14,19 +14,11 @@ from collections.abc import Sequence
 from fastrlhf.config import load_config
 
 
-def _chat_or_plain(tokenizer, prompt: str) -> str:
-    """Prompts are wrapped in the tokenizer's chat template when it has one (a user turn)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
-
-
 def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
-    from fastrlhf.data import read_rows
+    from fastrlhf.data import prompt_features, read_rows
     from fastrlhf.engine import runtime as rt
     from fastrlhf.models import RewardModel, ValueModel, load_causal_lm, load_tokenizer
+    from fastrlhf.trainers import common
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
 
     cfg = load_config(PPOConfig, config_path, overrides)
@@ -36,7 +28,15 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     rows = read_rows(cfg.data, kind="ppo")  # validates every row before any model is loaded
     runtime = rt.init_runtime()
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    prompts = [_chat_or_plain(tokenizer, r["prompt"]) for r in rows]
+    # formatted and tokenized as SFT / RM saw them; length-checked before any model is loaded
+    prompts = []
+    for i, r in enumerate(rows):
+        ids = prompt_features(common.format_prompt(tokenizer, r["prompt"], chat_template=cfg.chat_template),
+                              tokenizer)["input_ids"]
+        if len(ids) > cfg.max_prompt_length:
+            raise ValueError(f"{cfg.data}, row {i + 1}: the prompt has {len(ids)} tokens, more than "
+                             f"max_prompt_length={cfg.max_prompt_length}")
+        prompts.append(ids)
     actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
     ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
     reward_model = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype)

@@ -77,6 +77,7 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     dtype: str = "float32"
     max_prompt_length: int = 512
+    chat_template: bool = False  # prompts as one user turn of the chat template: keep equal to sft/rm
     seed: int = 0
     # schedule
     iterations: int = 100
