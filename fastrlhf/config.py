@@ -7,6 +7,7 @@ error naming the key and where it came from. Nested dataclasses are addressed wi
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
@@ -58,17 +59,25 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(args[0], value, where) if len(args) == 1 else value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan / inf would train silently into NaN weights
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
+    if origin is tuple:
+        # a bare string would otherwise be iterated letter by letter ("safe" -> s, a, f, e)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = args[0] if len(args) == 1 or Ellipsis in typing.get_args(tp) else None
+        if item is None:
+            return tuple(value)
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -88,7 +97,6 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """``cls`` from a YAML file (optional) with ``key=value`` overrides applied on top."""
     data: dict = {}
-    where = "overrides"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -96,9 +104,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-        data, where = loaded, str(path)
-    data = _merge(data, parse_overrides(overrides))
-    return from_dict(cls, data, where)
+        data = loaded
+    extra = parse_overrides(overrides)
+    _check_fields(cls, extra, "command line")  # a bad override is named as one, not as the file's
+    where = str(path) if path is not None else "command line"
+    return from_dict(cls, _merge(data, extra), f"{where} (with overrides)" if extra and path else where)
+
+
+def _check_fields(cls, data: dict, where: str) -> None:
+    """Unknown keys and values of the wrong type in ``data`` (a partial config) raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(hints)}")
+    for key, value in data.items():
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            _check_fields(hints[key], value, f"{where}.{key}")
+        else:
+            _coerce(hints[key], value, f"{where}.{key}")
 
 
 def to_dict(cfg: Any) -> dict:
