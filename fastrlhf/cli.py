@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function taking the parsed args, help)
@@ -34,7 +35,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user error (config, data row, missing file) prints ``fastrlhf CMD: error:
+    MESSAGE`` and returns 2, as argparse does for bad flags; ``FASTRLHF_TRACEBACK=1`` re-raises it."""
+    from fastrlhf.config import ConfigError
+    from fastrlhf.data import DataError
+
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        if os.environ.get("FASTRLHF_TRACEBACK"):
+            raise
+        print(f"fastrlhf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "demo":
         from fastrlhf.demo import run_demo_cli
         return int(run_demo_cli(args) or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -100,16 +101,23 @@ def test_rm_body_is_the_sft_body(base_model, tmp_path):
     torch.testing.assert_close(rm.body.embed_tokens.weight, lm.model.embed_tokens.weight, atol=1e-6, rtol=0)
 
 
-def test_cli_errors(base_model, tmp_path):
+def test_cli_errors(base_model, tmp_path, capsys, monkeypatch):
     data = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "reply": "b"}])
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {base_model}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\n")
+    # user errors: one line on stderr naming the command, the key / file and line, exit status 2
+    monkeypatch.delenv("FASTRLHF_TRACEBACK", raising=False)
+    for argv, message in ((["sft", "--config", str(cfg), "learning_rate=1"], r"fastrlhf sft: error: .*learning_rate"),
+                          (["sft", "--config", str(cfg)], r"fastrlhf sft: error: .*bad\.jsonl, line 2"),
+                          (["rm", "--config", str(tmp_path / "missing.yaml")], "fastrlhf rm: error: .*does not exist")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err
+    monkeypatch.setenv("FASTRLHF_TRACEBACK", "1")
     with pytest.raises(ConfigError, match="learning_rate"):
         main(["sft", "--config", str(cfg), "learning_rate=1"])
     with pytest.raises(DataError, match=r"bad\.jsonl, line 2"):
         main(["sft", "--config", str(cfg)])
-    with pytest.raises(ConfigError, match="does not exist"):
-        main(["rm", "--config", str(tmp_path / "missing.yaml")])
     assert main(["report", str(tmp_path / "nowhere")]) == 1
 
 
