@@ -58,6 +58,16 @@ def validate_common(cfg) -> None:
         raise ConfigError(f"{name}: lr must be > 0, got {cfg.lr}")
 
 
+def check_max_length(cfg, model) -> None:
+    """``max_length`` must fit the model's positions: past them GPT-2's position table indexes out of
+    range (a crash mid-run, a device assert on CUDA) and RoPE models run beyond their trained context."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "body", None), "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise ConfigError(f"{type(cfg).__name__}: max_length={cfg.max_length} exceeds the model's "
+                          f"{limit} positions (max_position_embeddings / n_positions)")
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """Settings shared by the SFT and reward-model stages, each default held once here
@@ -356,6 +366,7 @@ class StepTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler,
                                          num_training_steps=self.total_steps, warmup_ratio=cfg.warmup_ratio)
         self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard)
+        check_max_length(cfg, self.model)
 
     @property
     def final_dir(self) -> Path:
@@ -375,6 +386,10 @@ class StepTrainer:
         """Clip, step optimizer and schedule, zero grads; returns ``grad_norm`` and the ``lr`` used."""
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):  # one sync per optimizer step; never write NaN into the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"{self.stage}: non-finite gradient norm ({float(grad_norm)}) at step "
+                                     f"{self.scheduler.last_epoch + 1}; nothing was applied (lower lr?)")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -382,6 +397,7 @@ class StepTrainer:
 
     def run_loop(self) -> dict:
         if self.cfg.resume and self.result_path.is_file() and self.final_dir.is_dir():
+            self._check_same_config(self._finished_config())
             return json.loads(self.result_path.read_text())  # the run already finished: same answer
         start = self._resume() if self.cfg.resume else self._fresh()
         self.model.train()
@@ -418,6 +434,7 @@ class StepTrainer:
         with atomic_save_dir(self.final_dir) as tmp:
             self.save_model(tmp)
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.config_path.write_text(json.dumps(self._config_dict(), indent=2, default=str) + "\n")
         self.result_path.write_text(json.dumps(result, indent=2) + "\n")
         self.logger.close()
         # The run is complete (a re-run returns result_path): step checkpoints, with their optimizer
@@ -426,7 +443,24 @@ class StepTrainer:
         return result
 
     def _config_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_KEYS}
+        # through JSON, so a dict read back from config_path compares equal (tuples become lists)
+        cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_KEYS}
+        return json.loads(json.dumps(cfg, default=str))
+
+    @property
+    def config_path(self) -> Path:
+        return Path(self.cfg.output_dir) / f"{self.stage}_config.json"
+
+    def _finished_config(self) -> dict | None:
+        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
+
+    def _check_same_config(self, saved: dict | None) -> None:
+        """A finished or interrupted run in ``output_dir`` continues only under the config it started with."""
+        mine = self._config_dict()
+        if saved is not None and saved != mine:
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            raise ConfigError(f"{self.out} holds a {self.stage} run with a different config (keys {diff}); "
+                              "use another output_dir or resume=false")
 
     def _checkpoint(self, step: int) -> None:
         with atomic_save_dir(checkpoint_dir(self.out, step)) as tmp:
@@ -444,12 +478,7 @@ class StepTrainer:
         if ckpt is None:
             return self._fresh()
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
-        saved = state["extra"].get("config")
-        mine = self._config_dict()
-        if saved is not None and saved != mine:
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-            raise ConfigError(f"{self.out} holds a {self.stage} run with a different config (keys {diff}); "
-                              "use another output_dir or resume=false")
+        self._check_same_config(state["extra"].get("config"))
         self.load_model(ckpt)
         load_trainer_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=state["step"])

@@ -21,6 +21,7 @@ from fastrlhf.data import IGNORE_INDEX, chat_sft_features, pad_batch, sft_featur
 from fastrlhf.kernels import linear_token_logprobs, token_logprobs
 from fastrlhf.models.heads import position_ids_from_mask
 from fastrlhf.models.loading import load_causal_lm, load_tokenizer
+from fastrlhf.models.policy import effective_temperature
 from fastrlhf.trainers import common
 
 STAGE = "sft"
@@ -72,8 +73,9 @@ def response_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
         head = model.get_output_embeddings()
         weight = head.weight.to(hidden.dtype)
         bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
+        # the model's own logit scaling (Cohere, Granite) as a temperature; soft-capping is refused
         lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
-                                   backend=backend)
+                                   temperature=effective_temperature(model.config, 1.0), backend=backend)
     else:
         logits = model(**inputs).logits[:, :-1]
         lp = token_logprobs(logits, labels, ignore_index=IGNORE_INDEX, backend=backend)

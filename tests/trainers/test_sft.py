@@ -184,6 +184,37 @@ def test_resume_after_crash_matches_uninterrupted_run(tok, tmp_path, monkeypatch
     assert not (tmp_path / "b" / "checkpoints").exists() and (tmp_path / "b" / "final").is_dir()
 
 
+def test_finished_run_is_not_reused_under_another_config(tok, tmp_path):
+    first = SFTTrainer(_cfg(tmp_path, epochs=1), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
+    again = SFTTrainer(_cfg(tmp_path, epochs=1), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
+    assert again == first  # same command: the finished result
+    with pytest.raises(ConfigError, match="different config.*lr"):
+        SFTTrainer(_cfg(tmp_path, epochs=1, lr=5e-2), model=_model(tok), tokenizer=tok, train_rows=ROWS).train()
+
+
+def test_non_finite_gradient_stops_before_anything_is_applied(tok, tmp_path, monkeypatch):
+    model = _model(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = SFTTrainer.train_step
+
+    def poisoned(self, indices):
+        for p in self.model.parameters():  # an overflow somewhere in the backward pass
+            p.register_hook(lambda g: g * float("inf"))
+        return real(self, indices)
+
+    monkeypatch.setattr(SFTTrainer, "train_step", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm.*step 1"):
+        SFTTrainer(_cfg(tmp_path), model=model, tokenizer=tok, train_rows=ROWS).train()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not (tmp_path / "final").exists()
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tok, tmp_path):
+    short = tiny_gpt2(len(tok), max_position_embeddings=32, pad_token_id=tok.pad_token_id)
+    with pytest.raises(ConfigError, match="max_length=48 exceeds the model's 32 positions"):
+        SFTTrainer(_cfg(tmp_path), model=short, tokenizer=tok, train_rows=ROWS).train()
+
+
 def test_bad_rows_stop_before_training(tok, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
