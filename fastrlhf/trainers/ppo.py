@@ -283,15 +283,14 @@ class PPOTrainer:
     def score(self, batch: PPOBatch) -> tuple[torch.Tensor, dict]:
         """Fill old / ref log-probs and values of ``batch``; return RM scores ``[B]`` and score stats."""
         ids, attn, p_len, mask = batch.input_ids, batch.attention_mask, batch.prompt_len, batch.mask
-        old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len)
-        ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
-        if self.critic is not None:
-            values = self.critic(ids, attn)[:, p_len - 1 : -1].float()
+        # micro-batches of micro_batch_size rows, as in training: activations here must fit the same budget
+        parts = [self._score_rows(ids[r], attn[r], p_len)
+                 for r in split_rows(torch.arange(batch.size, device=ids.device), self.config.micro_batch_size)]
+        old_lp, entropy, values, scores, ref_lp = (torch.cat(x) for x in zip(*parts, strict=True))
         zero = torch.zeros((), device=ids.device)
         batch.old_logprobs = torch.where(mask, old_lp, zero)
         batch.ref_logprobs = torch.where(mask, ref_lp, zero)
         batch.old_values = torch.where(mask, values, zero)
-        scores = self.reward_model(ids, attn).float()
         diff = (batch.sampler_logprobs - batch.old_logprobs).abs()
         stats = {
             "rm_score": scores.mean(),
@@ -302,6 +301,14 @@ class PPOTrainer:
             "logprob_mismatch_max": torch.where(mask, diff, zero).max(),
         }
         return scores, stats
+
+    def _score_rows(self, ids, attn, p_len: int):
+        """Actor log-probs and entropy, values, RM scores and reference log-probs of some rows."""
+        old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len)
+        ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
+        if self.critic is not None:
+            values = self.critic(ids, attn)[:, p_len - 1 : -1].float()
+        return old_lp, entropy, values, self.reward_model(ids, attn).float(), ref_lp
 
     def _all_finite(self, *tensors) -> bool:
         dev = self.runtime.device

@@ -97,6 +97,20 @@ def scored_batch(trainer, responses=RESPONSES):
     return batch, scores
 
 
+def test_score_runs_in_micro_batches_and_equals_the_whole_batch(tmp_path, tok):
+    whole = make_trainer(tmp_path / "a", tok)
+    batch_w, scores_w = scored_batch(whole)
+    micro = make_trainer(tmp_path / "b", tok, micro_batch_size=1)
+    seen = []
+    for name in ("actor", "ref", "critic", "reward_model"):
+        getattr(micro, name).register_forward_hook(lambda m, args, out, n=name: seen.append((n, args[0].shape[0])))
+    batch_m, scores_m = scored_batch(micro)
+    assert sorted(set(seen)) == [("actor", 1), ("critic", 1), ("ref", 1), ("reward_model", 1)]
+    torch.testing.assert_close(scores_m, scores_w, atol=1e-5, rtol=1e-5)
+    for key in ("old_logprobs", "ref_logprobs", "old_values"):
+        torch.testing.assert_close(getattr(batch_m, key), getattr(batch_w, key), atol=1e-5, rtol=1e-5)
+
+
 def test_layout_left_padded_prompts_right_padded_responses(tmp_path, tok):
     trainer = make_trainer(tmp_path, tok)
     batch, _ = scored_batch(trainer)
