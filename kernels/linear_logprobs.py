@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import (check_chunk_size, check_labels_in_range, check_linear_inputs, check_temperature,
-                       resolve_backend)
+from ._backend import (autocast_linear_inputs, check_chunk_size, check_labels_in_range, check_linear_inputs,
+                       check_temperature, resolve_backend)
 from ._triton_utils import autocast_inputs, check_launchable, reject_float64, rows_3d
 from .logprobs import logprobs_backward, logprobs_forward
 
@@ -113,6 +113,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     ~256 MB of logits, ``default_chunk_rows``). Matmuls run in the input dtype. ``backend="auto"``: Triton
     on CUDA (and on CPU under ``TRITON_INTERPRET=1``), except float64 inputs (PyTorch path).
     """
+    hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)  # as F.linear: bf16 h, fp32 W is fine
     _, vocab = check_linear_inputs(hidden, weight, labels, bias)
     check_temperature(temperature)
     check_chunk_size(chunk_size)

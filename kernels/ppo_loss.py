@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import (check_chunk_size, check_labels_in_range, check_linear_inputs, check_logits_labels,
-                       check_ppo_inputs, check_temperature, resolve_backend)
+from ._backend import (autocast_linear_inputs, check_chunk_size, check_labels_in_range, check_linear_inputs,
+                       check_logits_labels, check_ppo_inputs, check_temperature, resolve_backend)
 from ._triton_utils import autocast_inputs, check_launchable, lazy_jit, reject_float64, rows_3d, tl, triton
 from .linear_logprobs import chunk_logits, default_chunk_rows
 from .logprobs import logprobs_backward, logprobs_forward
@@ -260,6 +260,7 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     kw = dict(ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
               clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
               loss_agg=loss_agg, return_logprobs=return_logprobs)
+    hidden, weight, _ = autocast_linear_inputs(hidden, weight)  # as F.linear: bf16 h, fp32 W is fine
     _, vocab = check_linear_inputs(hidden, weight, labels)
     check_chunk_size(chunk_size)
     chosen = resolve_backend(backend, hidden)
@@ -280,16 +281,21 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
 
 def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                                kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
-                               temperature=1.0, loss_agg="token-mean", return_logprobs=False, backend="auto"):
+                               temperature=1.0, loss_agg="token-mean", chunk_size=None, return_logprobs=False,
+                               backend="auto"):
     """Same as ``fused_ppo_loss`` with ``logits [B, T, V]`` given (fp32/bf16/fp16). Triton path: one pass
-    over the logits for lp and entropy, one that writes dlogits (in the logits dtype) during forward."""
+    over the logits for lp and entropy, one that writes dlogits (in the logits dtype) during forward.
+    ``chunk_size`` bounds the PyTorch path's float32 temporaries (rows per chunk); the Triton path works
+    row by row and ignores it."""
     kw = dict(ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
               clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
               loss_agg=loss_agg, return_logprobs=return_logprobs)
     vocab = check_logits_labels(logits, labels)
+    check_chunk_size(chunk_size)
     chosen = resolve_backend(backend, logits)
     if chosen == "torch" or (backend == "auto" and logits.dtype == torch.float64):
-        return reference.fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, **kw)
+        return reference.fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask,
+                                                    chunk_size=chunk_size, **kw)
     op = "fused_ppo_loss_from_logits"
     mask, labels_eff, terms = _prepare(op, labels, vocab, old_logprobs, advantages, mask, **kw)
     check_launchable(op, logits)

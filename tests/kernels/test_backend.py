@@ -56,3 +56,19 @@ def test_resolve_backend_rules(monkeypatch):
     # the public ops check it too
     with pytest.raises(ValueError, match="backend must be one of"):
         token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), backend="bogus")
+
+
+def test_autocast_accepts_bf16_hidden_with_fp32_weight_as_f_linear_does():
+    from fastrlhf.kernels import fused_ppo_loss, linear_token_logprobs
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 8, generator=g).bfloat16()
+    w = torch.randn(13, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 13, (2, 3), generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = linear_token_logprobs(h, w, labels, backend="torch")
+        loss, _ = fused_ppo_loss(h, w, labels, lp.detach(), torch.ones(2, 3), mask, backend="torch")
+    want = torch.log_softmax((h.float() @ w.detach().bfloat16().float().T), -1).gather(-1, labels[..., None])[..., 0]
+    torch.testing.assert_close(lp, want, atol=2e-2, rtol=2e-2)  # bf16 matmul rounding, as F.linear's
+    (lp.sum() + loss).backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
