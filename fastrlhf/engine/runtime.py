@@ -132,6 +132,20 @@ def _replan(runtime: Runtime, *, has_vllm: bool, tp: int = 1, vllm_param_bytes: 
     runtime.print(plan.format())
 
 
+def eos_token_ids(actor, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's ``generation_config`` ones
+    (Qwen2.5-Instruct ends turns with <|im_end|> and <|endoftext|>, Llama-3-Instruct with three ids)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    lm = getattr(actor, "lm", actor)
+    extra = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    for e in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if e is not None and int(e) not in ids:
+            ids.append(int(e))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config names an EOS token")
+    return ids
+
+
 def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
     """The rollout engine for ``backend``.
 
@@ -141,9 +155,10 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
     then filled by a first :func:`sync_weights`. Other keyword arguments go to ``VLLMRollout``
     (``bucket_mb``, ``dtype``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ``seed``, ...).
     """
+    eos = eos_token_ids(actor, tokenizer)
     if backend == "hf":
         from fastrlhf.rollout.hf import HFRollout
-        return HFRollout(actor, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return HFRollout(actor, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
     if backend != "vllm":
         raise ValueError(f"unknown rollout backend {backend!r}; expected 'hf' or 'vllm'")
     from fastrlhf.rollout.vllm import VLLMRollout, write_model_dir
@@ -153,7 +168,7 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
     if model_dir is None:
         model_dir = tmp_dir = write_model_dir(hf_model_prefix(actor)[1], tokenizer)
     kwargs.setdefault("seed", runtime.rank)  # data-parallel engines sample distinct streams
-    rollout = VLLMRollout(model_dir, eos_token_id=tokenizer.eos_token_id, device=runtime.device, **kwargs)
+    rollout = VLLMRollout(model_dir, eos_token_id=eos, device=runtime.device, **kwargs)
     if tmp_dir is not None:  # the config directory lives as long as the engine
         weakref.finalize(rollout, shutil.rmtree, tmp_dir, True)
     itemsize = torch.empty((), dtype=rollout.dtype).element_size()

@@ -85,7 +85,7 @@ class VLLMRollout:
 
     shares_actor_weights = False
 
-    def __init__(self, model_dir: str | Path, *, eos_token_id: int | None = None, dtype: str = "auto",
+    def __init__(self, model_dir: str | Path, *, eos_token_id: int | list[int] | None = None, dtype: str = "auto",
                  device: str | torch.device = "cpu", tensor_parallel_size: int = 1, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  bucket_mb: float = 256.0, stream_sync: bool = False, enable_sleep_mode: bool | None = None,
@@ -137,7 +137,8 @@ class VLLMRollout:
     def _generate_local(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
-        stop = [self.eos_token_id] if self.eos_token_id is not None else None
+        eos = self.eos_token_id
+        stop = None if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
         sps = [VSamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
                                top_p=params.top_p, top_k=params.top_k, logprobs=0, stop_token_ids=stop,
                                detokenize=False,
