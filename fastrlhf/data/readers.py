@@ -75,12 +75,21 @@ def _check_ppo(row: dict) -> None:
 _CHECKS: dict[str, Callable[[dict], None]] = {"sft": _check_sft, "rm": _check_rm, "ppo": _check_ppo}
 
 
-def validate_rows(rows: Iterable[tuple[str, object]], *, kind: str, source) -> list[dict]:
+class Rows(list):
+    """Validated rows (dicts), with ``locations[i]`` saying where row i came from (``"line 7"`` of a
+    jsonl file, ``"row index 3"``), so errors found later (tokenization, length) still name the line."""
+
+    def __init__(self, rows: list[dict], locations: list[str]):
+        super().__init__(rows)
+        self.locations = locations
+
+
+def validate_rows(rows: Iterable[tuple[str, object]], *, kind: str, source) -> Rows:
     """Check ``(location, row)`` pairs for ``kind``; return the rows, or raise :class:`DataError` at
     the first bad one. Keys whose value is None are dropped from the returned rows (columnar formats
     fill the keys a row lacks with None), so ``"margin" in row`` means the row has a margin."""
     check = _CHECKS[kind]
-    out = []
+    out, locations = [], []
     for location, row in rows:
         if not isinstance(row, dict):
             raise DataError(source, location, f"expected an object (dict), got {type(row).__name__}")
@@ -89,9 +98,10 @@ def validate_rows(rows: Iterable[tuple[str, object]], *, kind: str, source) -> l
         except ValueError as err:
             raise DataError(source, location, f"bad {kind} row: {err}") from None
         out.append({k: v for k, v in row.items() if v is not None})
+        locations.append(location)
     if not out:
         raise DataError(source, None, f"no {kind} rows")
-    return out
+    return Rows(out, locations)
 
 
 # --- sources ----------------------------------------------------------------------------------------------

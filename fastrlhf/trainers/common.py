@@ -311,6 +311,7 @@ def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> li
     """``[make(row) for row in rows]``; a row ``make`` rejects stops the run with ``DataError`` naming it,
     except rows too long for ``max_length`` when ``drop_overlong`` (their count is printed)."""
     out, dropped = [], 0
+    locations = getattr(rows, "locations", None)  # fastrlhf.data.Rows from read_rows / validate_rows
     for i, row in enumerate(rows):
         try:
             out.append(make(row))
@@ -318,7 +319,7 @@ def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> li
             if drop_overlong and "max_length" in str(err):
                 dropped += 1
                 continue
-            raise DataError(source, f"row index {i}", str(err)) from None
+            raise DataError(source, locations[i] if locations else f"row index {i}", str(err)) from None
     if dropped:
         print(f"[fastrlhf] {source}: dropped {dropped} of {len(rows)} rows that do not fit max_length")
     if not out:

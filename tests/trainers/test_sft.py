@@ -215,6 +215,17 @@ def test_max_length_beyond_the_models_positions_is_refused(tok, tmp_path):
         SFTTrainer(_cfg(tmp_path), model=short, tokenizer=tok, train_rows=ROWS).train()
 
 
+def test_rows_rejected_at_tokenization_name_their_jsonl_line(tok, tmp_path):
+    long_prompt = " ".join(["cat"] * 60)
+    lines = ['{"prompt": "hello", "response": "cat dog"}', "", "",
+             '{"prompt": "hi", "response": "dog"}', json.dumps({"prompt": long_prompt, "response": "cat"})]
+    data = tmp_path / "blank.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = _cfg(tmp_path / "out", data=str(data), drop_overlong=False)
+    with pytest.raises(DataError, match=r"blank\.jsonl, line 5: .*max_length"):
+        SFTTrainer(cfg, model=_model(tok), tokenizer=tok).train()
+
+
 def test_bad_rows_stop_before_training(tok, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
