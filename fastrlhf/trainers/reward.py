@@ -245,6 +245,10 @@ class RewardTrainer(common.StepTrainer):
             metrics.update(reward_mean=float(both.mean()), reward_std=float(both.std(correction=0)))
         self.model.reward_mean, self.model.reward_std = metrics["reward_mean"], metrics["reward_std"]
         which = "eval" if self.eval_features else "train"
+        # eval_* keep their names for consumers; the flag (and the message) say they were measured on train pairs
+        metrics["eval_on_train_pairs"] = 0.0 if self.eval_features else 1.0
+        if not self.eval_features:
+            print("[fastrlhf] rm: no eval_data: eval_* metrics are measured on the training pairs (optimistic)")
         plot_reward_histogram(*self.last_scores, Path(self.cfg.output_dir) / "reward_histogram.png",
                               title=f"reward model on {which} pairs: accuracy {metrics['eval_accuracy']:.3f}")
         return metrics

@@ -91,6 +91,7 @@ def test_reward_model_learns_synthetic_preference(tok, tmp_path):
                             train_rows=synthetic_pairs(128, 0), eval_rows=synthetic_pairs(64, 1))
     result = trainer.train()
     assert result["eval_accuracy"] > 0.9, result
+    assert result["eval_on_train_pairs"] == 0.0  # a held-out set was given
     assert result["eval_margin"] > 0 and 0 <= result["eval_ece"] <= 1
     assert result["eval_chosen_mean"] > result["eval_rejected_mean"]
     assert (tmp_path / "reward_histogram.png").stat().st_size > 1000
@@ -208,3 +209,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tok, tmp_path, monkeypatch
     b = RewardModel.from_pretrained(tmp_path / "b" / "final").state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
+
+
+def test_without_eval_data_the_result_says_it_was_measured_on_train_pairs(tok, tmp_path, capsys):
+    result = RewardTrainer(_cfg(tmp_path, max_steps=1), model=_lm(tok), tokenizer=tok,
+                           train_rows=synthetic_pairs(16, 0)).train()
+    assert result["eval_on_train_pairs"] == 1.0
+    assert "measured on the training pairs" in capsys.readouterr().out
