@@ -276,12 +276,7 @@ class _Runner:
         sync(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        if mode == "fwd":
-            outs = self.fwd()
-        elif mode == "bwd":
-            self.bwd(outs)
-        else:
-            self.full()
+        outs = self._run_mode(mode, outs)
         sync(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del outs
@@ -292,14 +287,19 @@ class _Runner:
         outs = self.fwd() if mode == "bwd" else None
         sync(self.device)
         start = time.perf_counter()
-        if mode == "fwd":
-            outs = self.fwd()
-        elif mode == "bwd":
-            self.bwd(outs)
-        else:
-            self.full()
+        self._run_mode(mode, outs)
         sync(self.device)
         return time.perf_counter() - start
+
+    def _run_mode(self, mode: str, outs):
+        """One ``mode`` pass (``bwd`` consumes the forward outputs ``outs``); returns what stays alive."""
+        if mode == "fwd":
+            return self.fwd()
+        if mode == "bwd":
+            self.bwd(outs)
+            return outs
+        self.full()
+        return None
 
     def pedantic_args(self, mode: str) -> tuple[Callable, Callable | None]:
         """(target, setup) for ``benchmark.pedantic``: each round synchronises before returning."""

@@ -73,11 +73,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         # a bare string would otherwise be iterated letter by letter ("safe" -> s, a, f, e)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        item = args[0] if len(args) == 1 or Ellipsis in typing.get_args(tp) else None
-        if item is None:
-            return tuple(value)
-        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: every item an X
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value

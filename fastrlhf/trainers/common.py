@@ -397,9 +397,10 @@ class StepTrainer:
         return {"grad_norm": grad_norm, "lr": lr}
 
     def run_loop(self) -> dict:
-        if self.cfg.resume and self.result_path.is_file() and self.final_dir.is_dir():
-            self._check_same_config(self._finished_config())
-            return json.loads(self.result_path.read_text())  # the run already finished: same answer
+        if self.cfg.resume:  # a finished or interrupted run continues only under the config it started with
+            self._check_same_config()
+            if self.result_path.is_file() and self.final_dir.is_dir():
+                return json.loads(self.result_path.read_text())  # the run already finished: same answer
         start = self._resume() if self.cfg.resume else self._fresh()
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, disable=not self.cfg.progress)
@@ -435,7 +436,6 @@ class StepTrainer:
         with atomic_save_dir(self.final_dir) as tmp:
             self.save_model(tmp)
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.config_path.write_text(json.dumps(self._config_dict(), indent=2, default=str) + "\n")
         self.result_path.write_text(json.dumps(result, indent=2) + "\n")
         self.logger.close()
         # The run is complete (a re-run returns result_path): step checkpoints, with their optimizer
@@ -452,13 +452,12 @@ class StepTrainer:
     def config_path(self) -> Path:
         return Path(self.cfg.output_dir) / f"{self.stage}_config.json"
 
-    def _finished_config(self) -> dict | None:
-        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
-
-    def _check_same_config(self, saved: dict | None) -> None:
-        """A finished or interrupted run in ``output_dir`` continues only under the config it started with."""
-        mine = self._config_dict()
-        if saved is not None and saved != mine:
+    def _check_same_config(self) -> None:
+        """``output_dir`` holding a run (``{stage}_config.json``) started under another config is an error."""
+        if not self.config_path.is_file():
+            return
+        saved, mine = json.loads(self.config_path.read_text()), self._config_dict()
+        if saved != mine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ConfigError(f"{self.out} holds a {self.stage} run with a different config (keys {diff}); "
                               "use another output_dir or resume=false")
@@ -466,12 +465,13 @@ class StepTrainer:
     def _checkpoint(self, step: int) -> None:
         with atomic_save_dir(checkpoint_dir(self.out, step)) as tmp:
             self.save_model(tmp)
-            save_trainer_state(tmp, step=step, optimizer=self.optimizer, scheduler=self.scheduler,
-                               extra={"config": self._config_dict()})
+            save_trainer_state(tmp, step=step, optimizer=self.optimizer, scheduler=self.scheduler)
         prune_checkpoints(self.out, self.cfg.keep_checkpoints)
 
     def _fresh(self) -> int:
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=0)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(self._config_dict(), indent=2) + "\n")
         return 0
 
     def _resume(self) -> int:
@@ -479,7 +479,6 @@ class StepTrainer:
         if ckpt is None:
             return self._fresh()
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
-        self._check_same_config(state["extra"].get("config"))
         self.load_model(ckpt)
         load_trainer_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=state["step"])
