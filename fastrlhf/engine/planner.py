@@ -70,6 +70,7 @@ class Arch:
     layer_numel: int  # the largest transformer block
     root_numel: int  # what is outside the blocks: embeddings, final norm, (untied) lm_head
     gated_mlp: bool
+    max_tensor_numel: int = 0  # the largest single parameter (the embedding, usually)
 
     def act_per_token_layer(self) -> int:
         """Elements autograd saves per token in one block (see the module docstring)."""
@@ -106,7 +107,8 @@ def arch_from_config(config) -> Arch:
     return Arch(name=getattr(config, "model_type", type(config).__name__), hidden=hidden,
                 layers=len(layers), heads=heads, kv_heads=kv, head_dim=head_dim, intermediate=inter,
                 vocab=config.vocab_size, numel=numel, body_numel=numel - head_numel, layer_numel=layer_numel,
-                root_numel=numel - in_layers, gated_mlp=gated)
+                root_numel=numel - in_layers, gated_mlp=gated,
+                max_tensor_numel=max(p.numel() for p in model.parameters()))
 
 
 def _first(config, *names) -> int:
@@ -239,10 +241,15 @@ class PhaseBytes:
     """Bytes per rank of every item in one phase (0 = not on the device)."""
 
     items: dict[str, int] = field(default_factory=dict)
+    # groups of items that are never live at the same time (TRAIN: the micro-batch's activations and
+    # all-gather buffers are freed before the optimizer step's temporary exists): the largest group counts
+    alternatives: list[tuple[str, ...]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return sum(self.items.values())
+        grouped = {k for g in self.alternatives for k in g}
+        alone = sum(v for k, v in self.items.items() if k not in grouped)
+        return alone + max((sum(self.items.get(k, 0) for k in g) for g in self.alternatives), default=0)
 
 
 @dataclass
@@ -327,6 +334,17 @@ def allgather_bytes(arch: Arch, spec: PlanSpec, *, train: bool) -> int:
     return gathered + (c * arch.layer_numel if train else 0)
 
 
+def optimizer_step_bytes(spec: PlanSpec, models: dict, archs: dict, trained: list[str]) -> int:
+    """Temporaries of AdamW's step. On CUDA torch runs the foreach path: each ``_foreach_*`` op allocates
+    outputs for the whole parameter list, about one fp32 copy of the trained shard. On CPU it steps tensor
+    by tensor: three fp32 temporaries of the largest tensor (measured, ``bench/plan_validate.py``)."""
+    if spec.gpu_bytes is not None:
+        return max(models[m]["grads"] for m in trained)
+    if spec.lora_rank:
+        return max(models[m]["grads"] for m in trained)  # adapters: small tensors, bounded by their total
+    return max(_div(3 * 4 * archs[m].max_tensor_numel, spec.gpus) for m in trained)
+
+
 def plan_ppo(spec: PlanSpec, offload: str | None = None) -> Plan:
     """Bytes per rank of every item in every phase for ``offload`` (default: ``spec.offload``; "auto"
     tries none, optimizer, params, all and keeps the first that fits, else "all")."""
@@ -382,9 +400,10 @@ def plan_ppo(spec: PlanSpec, offload: str | None = None) -> Plan:
         state("train", name, needed=name in trained)
     train_acts = [activation_bytes(archs[m], spec, train=True, head=m == "actor") for m in trained]
     phases["train"].items["activations"] = sum(train_acts) if spec.shared_critic else max(train_acts)
-    if offload != "all":  # foreach Adam: one fp32 temporary of the model's shard; with CPU offload it runs there
-        phases["train"].items["optimizer_step"] = max(models[m]["grads"] for m in trained)
+    if offload != "all":  # with CPU offload the step runs on the CPU
+        phases["train"].items["optimizer_step"] = optimizer_step_bytes(spec, models, archs, trained)
     phases["train"].items["allgather"] = max(allgather_bytes(archs[m], spec, train=True) for m in trained)
+    phases["train"].alternatives = [("activations", "allgather"), ("optimizer_step",)]
     # SYNC: the actor's parameters gathered block by block into the (woken) engine weights
     state("sync", "actor", kinds=("params",), needed=True)
     for name in models:
