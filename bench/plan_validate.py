@@ -140,10 +140,13 @@ def measure(size: str, ckpt: bool, world: int) -> dict:
     track = Tracker(actor, ref, critic, reward, *opts)
     # GENERATE (HF backend): the actor samples ROLLOUT rows of RESPONSE tokens with a KV cache
     prompts, pattn = _batch(ROLLOUT, rank)
-    actor.eval()  # the rollout generates in eval mode (checkpointing off, KV cache on)
-    with track, torch.no_grad():
-        actor.lm.generate(input_ids=prompts[:, :PROMPT], attention_mask=pattn[:, :PROMPT], do_sample=True,
-                          max_new_tokens=RESPONSE, min_new_tokens=RESPONSE, pad_token_id=0, use_cache=True)
+    from fastrlhf.rollout.base import SamplingParams
+    from fastrlhf.rollout.hf import HFRollout
+
+    rollout = HFRollout(actor, pad_token_id=0, eos_token_id=1)  # the trainer's HF backend (FSDP-safe)
+    prompts = [row.tolist() for row in _batch(ROLLOUT, rank)[0][:, :PROMPT]]
+    with track:
+        rollout.generate(prompts, SamplingParams(max_new_tokens=RESPONSE, seed=rank))
     out["generate"], out["base_generate"] = track.peak(), track.base
     ids, attn = _batch(MICRO, 10 + rank)
     with track, torch.no_grad():  # SCORE: model by model over the micro-batch
@@ -173,7 +176,7 @@ def predict(config, ckpt: bool, world: int) -> dict:
     out = {f"pred_{p}": plan.phases[p].total for p in ("generate", "score", "train")}
     for p in ("generate", "score", "train"):  # what comes on top of params / grads / Adam state
         out[f"pred_dyn_{p}"] = plan.phases[p].total - sum(
-            v for k, v in plan.phases[p].items.items() if k.endswith((".params", ".grads", ".optim")))
+            v for k, v in plan.phases[p].items.items() if k.endswith((".params", ".grads", ".optim", ".root_gathered")))
     return out
 
 

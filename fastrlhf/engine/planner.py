@@ -383,6 +383,7 @@ def plan_ppo(spec: PlanSpec, offload: str | None = None) -> Plan:
         phases["generate"].items["kv_cache"] = rows * (spec.prompt_len + spec.response_len) * kv * \
             spec.compute_bytes
         phases["generate"].items["activations"] = rows * spec.actor.vocab * 4 * 2  # last-position logits
+        phases["generate"].items["allgather"] = allgather_bytes(spec.actor, spec, train=False)
     # SCORE: every model forward, no grad; with params offload one model at a time (model by model)
     acts = [activation_bytes(archs[m], spec, train=False, head=m in ("actor", "ref")) for m in models]
     for name in models:
@@ -395,6 +396,10 @@ def plan_ppo(spec: PlanSpec, offload: str | None = None) -> Plan:
             phases["score"].items["one_model.params"] = max(held.values(), default=0)
     phases["score"].items["activations"] = max(acts)
     phases["score"].items["allgather"] = max(allgather_bytes(archs[m], spec, train=False) for m in models)
+    if not spec.vllm and allgather_bytes(spec.actor, spec, train=False):
+        # the actor's FSDP2 root (embeddings, lm_head) is not resharded after a forward (backward would
+        # gather it again), so after an HF rollout it stays gathered until TRAIN's backward
+        phases["score"].items["actor.root_gathered"] = spec.compute_bytes * spec.actor.root_numel
     # TRAIN: actor (+ critic) params, grads, Adam state, activations of one micro-batch, the step temporary
     for name in models:
         state("train", name, needed=name in trained)
