@@ -265,6 +265,16 @@ class Plan:
         return name, self.phases[name].total
 
     @property
+    def host_bytes(self) -> int:
+        """Pinned host memory per rank for the state this plan offloads (its whole size: it lives there in
+        the phases that do not use it)."""
+        if self.offload in ("params", "all"):
+            return sum(sum(v.values()) for v in self.models.values())
+        if self.offload == "optimizer":
+            return sum(v["grads"] + v["optim"] for v in self.models.values())
+        return 0
+
+    @property
     def fits(self) -> bool:
         return self.spec.gpu_bytes is None or self.peak[1] <= self.spec.gpu_bytes
 
@@ -466,6 +476,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {item:<22}{cells}")
     lines.append(f"  {'total':<22}" + "".join(f"{plan.phases[p].total / GiB:>10.2f}" for p in PHASES))
     phase, peak = plan.peak
+    if plan.host_bytes:
+        lines.append(f"  host memory for offloaded state: {plan.host_bytes / GiB:.1f} GiB per rank "
+                     f"({plan.host_bytes * spec.gpus / GiB:.0f} GiB per {spec.gpus}-GPU node)")
     if spec.gpu_bytes is None:
         lines.append(f"fits: peak {peak / GiB:.2f} GiB per process in {phase.upper()} (host memory)")
     elif plan.fits:
