@@ -242,16 +242,58 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _plain_rng_state() -> dict[str, Any]:
+    """:func:`rng_state` as tensors, lists and numbers only (what ``torch.load(weights_only=True)`` reads)."""
+    state = rng_state()
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    plain = {"python": [int(version), torch.tensor(internal, dtype=torch.int64),
+                        None if gauss is None else float(gauss)],
+             "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
+             "torch": state["torch"]}
+    if "cuda" in state:
+        plain["cuda"] = list(state["cuda"])
+    return plain
+
+
+def _rng_from_plain(plain: dict[str, Any]) -> dict[str, Any]:
+    version, internal, gauss = plain["python"]
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    state = {"python": (int(version), tuple(int(x) for x in internal.tolist()), gauss),
+             "numpy": (name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)),
+             "torch": plain["torch"]}
+    if "cuda" in plain:
+        state["cuda"] = plain["cuda"]
+    return state
+
+
 def save_trainer_state(directory: str | Path, *, step: int, optimizer: torch.optim.Optimizer | None = None,
                        scheduler: Any = None, extra: dict | None = None) -> None:
     """Optimizer, scheduler, step, every RNG and ``extra`` into ``directory/trainer_state.pt``.
 
-    Write this last inside :func:`atomic_save_dir`: its presence marks the checkpoint complete.
+    Only tensors, lists, dicts, strings and numbers are written (RNG states converted), so
+    :func:`read_trainer_state` reads it with ``torch.load(weights_only=True)``: a checkpoint from a
+    shared or downloaded run can never execute code. Write this last inside :func:`atomic_save_dir`:
+    its presence marks the checkpoint complete.
     """
-    state = {"step": int(step), "rng": rng_state(), "extra": extra or {},
+    state = {"step": int(step), "rng": _plain_rng_state(), "extra": extra or {},
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "scheduler": scheduler.state_dict() if scheduler is not None else None}
     torch.save(state, Path(directory) / TRAINER_STATE)
+
+
+def read_trainer_state(directory: str | Path) -> dict:
+    """``directory/trainer_state.pt`` read with ``weights_only=True`` (tensors and plain containers only);
+    a file holding anything else (a pickled object, possibly one that would run code) is refused."""
+    path = Path(directory) / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, or a truncated/foreign file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: refusing to load a trainer state that is not plain tensors/numbers "
+                          f"(torch.load weights_only=True failed: {first}); delete that checkpoint or use "
+                          "another output_dir") from None
 
 
 def load_trainer_state(directory: str | Path, *, optimizer: torch.optim.Optimizer | None = None,
@@ -259,13 +301,13 @@ def load_trainer_state(directory: str | Path, *, optimizer: torch.optim.Optimize
     """Inverse of :func:`save_trainer_state`; returns ``{"step", "extra", ...}``. ``state``: an already
     read ``trainer_state.pt`` (to avoid reading a large optimizer state twice)."""
     if state is None:
-        state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = read_trainer_state(directory)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        set_rng_state(state["rng"])
+        set_rng_state(_rng_from_plain(state["rng"]))
     return state
 
 
@@ -478,7 +520,7 @@ class StepTrainer:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return self._fresh()
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = read_trainer_state(ckpt)
         self.load_model(ckpt)
         load_trainer_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=state["step"])

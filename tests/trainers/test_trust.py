@@ -1,0 +1,56 @@
+"""Issue 9 ("Trust"): resume only the same run, never unpickle code, survive bad rows, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from fastrlhf.config import ConfigError
+from fastrlhf.trainers import common
+
+
+class _Boom:
+    """Unpickling this runs code (writes a marker file): what a planted trainer_state.pt would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_trainer_state_round_trips_with_weights_only(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = common.build_optimizer(model, lr=1e-3)
+    sched = common.build_scheduler(opt, "cosine", num_training_steps=10, warmup_ratio=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    common.set_seed(5)
+    common.save_trainer_state(tmp_path, step=3, optimizer=opt, scheduler=sched, extra={"kl": {"value": 0.1}})
+    expected = (__import__("random").random(), __import__("numpy").random.rand(), torch.rand(()))
+    common.set_seed(99)
+    raw = torch.load(tmp_path / common.TRAINER_STATE, weights_only=True)  # plain tensors and numbers only
+    assert raw["step"] == 3
+    opt2 = common.build_optimizer(model, lr=1e-3)
+    state = common.load_trainer_state(tmp_path, optimizer=opt2)
+    assert state["extra"] == {"kl": {"value": 0.1}}
+    got = (__import__("random").random(), __import__("numpy").random.rand(), torch.rand(()))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+    for k, v in opt.state_dict()["state"][0].items():
+        assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt2.state_dict()["state"][0][k]))
+
+
+def test_planted_pickle_in_trainer_state_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "checkpoints" / "step-00000001"
+    ckpt.mkdir(parents=True)
+    with open(ckpt / common.TRAINER_STATE, "wb") as f:
+        pickle.dump({"step": 1, "rng": _Boom(str(marker))}, f)
+    with pytest.raises(ConfigError, match="refusing to load"):
+        common.load_trainer_state(ckpt)
+    assert not marker.exists()
