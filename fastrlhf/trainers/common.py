@@ -375,6 +375,49 @@ RESUMABLE_KEYS = frozenset({"progress", "tensorboard", "log_every", "eval_every"
                             "keep_checkpoints", "resume", "device"})
 
 
+def config_snapshot(cfg, bookkeeping: frozenset[str] | set[str]) -> dict:
+    """``cfg`` as a JSON-ready dict without the ``bookkeeping`` keys (those that may change between a
+    crashed run and its resumption); sections stay nested. Through JSON, so a dict read back from a
+    ``{stage}_config.json`` compares equal (tuples become lists)."""
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in bookkeeping}
+    return json.loads(json.dumps(data, default=str))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_config(path: str | Path, mine: dict, *, stage: str, hint: str) -> None:
+    """The one config-drift check of every stage: ``path`` (``output_dir/{stage}_config.json``, written
+    when the run started) must equal ``mine`` (a :func:`config_snapshot`); otherwise ``ConfigError``
+    naming the keys that differ (dotted for sections). A missing file is a fresh run: nothing to check."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable {stage} config ({err}); {hint}") from None
+    a, b = _flat(saved), _flat(mine)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise ConfigError(f"{path.parent} holds a {stage} run with a different config (keys {diff}); {hint}")
+
+
+def write_config(path: str | Path, mine: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mine, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 class StepTrainer:
     """The loop shared by the SFT and reward trainers: epochs of shuffled batches of row indices,
     logging, periodic eval and checkpoints, resume from the last complete checkpoint, final save.
@@ -486,9 +529,7 @@ class StepTrainer:
         return result
 
     def _config_dict(self) -> dict:
-        # through JSON, so a dict read back from config_path compares equal (tuples become lists)
-        cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_KEYS}
-        return json.loads(json.dumps(cfg, default=str))
+        return config_snapshot(self.cfg, RESUMABLE_KEYS)
 
     @property
     def config_path(self) -> Path:
@@ -496,13 +537,8 @@ class StepTrainer:
 
     def _check_same_config(self) -> None:
         """``output_dir`` holding a run (``{stage}_config.json``) started under another config is an error."""
-        if not self.config_path.is_file():
-            return
-        saved, mine = json.loads(self.config_path.read_text()), self._config_dict()
-        if saved != mine:
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-            raise ConfigError(f"{self.out} holds a {self.stage} run with a different config (keys {diff}); "
-                              "use another output_dir or resume=false")
+        check_same_config(self.config_path, self._config_dict(), stage=self.stage,
+                          hint="use another output_dir or resume=false")
 
     def _checkpoint(self, step: int) -> None:
         with atomic_save_dir(checkpoint_dir(self.out, step)) as tmp:
@@ -512,8 +548,7 @@ class StepTrainer:
 
     def _fresh(self) -> int:
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=0)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self._config_dict(), indent=2) + "\n")
+        write_config(self.config_path, self._config_dict())
         return 0
 
     def _resume(self) -> int:

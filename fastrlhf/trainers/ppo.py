@@ -60,6 +60,18 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+# PPOConfig keys that may differ between a run and its resumption (they do not change the math)
+PPO_BOOKKEEPING = frozenset({"output_dir", "progress", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                             "wandb", "num_threads", "eval_every", "eval_samples", "drop_overlong"})
+
+
+def check_ppo_config(cfg: PPOConfig, output_dir: str | Path) -> None:
+    """``output_dir/ppo_config.json`` (written when a run starts) must match ``cfg``: a run never resumes
+    another experiment's checkpoint (the same check as sft / rm, ``common.check_same_config``)."""
+    common.check_same_config(Path(output_dir) / "ppo_config.json", common.config_snapshot(cfg, PPO_BOOKKEEPING),
+                             stage="ppo", hint="use another output_dir (or delete this one)")
+
+
 def build_kl_controller(cfg: KLConfig):
     if cfg.controller == "adaptive":
         return AdaptiveKLController(cfg.init_coef, cfg.target, cfg.horizon)
@@ -113,6 +125,7 @@ class PPOTrainer:
         self.output_dir = Path(output_dir or cfg.output_dir)
         if cfg.shared_critic == (critic is not None):
             raise ValueError("pass critic=None exactly when config.shared_critic is True")
+        check_ppo_config(cfg, self.output_dir)  # before any model is touched
         common.set_seed(cfg.seed)
         # log-probs under the sampling temperature (greedy sampling reports temperature-1 log-probs)
         wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
@@ -205,6 +218,11 @@ class PPOTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) ``config.iterations`` iterations; returns this process's logged metric rows."""
         cfg = self.config
+        check_ppo_config(cfg, self.output_dir)
+        if self.runtime.is_main:
+            common.write_config(self.output_dir / "ppo_config.json",
+                                common.config_snapshot(cfg, PPO_BOOKKEEPING))
+        self.runtime.barrier()
         start = self._resume()
         # an engine with its own weights (vLLM) starts from dummy or stale ones: fill it before generating
         rt.sync_weights(self.runtime, self.actor, self.rollout)

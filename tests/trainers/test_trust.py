@@ -54,3 +54,57 @@ def test_planted_pickle_in_trainer_state_is_refused_and_never_runs(tmp_path):
     with pytest.raises(ConfigError, match="refusing to load"):
         common.load_trainer_state(ckpt)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ 1. config drift
+from fastrlhf.data import build_test_tokenizer  # noqa: E402
+from fastrlhf.trainers.ppo import KLConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_test_tokenizer()
+
+
+def _ppo_tests():
+    """tests/trainers/test_ppo.py as a module (its tiny trainer and fixed rollout; importlib mode)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_ppo_tests", Path(__file__).with_name("test_ppo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PPO_TESTS = _ppo_tests()
+
+
+def _ppo(tmp_path, tok, **kw):
+    return PPO_TESTS.make_trainer(tmp_path, tok, **kw)
+
+
+def test_ppo_writes_its_config_and_refuses_another(tmp_path, tok):
+    _ppo(tmp_path, tok, iterations=1).train()
+    saved = json.loads((tmp_path / "ppo_config.json").read_text())
+    assert saved["actor_lr"] == 1e-3 and saved["kl"]["target"] == 6.0
+    with pytest.raises(ConfigError, match=r"different config \(keys \['actor_lr', 'kl.target'\]\)"):
+        _ppo(tmp_path, tok, iterations=1, actor_lr=5e-4, kl=KLConfig(target=3.0))
+    # bookkeeping keys may differ: this resumes (nothing left to do)
+    assert _ppo(tmp_path, tok, iterations=1, progress=False, keep_checkpoints=5).train() == []
+
+
+def test_demo_refuses_an_out_folder_of_another_seed_or_size(tmp_path, monkeypatch, capsys):
+    from fastrlhf import cli, demo
+
+    def no_training(*a, **k):
+        raise AssertionError("the demo must refuse before training")
+
+    monkeypatch.setattr(demo, "stage_sft", no_training)
+    demo.check_demo_run(tmp_path, seed=0, quick=True, rollout="hf")
+    assert json.loads((tmp_path / "demo_run.json").read_text()) == {"seed": 0, "quick": True, "rollout": "hf"}
+    assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fastrlhf demo: error:" in err and "--seed 0" in err
+    assert cli.main(["demo", "--out", str(tmp_path), "--seed", "0"]) == 2  # not --quick
+    assert "'quick'" in capsys.readouterr().err
