@@ -106,6 +106,10 @@ class PPOConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     shared_critic: bool = False
+    # rows with a non-finite reward score are dropped; the run stops when more than this share of the
+    # rows of the last ``nonfinite_window`` iterations was lost
+    max_nonfinite_share: float = 0.5
+    nonfinite_window: int = 10
     # bookkeeping
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
@@ -131,6 +135,8 @@ class PPOConfig:
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.kl.target > 0, "kl.target must be > 0"),
             (self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+            (0.0 <= self.max_nonfinite_share <= 1.0, "max_nonfinite_share must be in [0, 1]"),
+            (self.nonfinite_window >= 1, "nonfinite_window must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

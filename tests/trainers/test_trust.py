@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 
@@ -77,11 +78,13 @@ def _ppo_tests():
     return module
 
 
-PPO_TESTS = _ppo_tests()
+_PPO_TESTS = []
 
 
 def _ppo(tmp_path, tok, **kw):
-    return PPO_TESTS.make_trainer(tmp_path, tok, **kw)
+    if not _PPO_TESTS:  # loaded on first use: spawned workers below import this file too
+        _PPO_TESTS.append(_ppo_tests())
+    return _PPO_TESTS[0].make_trainer(tmp_path, tok, **kw)
 
 
 def test_ppo_writes_its_config_and_refuses_another(tmp_path, tok):
@@ -108,3 +111,75 @@ def test_demo_refuses_an_out_folder_of_another_seed_or_size(tmp_path, monkeypatc
     assert err.count("\n") == 1 and "fastrlhf demo: error:" in err and "--seed 0" in err
     assert cli.main(["demo", "--out", str(tmp_path), "--seed", "0"]) == 2  # not --quick
     assert "'quick'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ 3. non-finite rewards
+class _SomeNaN(torch.nn.Module):
+    """A reward model that gives NaN for the first row of every batch (25% of a batch of 4)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        s = self.inner(input_ids, attention_mask).clone()
+        s[0] = float("nan")
+        return s
+
+
+def test_non_finite_reward_rows_are_dropped_and_the_rest_trains(tmp_path, tok, capsys):
+    from fastrlhf.models import RewardModel, tiny_llama
+
+    rm = RewardModel(tiny_llama(len(tok), seed=1))
+    trainer = _ppo(tmp_path, tok, reward_model=_SomeNaN(rm), iterations=2)
+    before = {k: v.clone() for k, v in trainer.actor.state_dict().items()}
+    rows = trainer.train()
+    assert [r["dropped_rows"] for r in rows] == [1.0, 1.0]
+    assert all(math.isfinite(r["rm_score"]) and math.isfinite(r["kl"]) for r in rows)
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.actor.state_dict().items())  # it trained
+    assert capsys.readouterr().out.count("non-finite reward") == 1  # warned once
+
+
+def test_too_many_non_finite_rows_stop_the_run(tmp_path, tok):
+    from fastrlhf.config import RunError
+    from fastrlhf.models import RewardModel, tiny_llama
+
+    rm = RewardModel(tiny_llama(len(tok), seed=1))
+    trainer = _ppo(tmp_path, tok, reward_model=_SomeNaN(rm), iterations=3, max_nonfinite_share=0.2)
+    with pytest.raises(RunError, match=r"non-finite reward scores: 1 of 4 rows .*max_nonfinite_share=0.2"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------------------ 7. metrics across ranks
+def _reduce_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from fastrlhf.trainers.ppo import reduce_metrics
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    scores = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0])][rank]  # unequal kept rows per rank
+    metrics = {"rm_score": scores.mean(), "rm_score_sq": (scores * scores).mean(),
+               "rm_score_n": torch.tensor(float(scores.numel())),
+               "logprob_mismatch_max": torch.tensor([0.5, 7.0][rank]), "kl": torch.tensor([1.0, 3.0][rank]),
+               "dropped_rows": torch.tensor([2.0, 1.0][rank])}
+    row = reduce_metrics(metrics, torch.device("cpu"))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(row, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_metrics_reduce_across_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_reduce_worker, args=(init, str(tmp_path / "row")), nprocs=2, join=True)
+    rows = [json.loads((tmp_path / f"row.{r}").read_text()) for r in (0, 1)]
+    pooled = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
+    assert rows[0] == rows[1]
+    row = rows[0]
+    assert row["logprob_mismatch_max"] == 7.0  # max, not the mean 3.75
+    assert row["rm_score"] == pytest.approx(float(pooled.mean()))
+    assert row["rm_score_std"] == pytest.approx(float(pooled.std()))  # pooled, not a mean of per-rank stds
+    assert row["kl"] == 2.0 and row["dropped_rows"] == 3.0
+    assert "rm_score_sq" not in row and "rm_score_n" not in row
