@@ -123,6 +123,22 @@ def reduce_metrics(metrics: dict, device: torch.device) -> dict[str, float]:
     return row
 
 
+@torch.no_grad()
+def init_critic_head(critic, reward_model) -> bool:
+    """PPO scores with the reward model's saved mean/std (``RewardModel.normalize``); a critic initialised
+    from that reward model (head weights equal to the RM's) would predict raw scores, so its head is
+    divided by ``reward_std`` to start on the normalized scale. (The head has no bias to take the mean
+    shift; the RM's normalized scores have mean 0 on its eval pairs.) Returns whether it rescaled."""
+    std = getattr(reward_model, "reward_std", None)
+    c_head, r_head = getattr(critic, "head", None), getattr(reward_model, "head", None)
+    if not std or c_head is None or r_head is None or c_head.weight.shape != r_head.weight.shape:
+        return False
+    if not torch.equal(c_head.weight, r_head.weight.to(c_head.weight)):
+        return False
+    c_head.weight.div_(max(float(std), 1e-8))
+    return True
+
+
 def build_kl_controller(cfg: KLConfig):
     if cfg.controller == "adaptive":
         return AdaptiveKLController(cfg.init_coef, cfg.target, cfg.horizon)
@@ -177,6 +193,8 @@ class PPOTrainer:
         if cfg.shared_critic == (critic is not None):
             raise ValueError("pass critic=None exactly when config.shared_critic is True")
         check_ppo_config(cfg, self.output_dir)  # before any model is touched
+        if critic is not None:
+            init_critic_head(critic, reward_model)
         common.set_seed(cfg.seed)
         # log-probs under the sampling temperature (greedy sampling reports temperature-1 log-probs)
         wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)

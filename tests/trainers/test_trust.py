@@ -81,10 +81,14 @@ def _ppo_tests():
 _PPO_TESTS = []
 
 
-def _ppo(tmp_path, tok, **kw):
+def PPO_tests():  # noqa: N802
     if not _PPO_TESTS:  # loaded on first use: spawned workers below import this file too
         _PPO_TESTS.append(_ppo_tests())
-    return _PPO_TESTS[0].make_trainer(tmp_path, tok, **kw)
+    return _PPO_TESTS[0]
+
+
+def _ppo(tmp_path, tok, **kw):
+    return PPO_tests().make_trainer(tmp_path, tok, **kw)
 
 
 def test_ppo_writes_its_config_and_refuses_another(tmp_path, tok):
@@ -183,3 +187,25 @@ def test_metrics_reduce_across_two_gloo_ranks(tmp_path):
     assert row["rm_score_std"] == pytest.approx(float(pooled.std()))  # pooled, not a mean of per-rank stds
     assert row["kl"] == 2.0 and row["dropped_rows"] == 3.0
     assert "rm_score_sq" not in row and "rm_score_n" not in row
+
+
+# ------------------------------------------------------------------------------ 7. RM normalization
+def test_ppo_applies_the_reward_models_saved_mean_std_and_scales_its_critic(tmp_path, tok):
+    from fastrlhf.models import RewardModel, ValueModel, tiny_llama
+
+    rm = RewardModel(tiny_llama(len(tok), seed=1), reward_mean=2.0, reward_std=4.0)
+    rm.save_pretrained(tmp_path / "rm")
+    critic = ValueModel.from_pretrained(tmp_path / "rm")
+    trainer = PPO_tests().make_trainer(tmp_path / "out", tok, reward_model=rm)
+    # the critic of make_trainer is fresh; build one from the RM to check the head
+    from fastrlhf.trainers.ppo import init_critic_head
+
+    assert init_critic_head(critic, rm)
+    torch.testing.assert_close(critic.head.weight, rm.head.weight / 4.0)
+    batch, scores = PPO_tests().scored_batch(trainer)
+    raw = rm(batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(scores, (raw - 2.0) / 4.0)
+    # the critic's value at the last response token is the normalized score up to the mean shift 2 / 4
+    last = (batch.attention_mask * torch.arange(batch.attention_mask.shape[1])).argmax(-1)  # left-padded prompts
+    values = critic(batch.input_ids, batch.attention_mask)[torch.arange(4), last]
+    torch.testing.assert_close(values, scores + 0.5, atol=1e-5, rtol=1e-5)
