@@ -534,6 +534,7 @@ class PPOTrainer:
             clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip,
             loss_agg=cfg.loss_agg,
+            log_ratio_clip=cfg.log_ratio_clip,
         )
         if self.critic is not None:
             values = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1 : -1]

@@ -92,6 +92,7 @@ class PPOConfig:
     clip: float = 0.2
     clip_high: float | None = None
     dual_clip: float | None = None
+    log_ratio_clip: float | None = 20.0  # log pi - log pi_old clamped to +-this before exp (veRL); None: off
     value_clip: float | None = 0.2
     vf_coef: float = 0.5  # weight of the value loss when the value head sits on the actor
     entropy_coef: float = 0.0
@@ -137,6 +138,7 @@ class PPOConfig:
             (self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
             (0.0 <= self.max_nonfinite_share <= 1.0, "max_nonfinite_share must be in [0, 1]"),
             (self.nonfinite_window >= 1, "nonfinite_window must be >= 1"),
+            (self.log_ratio_clip is None or self.log_ratio_clip > 0, "log_ratio_clip must be > 0 (or null)"),
         ]
         for ok, message in checks:
             if not ok:

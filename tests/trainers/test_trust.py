@@ -209,3 +209,32 @@ def test_ppo_applies_the_reward_models_saved_mean_std_and_scales_its_critic(tmp_
     last = (batch.attention_mask * torch.arange(batch.attention_mask.shape[1])).argmax(-1)  # left-padded prompts
     values = critic(batch.input_ids, batch.attention_mask)[torch.arange(4), last]
     torch.testing.assert_close(values, scores + 0.5, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ 7. log-ratio clamp
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_log_ratio_is_clamped_before_exp(backend, monkeypatch):
+    from fastrlhf.kernels import fused_ppo_loss_from_logits
+    from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
+
+    if backend == "triton":
+        if interpreter_unavailable_reason():
+            pytest.skip(interpreter_unavailable_reason())
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 37, generator=g, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 3), generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    lp = torch.log_softmax(logits.detach(), -1).gather(-1, labels[..., None])[..., 0]
+    old = lp.clone()
+    old[0, 1] = lp[0, 1] - 100.0  # one token at log-ratio 100: exp overflows fp32 without the clamp
+    adv = -torch.ones(2, 3)  # negative advantage: the unclipped (infinite) branch is the one chosen
+    loss, stats = fused_ppo_loss_from_logits(logits, labels, old, adv, mask, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 1].abs().max() == 0  # no gradient through a clamped log-ratio
+    assert logits.grad[1].abs().max() > 0  # the other tokens train
+    assert float(loss) == pytest.approx((5 * 1.0 + math.exp(20.0)) / 6, rel=1e-5)
+    off, _ = fused_ppo_loss_from_logits(logits.detach(), labels, old, adv, mask, backend=backend,
+                                       log_ratio_clip=None)
+    assert not torch.isfinite(off)  # the clamp is what keeps it finite
