@@ -96,6 +96,16 @@ def pin_threads(num_threads: int, device: torch.device | str) -> None:
 
 
 LOCK_FILE = ".fastrlhf.lock"
+# What a run writes before it has anything to keep (no checkpoint, no model): a failed start removes them.
+_RECORDS = {LOCK_FILE, "sft_config.json", "rm_config.json", "ppo_config.json", "demo_run.json", "metrics.jsonl",
+            "tensorboard", "eval_samples.jsonl"}
+
+
+def _only_records(out: Path) -> bool:
+    try:
+        return all(p.name in _RECORDS for p in out.iterdir())
+    except OSError:
+        return False
 
 
 def _lock_holder(path: Path) -> tuple[int, str] | None:
@@ -120,8 +130,8 @@ def _alive(pid: int) -> bool:
 def output_dir_lock(output_dir: str | Path, *, enabled: bool = True) -> Iterator[Path]:
     """Hold ``output_dir/.fastrlhf.lock`` (this pid and host) for a run: a second run into the same
     folder is refused with ``ConfigError``; a lock left by a dead process on this host is taken over.
-    A folder this call created is removed again when the run fails before writing a checkpoint or a
-    final model (a user error leaves nothing behind). ``enabled=False`` (ranks other than 0): no-op."""
+    A folder this call created is removed again when the run fails while it holds only records (config,
+    metrics, lock; no checkpoint, model or stage folder): a user error leaves nothing behind. ``enabled=False`` (ranks other than 0): no-op."""
     out = Path(output_dir)
     if not enabled:
         yield out
@@ -167,7 +177,7 @@ def output_dir_lock(output_dir: str | Path, *, enabled: bool = True) -> Iterator
         if _lock_holder(path) == (os.getpid(), os.uname().nodename):
             with contextlib.suppress(OSError):
                 path.unlink()
-        if not ok and created and latest_checkpoint(out) is None and not (out / "final").exists():
+        if not ok and created and _only_records(out):
             shutil.rmtree(out, ignore_errors=True)
 
 
