@@ -539,7 +539,8 @@ def run_demo_cli(args) -> int:
     from fastrlhf.trainers.common import output_dir_lock
 
     out = Path(args.out)
-    check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False)  # before the lock
+    # refused before the lock is taken (a refused run must not touch --out)
+    check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False)
     with output_dir_lock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
         run_demo(out, quick=args.quick, seed=args.seed, rollout=args.rollout)
     return 0

@@ -97,8 +97,8 @@ def pin_threads(num_threads: int, device: torch.device | str) -> None:
 
 LOCK_FILE = ".fastrlhf.lock"
 # What a run writes before it has anything to keep (no checkpoint, no model): a failed start removes them.
-_RECORDS = {LOCK_FILE, "sft_config.json", "rm_config.json", "ppo_config.json", "demo_run.json", "metrics.jsonl",
-            "tensorboard", "eval_samples.jsonl"}
+_RECORDS = {LOCK_FILE, "sft_config.json", "rm_config.json", "ppo_config.json", "demo_run.json",
+            "metrics.jsonl", "tensorboard", "eval_samples.jsonl"}
 
 
 def _only_records(out: Path) -> bool:
@@ -131,7 +131,8 @@ def output_dir_lock(output_dir: str | Path, *, enabled: bool = True) -> Iterator
     """Hold ``output_dir/.fastrlhf.lock`` (this pid and host) for a run: a second run into the same
     folder is refused with ``ConfigError``; a lock left by a dead process on this host is taken over.
     A folder this call created is removed again when the run fails while it holds only records (config,
-    metrics, lock; no checkpoint, model or stage folder): a user error leaves nothing behind. ``enabled=False`` (ranks other than 0): no-op."""
+    metrics, lock; no checkpoint, model or stage folder): a user error leaves nothing behind.
+    ``enabled=False`` (ranks other than 0): no-op."""
     out = Path(output_dir)
     if not enabled:
         yield out
@@ -338,9 +339,9 @@ def atomic_save_dir(final_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, Exception) and _disk_full(final_dir.parent):
             # writers report a full disk in their own words (torch.save: "unexpected pos ...")
+            first = str(err).splitlines()[0] if str(err) else ""
             raise OSError(errno.ENOSPC, f"no space left on the device while writing {final_dir} "
-                                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                          ) from None
+                                        f"({type(err).__name__}: {first})") from None
         raise
     old = None
     if final_dir.exists():

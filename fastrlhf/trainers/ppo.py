@@ -72,8 +72,9 @@ PPO_BOOKKEEPING = frozenset({"output_dir", "progress", "checkpoint_every", "keep
 def check_ppo_config(cfg: PPOConfig, output_dir: str | Path) -> None:
     """``output_dir/ppo_config.json`` (written when a run starts) must match ``cfg``: a run never resumes
     another experiment's checkpoint (the same check as sft / rm, ``common.check_same_config``)."""
-    common.check_same_config(Path(output_dir) / "ppo_config.json", common.config_snapshot(cfg, PPO_BOOKKEEPING),
-                             stage="ppo", hint="use another output_dir (or delete this one)")
+    mine = common.config_snapshot(cfg, PPO_BOOKKEEPING)
+    common.check_same_config(Path(output_dir) / "ppo_config.json", mine, stage="ppo",
+                             hint="use another output_dir (or delete this one)")
 
 
 def drop_non_finite_rows(mask: torch.Tensor, scores: torch.Tensor, *per_token: torch.Tensor) -> torch.Tensor:
@@ -237,8 +238,9 @@ class PPOTrainer:
             "falling": 0,
             "stopped": None,
         }
-        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main, tensorboard=cfg.tensorboard,
-                                    wandb=cfg.wandb, run_config=common.config_snapshot(cfg, ()))
+        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main,
+                                    tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                    run_config=common.config_snapshot(cfg, ()))
         self._setup_eval(eval_prompts, eval_texts)
         self.history: list[dict] = []
 
@@ -456,14 +458,14 @@ class PPOTrainer:
         del window[: -cfg.nonfinite_window]
         if dropped and not self.warned_non_finite and self.runtime.is_main:
             self.warned_non_finite = True
-            print(f"[ppo] warning: iteration {it + 1}: {dropped:.0f} of {total:.0f} rows have a non-finite reward "
-                  "score (or log-prob / value); they are dropped from the rollout (metric dropped_rows)",
+            print(f"[ppo] warning: iteration {it + 1}: {dropped:.0f} of {total:.0f} rows have a non-finite "
+                  "reward score (or log-prob / value); they are dropped from the rollout (metric dropped_rows)",
                   flush=True)
         lost, seen = sum(d for d, _ in window), sum(n for _, n in window)
         if seen and lost / seen > cfg.max_nonfinite_share:
-            raise RunError(f"non-finite reward scores: {lost:.0f} of {seen:.0f} rows of the last {len(window)} "
-                           f"iteration(s) were dropped (more than max_nonfinite_share={cfg.max_nonfinite_share}); "
-                           "check the reward model (its dtype, its inputs) before training on")
+            raise RunError(f"non-finite reward scores: {lost:.0f} of {seen:.0f} rows of the last "
+                           f"{len(window)} iteration(s) were dropped (more than max_nonfinite_share="
+                           f"{cfg.max_nonfinite_share}); check the reward model (its dtype, its inputs)")
 
     def _all_finite(self, *tensors) -> bool:
         dev = self.runtime.device
@@ -638,7 +640,8 @@ class PPOTrainer:
             prompts = self.eval_prompt_ids[k:k + bsz]
             with self.runtime.scheduler.phase("generate"):
                 gen = self.rollout.generate(prompts, params)
-            batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device)
+            batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id,
+                                device=self.runtime.device)
             with self.runtime.scheduler.phase("score"):
                 s, _ = self.score(batch)
             keep = batch.keep

@@ -80,7 +80,8 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     eval_rows = read_rows(cfg.eval_data, kind="ppo") if cfg.eval_data else None
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     prompts, _ = encode_prompts(rows, tokenizer, cfg, cfg.data)
-    eval_prompts, eval_texts = encode_prompts(eval_rows, tokenizer, cfg, cfg.eval_data) if eval_rows else (None, None)
+    eval_prompts, eval_texts = (encode_prompts(eval_rows, tokenizer, cfg, cfg.eval_data) if eval_rows
+                                else (None, None))
     with common.output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         runtime = rt.init_runtime()
         common.pin_threads(cfg.num_threads, runtime.device)
