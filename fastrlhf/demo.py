@@ -536,7 +536,7 @@ def run_demo_cli(args) -> int:
     hf_logging.disable_progress_bar()
     import os
 
-    from fastrlhf.trainers.common import output_dir_lock
+    from fastrlhf.trainers.guard import output_dir_lock
 
     out = Path(args.out)
     # refused before the lock is taken (a refused run must not touch --out)

@@ -53,15 +53,15 @@ def encode_prompts(rows, tokenizer, cfg, source: str) -> tuple[list[list[int]], 
 def check_ppo_cli_config(cfg, config_path: str) -> None:
     """Everything about ``cfg`` that can be checked without loading a model."""
     from fastrlhf.models.heads import HEAD_FILE
-    from fastrlhf.trainers import common
+    from fastrlhf.trainers import guard
     from fastrlhf.trainers.ppo import check_ppo_config
 
     for key in ("model", "reward_model", "data"):
         if not getattr(cfg, key):
             raise ConfigError(f"{config_path}: `{key}` is required for `fastrlhf ppo`")
-    common.check_model_dir("model", cfg.model)
-    common.check_model_dir("reward_model", cfg.reward_model, needs=("config.json", HEAD_FILE))
-    common.check_model_dir("critic_model", cfg.critic_model, needs=("config.json", HEAD_FILE))
+    guard.check_model_dir("model", cfg.model)
+    guard.check_model_dir("reward_model", cfg.reward_model, needs=("config.json", HEAD_FILE))
+    guard.check_model_dir("critic_model", cfg.critic_model, needs=("config.json", HEAD_FILE))
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError(f"{config_path}: eval_every={cfg.eval_every} needs eval_data (held-out prompts)")
     check_ppo_config(cfg, cfg.output_dir)
@@ -71,7 +71,7 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     from fastrlhf.data import read_rows
     from fastrlhf.engine import runtime as rt
     from fastrlhf.models import RewardModel, ValueModel, load_causal_lm, load_tokenizer
-    from fastrlhf.trainers import common
+    from fastrlhf.trainers import guard
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
 
     cfg = load_config(PPOConfig, config_path, overrides)
@@ -82,9 +82,9 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     prompts, _ = encode_prompts(rows, tokenizer, cfg, cfg.data)
     eval_prompts, eval_texts = (encode_prompts(eval_rows, tokenizer, cfg, cfg.eval_data) if eval_rows
                                 else (None, None))
-    with common.output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+    with guard.output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         runtime = rt.init_runtime()
-        common.pin_threads(cfg.num_threads, runtime.device)
+        guard.pin_threads(cfg.num_threads, runtime.device)
         actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
         ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
         reward_model = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype)
