@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fastrlhf.config import load_config
+from fastrlhf.rollout.budget import check_rollout_against_model
 
 
 def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
@@ -25,6 +26,7 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     for key in ("model", "reward_model", "data"):
         if not getattr(cfg, key):
             raise ValueError(f"{config_path}: `{key}` is required for `fastrlhf ppo`")
+    check_rollout_against_model(cfg)  # positions and KV budget from config.json, before any model loads
     rows = read_rows(cfg.data, kind="ppo")  # validates every row before any model is loaded
     runtime = rt.init_runtime()
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
