@@ -74,6 +74,13 @@ def check_lengths(max_prompt_length: int, r) -> int:
     return length
 
 
+def config_dict(hf_config) -> dict:
+    """An HF ``PretrainedConfig`` as :func:`read_model_config` returns it (text section merged in)."""
+    data = hf_config.to_dict()
+    text = data.get("text_config")
+    return {**data, **text} if isinstance(text, dict) else data
+
+
 def read_model_config(model: str) -> dict:
     """The model's ``config.json`` as a dict (local directory or hub name; nothing else is read).
     Multimodal configs: the text model's section, with the top level's keys as defaults."""
@@ -179,10 +186,12 @@ def check_rollout_budget(max_prompt_length: int, r, model_config: dict, *, devic
 
 
 def check_rollout_against_model(cfg, model_config: dict | None = None, device=None,
-                                world_size: int | None = None) -> int:
+                                world_size: int | None = None, prompt_length: int | None = None) -> int:
     """:func:`check_rollout_budget` for a ``PPOConfig`` ``cfg`` on this process's device (CUDA when
     available, as ``init_runtime`` picks), reading ``cfg.model``'s config.json unless ``model_config`` is
-    given. World size from ``WORLD_SIZE`` (torchrun). Returns ``max_model_len``."""
+    given. World size from ``WORLD_SIZE`` (torchrun) unless given. ``prompt_length``: the longest prompt
+    when the prompts are known (the trainer), else ``cfg.max_prompt_length`` (the command line, before
+    the data is read). Returns ``max_model_len``."""
     import torch
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -193,6 +202,6 @@ def check_rollout_against_model(cfg, model_config: dict | None = None, device=No
         total = torch.cuda.get_device_properties(index).total_memory
     if model_config is None:
         model_config = read_model_config(cfg.model)
-    return check_rollout_budget(cfg.max_prompt_length, cfg.rollout, model_config, device_type=device.type,
+    return check_rollout_budget(prompt_length or cfg.max_prompt_length, cfg.rollout, model_config, device_type=device.type,
                                 device_total_bytes=total,
                                 world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")))
