@@ -134,3 +134,22 @@ def test_bad_arguments(lm, tok):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=0))
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[1], []], SamplingParams(max_new_tokens=2))
+
+
+def test_n_samples_per_prompt_adjacent_distinct_reproducible(lm, tok):
+    """n = 4: four samples per prompt, rows of a prompt adjacent (each row's log-probs recompute with
+    its own prompt), distinct, reproducible for a seed (one generator for the batch)."""
+    engine = HFRollout(lm, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=21, n=4)
+    a = engine.generate(PROMPTS, params)
+    assert a == engine.generate(PROMPTS, params)
+    assert a.token_ids != engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=22, n=4)).token_ids
+    assert len(a.token_ids) == 4 * len(PROMPTS)
+    for i in range(len(PROMPTS)):
+        assert len({tuple(t) for t in a.token_ids[4 * i: 4 * i + 4]}) == 4
+    batch = build_batch(PROMPTS, a, pad_token_id=tok.pad_token_id, device=torch.device("cpu"))
+    assert batch.group.tolist() == [g for g in range(len(PROMPTS)) for _ in range(4)]
+    with torch.no_grad():
+        lp, _, _ = PolicyWithLoss(lm, backend="torch")(batch.input_ids, batch.attention_mask, mode="logprobs",
+                                                       prompt_len=batch.prompt_len)
+    torch.testing.assert_close(lp[batch.mask], batch.sampler_logprobs[batch.mask], atol=1e-5, rtol=1e-5)
