@@ -32,6 +32,12 @@ import torch
 
 from .base import Generation, SamplingParams
 
+# The oldest vLLM whose API this module uses: ``reload_weights(weights_iterator=...)`` on the model runner
+# (layerwise reload, vllm-project/vllm#32133, merged 2026-01-30, first released in 0.16.0; 0.12's
+# ``Worker.reload_weights(self)`` takes no arguments). Everything else used here is older: ``logprobs_mode``
+# (#21398, 2025-07), ``LLM.collective_rpc``, ``sleep(level=2)`` / ``wake_up(tags=...)``, ``external_launcher``.
+MIN_VLLM = "0.16"
+
 # Reload of a partial bucket: vLLM warns about every layer not in the bucket ("Failed to load weights")
 # and lists the weights not loaded; coverage is checked here instead (all policy weights, every sync).
 _QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
@@ -118,6 +124,11 @@ class VLLMRollout:
                        enforce_eager=enforce_eager,
                        gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
                        enable_sleep_mode=enable_sleep_mode, **llm_kwargs)
+        if not all(self.llm.collective_rpc(_has_layerwise_reload)):
+            import vllm
+            raise RuntimeError(f"vllm {getattr(vllm, '__version__', '?')} has no reload_weights(weights_iterator=...) "
+                               f"(layerwise reload, vLLM >= {MIN_VLLM}); install vllm>={MIN_VLLM} or use "
+                               "rollout.backend=hf")
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.tp_group = _tp_group(tensor_parallel_size) if tensor_parallel_size > 1 else None
         self.startup_s = time.perf_counter() - start
@@ -309,6 +320,13 @@ class VLLMRollout:
         if self.sleep_enabled:
             self.llm.wake_up(tags=todo)
         self.asleep -= set(todo)
+
+
+def _has_layerwise_reload(worker) -> bool:
+    """Worker-side: does the model runner's ``reload_weights`` take ``weights_iterator`` (vLLM >= 0.16)?"""
+    import inspect
+    method = getattr(getattr(worker, "model_runner", None), "reload_weights", None)
+    return method is not None and "weights_iterator" in inspect.signature(method).parameters
 
 
 def _reseed_sampler(worker, seed: int) -> None:

