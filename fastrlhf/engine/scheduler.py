@@ -1,7 +1,8 @@
 """Phase scheduling around one PPO iteration: GENERATE -> SCORE -> TRAIN -> SYNC.
 
 ``PhaseScheduler.phase(name)`` is a state machine: a phase may only follow the one whose results it
-consumes (SCORE needs a GENERATE, TRAIN a SCORE, SYNC a TRAIN or the start); GENERATE begins an
+consumes (SCORE needs a GENERATE, TRAIN a SCORE, SYNC a TRAIN, the start, or a SCORE whose step was
+skipped); GENERATE begins an
 iteration from any state (a skipped step abandons the rest of its iteration). Out-of-order use raises
 :class:`PhaseError`. Every phase's wall time and peak memory go to ``pop_stats()``.
 
@@ -33,7 +34,7 @@ _ALLOWED_AFTER = {
     "generate": None,  # any state
     "score": ("generate", "score"),
     "train": ("score", "train"),
-    "sync": (None, "train", "sync"),
+    "sync": (None, "score", "train", "sync"),  # after SCORE: a skipped step refills a level-2 engine
 }
 
 

@@ -134,9 +134,9 @@ class PPOTrainer:
                 model.eval()
         self._setup_prompts(prompts, prompt_texts)
         self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)
-        self.rollout = rollout or rt.make_rollout(
-            self.runtime, cfg.rollout.backend, self.actor, tokenizer, **self._rollout_kwargs()
-        )
+        engine_kwargs = self._rollout_kwargs()  # checked even when an engine is passed in
+        self.rollout = rollout or rt.make_rollout(self.runtime, cfg.rollout.backend, self.actor, tokenizer,
+                                                  **engine_kwargs)
         self._setup_optim()
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.moments = RunningMoments()
@@ -252,6 +252,8 @@ class PPOTrainer:
                 kl_stats = self.advantages(batch, scores)
         if not ok:
             self.counters["skipped_rollouts"] += 1
+            if not getattr(self.rollout, "weights_valid", True):  # sleep level 2 discarded them in SCORE
+                rt.sync_weights(self.runtime, self.actor, self.rollout)
             return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"], **trunc})
         # 3. train
         with sched.phase("train"):

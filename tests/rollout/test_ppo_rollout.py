@@ -24,7 +24,7 @@ def tok():
     return build_test_tokenizer()
 
 
-def make_trainer(tmp_path, tok, engine=None, **overrides):
+def make_trainer(tmp_path, tok, engine=None, reward_model=None, **overrides):
     def lm(seed):
         return tiny_llama(len(tok), seed=seed, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
@@ -34,7 +34,7 @@ def make_trainer(tmp_path, tok, engine=None, **overrides):
                   rollout=RolloutConfig(max_new_tokens=5, n=4), early_stop=EarlyStopConfig(score_falling_iters=None),
                   progress=False)
     fields.update(overrides)
-    return PPOTrainer(PPOConfig(**fields), actor=lm(0), ref=lm(0), reward_model=RewardModel(lm(1)),
+    return PPOTrainer(PPOConfig(**fields), actor=lm(0), ref=lm(0), reward_model=reward_model or RewardModel(lm(1)),
                       critic=ValueModel(lm(2)), tokenizer=tok, prompts=PROMPTS, rollout=engine,
                       output_dir=tmp_path)
 
@@ -123,3 +123,51 @@ def test_missing_eos_penalty_reaches_exactly_the_truncated_rows(tmp_path, tok, m
     rows = trainer.train()
     assert rows[0]["truncated_fraction"] == 0.5
     torch.testing.assert_close(seen["s"], seen["raw"] - 2.5 * torch.tensor([0.0, 1.0, 0.0, 1.0]))
+
+
+class Level2Engine(HFRollout):
+    """An engine with its own weight copy and sleep level 2 semantics (weights gone after sleep until a
+    sync), generating with a private copy of the actor that only update_weights refreshes."""
+
+    shares_actor_weights = False
+    sleep_level = 2
+
+    def __init__(self, model, tok):
+        import copy
+        super().__init__(copy.deepcopy(model), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        self.weights_valid, self.asleep, self.syncs = False, set(), 0
+
+    def generate(self, prompt_ids, params):
+        assert self.weights_valid and not self.asleep, "generate on discarded weights"
+        return super().generate(prompt_ids, params)
+
+    def update_weights(self, named_tensors):
+        self.model.load_state_dict(dict(named_tensors))
+        self.weights_valid, self.syncs = True, self.syncs + 1
+
+    def sleep(self, level=2):
+        self.asleep, self.weights_valid = {"weights", "kv_cache"}, False
+
+    def wake(self, tags=None):
+        self.asleep -= set(tags or self.asleep)
+
+
+def test_skipped_rollout_refills_a_level_2_engine_and_start_up_syncs_once(tmp_path, tok):
+    class NaNOnce(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, input_ids, attention_mask):
+            self.calls += 1
+            value = float("nan") if self.calls == 1 else 0.0
+            return torch.full((input_ids.shape[0],), value)
+
+    trainer = make_trainer(tmp_path, tok, iterations=2, reward_model=NaNOnce())
+    engine = Level2Engine(trainer.actor, tok)
+    trainer.rollout = engine
+    trainer.runtime.scheduler.bind(rollout=engine)
+    rows = trainer.train()
+    assert rows[0]["skipped_rollouts"] == 1 and "pg_loss" in rows[1]
+    # one sync at start-up, one to refill after the skipped step, one after the trained step
+    assert engine.syncs == 3
