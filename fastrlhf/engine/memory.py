@@ -122,7 +122,8 @@ def item_bytes(sizes: dict[str, ModelSize | None], *, world_size: int = 1, tp: i
 
 def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None, device: str = "cpu",
                 world_size: int = 1, tp: int = 1, vllm_param_bytes: int = 2, vllm_kv_bytes: int = 0,
-                has_vllm: bool = False, activation_reserve: float = 0.1, vllm_sleeps: bool = True) -> MemoryPlan:
+                has_vllm: bool = False, activation_reserve: float = 0.1,
+                vllm_sleeps: bool = True) -> MemoryPlan:
     """Place every item for every phase.
 
     ``sizes``: {"actor", "critic", "ref", "reward"} -> ModelSize or None (absent model).

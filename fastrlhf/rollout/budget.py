@@ -43,10 +43,12 @@ def check_rollout_config(r) -> None:
          f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}"),
         (r.max_model_len is None or r.max_model_len >= 2,
          f"rollout.max_model_len must be >= 2 (or null), got {r.max_model_len}"),
-        (r.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size must be >= 1, got {r.tensor_parallel_size}"),
+        (r.tensor_parallel_size >= 1,
+         f"rollout.tensor_parallel_size must be >= 1, got {r.tensor_parallel_size}"),
         (r.max_num_seqs is None or r.max_num_seqs >= 1,
          f"rollout.max_num_seqs must be >= 1 (or null), got {r.max_num_seqs}"),
-        (r.sleep_level in SLEEP_LEVELS, f"rollout.sleep_level must be one of {SLEEP_LEVELS}, got {r.sleep_level!r}"),
+        (r.sleep_level in SLEEP_LEVELS,
+         f"rollout.sleep_level must be one of {SLEEP_LEVELS}, got {r.sleep_level!r}"),
         (r.dtype in DTYPES, f"rollout.dtype must be one of {DTYPES}, got {r.dtype!r}"),
     ]
     for ok, message in checks:
@@ -68,8 +70,8 @@ def check_lengths(max_prompt_length: int, r) -> int:
     length = max_model_len(max_prompt_length, r)
     if length < need:
         raise ConfigError(f"rollout.max_model_len={length} is shorter than max_prompt_length + "
-                          f"rollout.max_new_tokens = {max_prompt_length} + {r.max_new_tokens} = {need}: raise "
-                          "rollout.max_model_len (or leave it unset) or lower max_prompt_length / "
+                          f"rollout.max_new_tokens = {max_prompt_length} + {r.max_new_tokens} = {need}: "
+                          "raise rollout.max_model_len (or leave it unset) or lower max_prompt_length / "
                           "rollout.max_new_tokens")
     return length
 
@@ -146,8 +148,9 @@ def kv_budget(model_config: dict, *, gpu_memory_utilization: float, dtype: str, 
         weights = weight_numel(c) * nbytes // tp
         share = int(gpu_memory_utilization * device_total_bytes)
         budget = share - weights
-        how = (f"rollout.gpu_memory_utilization={gpu_memory_utilization} x {device_total_bytes / 2**30:.1f} GiB "
-               f"= {share / 2**30:.1f} GiB, minus {weights / 2**30:.1f} GiB of weights")
+        how = (f"rollout.gpu_memory_utilization={gpu_memory_utilization} x "
+               f"{device_total_bytes / 2**30:.1f} GiB = {share / 2**30:.1f} GiB, minus "
+               f"{weights / 2**30:.1f} GiB of weights")
     else:
         gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1") or 1)
         budget = int(gib * 2**30)
@@ -162,9 +165,9 @@ def check_rollout_budget(max_prompt_length: int, r, model_config: dict, *, devic
     length = check_lengths(max_prompt_length, r)
     positions = model_positions(model_config)
     if positions is not None and length > positions:
-        raise ConfigError(f"max_prompt_length + rollout.max_new_tokens / rollout.max_model_len = {length} exceeds "
-                          f"the model's {positions} positions (config.json): lower rollout.max_model_len, "
-                          "rollout.max_new_tokens or max_prompt_length")
+        raise ConfigError(f"max_prompt_length + rollout.max_new_tokens / rollout.max_model_len = {length} "
+                          f"exceeds the model's {positions} positions (config.json): lower "
+                          "rollout.max_model_len, rollout.max_new_tokens or max_prompt_length")
     if r.backend != "vllm":
         return length
     tp = r.tensor_parallel_size
@@ -172,16 +175,19 @@ def check_rollout_budget(max_prompt_length: int, r, model_config: dict, *, devic
         raise ConfigError(f"rollout.tensor_parallel_size={tp} does not divide the world size {world_size}")
     heads = model_config.get("num_attention_heads")
     if isinstance(heads, int) and heads % tp:
-        raise ConfigError(f"rollout.tensor_parallel_size={tp} does not divide the model's {heads} attention heads")
+        raise ConfigError(f"rollout.tensor_parallel_size={tp} does not divide the model's {heads} "
+                          "attention heads")
     budget = kv_budget(model_config, gpu_memory_utilization=r.gpu_memory_utilization, dtype=r.dtype,
-                       tensor_parallel_size=tp, device_type=device_type, device_total_bytes=device_total_bytes)
+                       tensor_parallel_size=tp, device_type=device_type,
+                       device_total_bytes=device_total_bytes)
     if budget.tokens < length:
         keys = ("rollout.gpu_memory_utilization, rollout.tensor_parallel_size" if device_type == "cuda"
                 else "VLLM_CPU_KVCACHE_SPACE")
         raise ConfigError(f"the vLLM KV cache holds at most {budget.tokens} tokens ({budget.how}, "
-                          f"{budget.kv_bytes_per_token} bytes per token), fewer than rollout.max_model_len={length} "
-                          f"(max_prompt_length + rollout.max_new_tokens unless set): lower rollout.max_model_len / "
-                          f"rollout.max_new_tokens or raise {keys}")
+                          f"{budget.kv_bytes_per_token} bytes per token), fewer than "
+                          f"rollout.max_model_len={length} (max_prompt_length + rollout.max_new_tokens "
+                          f"unless set): lower rollout.max_model_len / rollout.max_new_tokens, or raise "
+                          f"{keys}")
     return length
 
 
@@ -202,6 +208,7 @@ def check_rollout_against_model(cfg, model_config: dict | None = None, device=No
         total = torch.cuda.get_device_properties(index).total_memory
     if model_config is None:
         model_config = read_model_config(cfg.model)
-    return check_rollout_budget(prompt_length or cfg.max_prompt_length, cfg.rollout, model_config, device_type=device.type,
+    return check_rollout_budget(prompt_length or cfg.max_prompt_length, cfg.rollout, model_config,
+                                device_type=device.type,
                                 device_total_bytes=total,
                                 world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")))

@@ -91,7 +91,8 @@ def _reshard_state(unit):
         groups = [one] if one is not None else []
     if not all(hasattr(g, "post_forward_mesh_info") for g in groups):
         return None
-    return (getattr(state, "_auto_reshard_after_forward", None), [(g, g.post_forward_mesh_info) for g in groups])
+    auto = getattr(state, "_auto_reshard_after_forward", None)
+    return auto, [(g, g.post_forward_mesh_info) for g in groups]
 
 
 def _restore_reshard_state(unit, saved) -> None:

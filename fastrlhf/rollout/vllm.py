@@ -35,7 +35,8 @@ from .base import Generation, SamplingParams
 # The oldest vLLM whose API this module uses: ``reload_weights(weights_iterator=...)`` on the model runner
 # (layerwise reload, vllm-project/vllm#32133, merged 2026-01-30, first released in 0.16.0; 0.12's
 # ``Worker.reload_weights(self)`` takes no arguments). Everything else used here is older: ``logprobs_mode``
-# (#21398, 2025-07), ``LLM.collective_rpc``, ``sleep(level=2)`` / ``wake_up(tags=...)``, ``external_launcher``.
+# (#21398, 2025-07), ``LLM.collective_rpc``, ``sleep(level=2)`` / ``wake_up(tags=...)``,
+# ``external_launcher``.
 MIN_VLLM = "0.16"
 
 # Reload of a partial bucket: vLLM warns about every layer not in the bucket ("Failed to load weights")
@@ -126,9 +127,9 @@ class VLLMRollout:
                        enable_sleep_mode=enable_sleep_mode, **llm_kwargs)
         if not all(self.llm.collective_rpc(_has_layerwise_reload)):
             import vllm
-            raise RuntimeError(f"vllm {getattr(vllm, '__version__', '?')} has no reload_weights(weights_iterator=...) "
-                               f"(layerwise reload, vLLM >= {MIN_VLLM}); install vllm>={MIN_VLLM} or use "
-                               "rollout.backend=hf")
+            raise RuntimeError(f"vllm {getattr(vllm, '__version__', '?')} has no "
+                               f"reload_weights(weights_iterator=...) (layerwise reload, "
+                               f"vLLM >= {MIN_VLLM}); install vllm>={MIN_VLLM} or use rollout.backend=hf")
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.tp_group = _tp_group(tensor_parallel_size) if tensor_parallel_size > 1 else None
         self.startup_s = time.perf_counter() - start
@@ -189,7 +190,8 @@ class VLLMRollout:
             for comp in comps:
                 toks = list(comp.token_ids)
                 ids.append(toks)
-                lps.append([float(step[t].logprob) for t, step in zip(toks, comp.logprobs or [], strict=False)])
+                steps = comp.logprobs or []
+                lps.append([float(step[t].logprob) for t, step in zip(toks, steps, strict=False)])
                 if len(lps[-1]) != len(toks):
                     raise RuntimeError(f"vLLM returned {len(lps[-1])} log-probs for {len(toks)} tokens")
         return Generation(token_ids=ids, logprobs=lps)

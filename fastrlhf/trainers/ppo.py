@@ -176,7 +176,8 @@ class PPOTrainer:
         max_len = check_rollout_against_model(
             self.config, config_dict(self.actor.config), device=self.runtime.device,
             world_size=self.runtime.world_size, prompt_length=self._longest_prompt)
-        return dict(bucket_mb=r.bucket_mb, gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=max_len,
+        return dict(bucket_mb=r.bucket_mb, gpu_memory_utilization=r.gpu_memory_utilization,
+                    max_model_len=max_len,
                     tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
                     max_num_seqs=r.max_num_seqs, sleep_level=r.sleep_level, dtype=r.dtype,
                     sync=False)  # train() syncs once before the first generation
@@ -241,8 +242,8 @@ class PPOTrainer:
         # 1. generate
         with sched.phase("generate"):
             gen = self.rollout.generate(prompts, self._sampling_params(it))
-        batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device,
-                            eos_token_ids=self.eos_token_ids)
+        batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id,
+                            device=self.runtime.device, eos_token_ids=self.eos_token_ids)
         trunc = {"truncated_fraction": batch.truncated.float().mean()}
         # 2. score
         with sched.phase("score"):

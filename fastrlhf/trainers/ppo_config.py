@@ -161,7 +161,8 @@ class PPOConfig:
             (self.rollout_correction in ROLLOUT_CORRECTIONS,
              f"rollout_correction must be one of {ROLLOUT_CORRECTIONS}, got {self.rollout_correction!r}"),
             (self.tis_cap > 0, f"tis_cap must be > 0, got {self.tis_cap}"),
-            (self.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}"),
+            (self.missing_eos_penalty >= 0,
+             f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}"),
         ]
         for ok, message in checks:
             if not ok:
