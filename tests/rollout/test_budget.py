@@ -69,7 +69,8 @@ def test_config_ranges_and_row_counts():
             RolloutConfig(**bad)
     # minibatch_size / micro_batch_size count responses: 4 prompts x n=4 = 16 rows
     PPOConfig(rollout_batch_size=4, minibatch_size=8, rollout=RolloutConfig(n=4))
-    with pytest.raises(ValueError, match="minibatch_size counts responses"):
+    with pytest.raises(ValueError, match=r"minibatch_size must be in \[1, rollout_batch_size \* rollout.n\] "
+                                         r"\(it counts responses\)"):
         PPOConfig(rollout_batch_size=4, minibatch_size=17, rollout=RolloutConfig(n=4))
     with pytest.raises(ValueError, match="rollout_correction"):
         PPOConfig(rollout_correction="is")
@@ -85,6 +86,7 @@ def test_cli_refuses_a_bad_budget_before_loading(tmp_path, capsys, monkeypatch, 
     model = tmp_path / "llama8b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA31_8B))
+    (model / "fastrlhf_head.json").write_text("{}")  # as a reward model folder (the folder checks only look)
     (tmp_path / "data.jsonl").write_text('{"prompt": "hi"}\n')
     cfg = tmp_path / "ppo.yaml"
     cfg.write_text(f"model: {model}\nreward_model: {model}\ndata: {tmp_path / 'data.jsonl'}\n"

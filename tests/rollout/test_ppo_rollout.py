@@ -152,22 +152,19 @@ class Level2Engine(HFRollout):
         self.asleep -= set(tags or self.asleep)
 
 
-def test_skipped_rollout_refills_a_level_2_engine_and_start_up_syncs_once(tmp_path, tok):
-    class NaNOnce(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, input_ids, attention_mask):
-            self.calls += 1
-            value = float("nan") if self.calls == 1 else 0.0
-            return torch.full((input_ids.shape[0],), value)
-
-    trainer = make_trainer(tmp_path, tok, iterations=2, reward_model=NaNOnce())
+def test_one_sync_at_start_up_and_a_level_2_engine_is_refilled_before_generating(tmp_path, tok):
+    """Start-up syncs once; every trained iteration syncs once; a generation that follows a SCORE with no
+    update since (an early stop, an evaluation) first refills the engine sleep level 2 emptied."""
+    trainer = make_trainer(tmp_path, tok, iterations=2)
     engine = Level2Engine(trainer.actor, tok)
     trainer.rollout = engine
-    trainer.runtime.scheduler.bind(rollout=engine)
-    rows = trainer.train()
-    assert rows[0]["skipped_rollouts"] == 1 and "pg_loss" in rows[1]
-    # one sync at start-up, one to refill after the skipped step, one after the trained step
-    assert engine.syncs == 3
+    sched = trainer.runtime.scheduler
+    sched.bind(rollout=engine)
+    trainer.train()
+    assert engine.syncs == 1 + 2
+    for phase in ("generate", "score"):  # a rollout that stopped before its update
+        with sched.phase(phase):
+            pass
+    assert not engine.weights_valid
+    row = trainer.iteration(2)
+    assert engine.syncs == 3 + 1 + 1 and math.isfinite(row["pg_loss"])  # refill, then the regular sync
