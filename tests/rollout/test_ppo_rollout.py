@@ -53,8 +53,8 @@ class HotSampler(HFRollout):
 
 def test_n_responses_per_prompt_through_an_iteration(tmp_path, tok):
     """rollout.n = 4 with 2 prompts per rank: 8 rows, minibatch_size 4 rows, groups adjacent; the metrics
-    row carries truncated_fraction."""
-    trainer = make_trainer(tmp_path, tok)
+    row carries truncated_fraction and (with rollout_correction=tis) the capped share."""
+    trainer = make_trainer(tmp_path, tok, rollout_correction="tis")
     seen = []
     orig = trainer.train_epochs
     trainer.train_epochs = lambda batch, it: (seen.append(batch), orig(batch, it))[1]
@@ -65,6 +65,7 @@ def test_n_responses_per_prompt_through_an_iteration(tmp_path, tok):
     assert all(torch.equal(prompt_part[i], prompt_part[4 * (i // 4)]) for i in range(8))
     assert rows[0]["truncated_fraction"] == pytest.approx(batch.truncated.float().mean().item())
     assert math.isfinite(rows[0]["pg_loss"])
+    assert 0 <= rows[0]["tis_capped_fraction"] <= 1 and rows[0]["tis_weight_mean"] > 0
 
 
 def test_tis_with_a_perturbed_sampler_equals_the_reference_formula(tmp_path, tok):
