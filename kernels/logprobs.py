@@ -10,7 +10,8 @@ import torch
 
 from . import reference
 from ._backend import check_labels_in_range, check_logits_labels, check_temperature, resolve_backend
-from ._triton_utils import check_launchable, lazy_jit, reject_float64, row_warps, rows_3d, tl, vocab_block
+from ._triton_utils import (CURRENT, Variant, check_launchable, device_guard, lanes_tile, lazy_jit, reject_float64,
+                            row_align, row_warps, rows_3d, tl, vocab_block)
 
 
 @lazy_jit
@@ -66,6 +67,91 @@ def _logprobs_fwd_kernel(
 
 
 @lazy_jit
+def _logprobs_fwd_lanes_kernel(
+    x_ptr, stride_xa, stride_xr, R,  # [A, R, V] logits, fp32/bf16/fp16, row n = (n // R, n % R)
+    labels_ptr,  # [N] int64
+    lp_ptr,  # [N] fp32 out: log p(label), 0 at ignored rows, NaN for an out-of-range label
+    ent_ptr,  # [N] fp32 out: entropy (written only when HAS_ENTROPY), 0 at ignored rows
+    lse_ptr,  # [N] fp32 out: logsumexp(z), saved for backward
+    V, inv_temp, ignore_index,
+    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Same outputs as ``_logprobs_fwd_kernel``, fewer instructions per element.
+
+    Base-2 units: u = x log2(e) / T (one multiply). Each lane i of the BLOCK_V-wide tile keeps its own
+    running max m_i, s_i = sum 2^(u - m_i) and t_i = sum 2^(u - m_i) (u - m_i) over the elements it sees;
+    a new element costs one exp2: with d = -|u - m_i|, e = 2^d,
+      u > m_i:  s_i' = e s_i + 1,  t_i' = e (t_i + d s_i),  m_i' = u;     else  s_i' = s_i + e,  t_i' = t_i + e d.
+    One cross-lane combine per row at the end: M = max m_i, a_i = 2^(m_i - M), S = sum a_i s_i,
+    T = sum a_i (t_i + (m_i - M) s_i); then lse = ln2 M + ln S, H = ln S - ln2 T / S.
+    Layout: a masked head up to the first ALIGN-element boundary of the row, unmasked full tiles (16-byte
+    vector loads when ALIGN > 1: the row start need not be aligned, e.g. V = 50257), one masked tail tile.
+    Ignored rows read nothing. Elements at -inf contribute 0.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    v_read = tl.where(valid, V, 0)
+    row_off = (row // R) * stride_xa + (row % R) * stride_xr
+    scale = inv_temp * LOG2E
+    lanes = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s = tl.full([BLOCK_V], 0.0, tl.float32)
+    t = tl.full([BLOCK_V], 0.0, tl.float32)
+    head = 0
+    if ALIGN > 1:
+        head = tl.minimum((ALIGN - row_off % ALIGN) % ALIGN, v_read)
+        u = tl.load(x_ptr + row_off + lanes, mask=lanes < head, other=float("-inf")).to(tl.float32) * scale
+        m = u
+        s = tl.where(u > float("-inf"), 1.0, 0.0)
+    n_full = (v_read - head) // BLOCK_V
+    body = row_off + head
+    if ALIGN > 1:
+        body = tl.multiple_of(body, ALIGN)
+    for k in range(0, n_full):
+        u = tl.load(x_ptr + body + k * BLOCK_V + lanes).to(tl.float32) * scale
+        up = u > m
+        d = tl.where(up, m - u, u - m)
+        d = tl.where(u == float("-inf"), float("-inf"), d)  # u = m = -inf: -inf, not NaN
+        e = tl.exp2(d)
+        if HAS_ENTROPY:
+            d0 = tl.where(e > 0, d, 0.0)  # e = 0: contributes 0, not 0 * -inf
+            t = tl.where(up, e * (t + d0 * s), t + e * d0)
+        s = tl.where(up, e * s + 1.0, s + e)
+        m = tl.maximum(m, u)
+    cols = head + n_full * BLOCK_V + lanes
+    u = tl.load(x_ptr + row_off + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * scale
+    up = u > m
+    d = tl.where(up, m - u, u - m)
+    d = tl.where(u == float("-inf"), float("-inf"), d)
+    e = tl.exp2(d)
+    if HAS_ENTROPY:
+        d0 = tl.where(e > 0, d, 0.0)
+        t = tl.where(up, e * (t + d0 * s), t + e * d0)
+    s = tl.where(up, e * s + 1.0, s + e)
+    m = tl.maximum(m, u)
+    # one combine across lanes (and warps)
+    m_row = tl.reduce(m, 0, tl.standard._elementwise_max)
+    m_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
+    a = tl.exp2(m - m_ref)  # 0 for lanes that saw only -inf
+    s_row = tl.reduce(a * s, 0, tl.standard._sum_combine)
+    s_row = tl.where(valid, s_row, 1.0)  # ignored row: s = 0; keep its (unused) results finite
+    log_s = tl.log(s_row)
+    lse = m_ref * LN2 + log_s
+    in_range = (label >= 0) & (label < V)
+    z_label = tl.load(x_ptr + row_off + label, mask=valid & in_range, other=0.0).to(tl.float32) * inv_temp
+    lp = tl.where(in_range, z_label - lse, float("nan"))
+    tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if HAS_ENTROPY:
+        shift = tl.where(s > 0, m - m_ref, 0.0)
+        t_row = tl.reduce(a * (t + shift * s), 0, tl.standard._sum_combine)
+        tl.store(ent_ptr + row, tl.where(valid, log_s - LN2 * t_row / s_row, 0.0))
+
+
+@lazy_jit
 def _logprobs_bwd_kernel(
     x_ptr, stride_xa, stride_xr, R,  # [A, R, V] logits, fp32/bf16/fp16
     dx_ptr, stride_da, stride_dr,  # [A, R, V] out: dlogits, dtype of its buffer (may alias x: in place)
@@ -107,11 +193,13 @@ def _logprobs_bwd_kernel(
 
 
 def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                     want_entropy: bool, out: tuple[torch.Tensor, ...] | None = None):
+                     want_entropy: bool, out: tuple[torch.Tensor, ...] | None = None,
+                     variant: Variant = CURRENT):
     """Launch the forward row kernel on ``x3 [A, R, V]`` (see ``rows_3d``), ``labels [A*R]`` int64.
 
     Returns fp32 ``(lp, ent, lse)`` each ``[A*R]`` (``ent`` is zeros unless ``want_entropy``), written into
     ``out`` (three contiguous fp32 ``[A*R]`` tensors, e.g. slices of whole-batch buffers) when given.
+    ``variant.row`` picks the kernel ("lanes", default, or the round-1 "blocks").
     """
     n, V = labels.numel(), x3.shape[-1]
     if out is None:
@@ -120,10 +208,18 @@ def logprobs_forward(x3: torch.Tensor, labels: torch.Tensor, temperature: float,
     lp, ent, lse = out
     if n == 0:
         return lp, ent, lse
-    block = vocab_block(V)
-    _logprobs_fwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1], labels, lp, ent, lse,
-                               V, 1.0 / temperature, ignore_index,
-                               HAS_ENTROPY=want_entropy, BLOCK_V=block, num_warps=row_warps(block))
+    with device_guard(x3):
+        if variant.row == "blocks":
+            block = vocab_block(V)
+            _logprobs_fwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1], labels, lp, ent, lse,
+                                       V, 1.0 / temperature, ignore_index,
+                                       HAS_ENTROPY=want_entropy, BLOCK_V=block, num_warps=row_warps(block))
+        else:
+            block, warps = lanes_tile(V)
+            _logprobs_fwd_lanes_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1], labels, lp, ent,
+                                             lse, V, 1.0 / temperature, ignore_index,
+                                             HAS_ENTROPY=want_entropy, BLOCK_V=block, ALIGN=row_align(x3),
+                                             num_warps=warps)
     return lp, ent, lse
 
 
@@ -141,10 +237,11 @@ def logprobs_backward(x3: torch.Tensor, dx3: torch.Tensor, labels: torch.Tensor,
     g_lp = g_lp.reshape(-1).float().contiguous()
     g_ent = g_ent.reshape(-1).float().contiguous() if has_ent else g_lp
     block = vocab_block(V)
-    _logprobs_bwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1],
-                               dx3, dx3.stride(0), dx3.stride(1), labels, lse, ent, g_lp, g_ent,
-                               V, 1.0 / temperature, ignore_index,
-                               HAS_ENT_GRAD=has_ent, BLOCK_V=block, num_warps=row_warps(block))
+    with device_guard(x3):
+        _logprobs_bwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1],
+                                   dx3, dx3.stride(0), dx3.stride(1), labels, lse, ent, g_lp, g_ent,
+                                   V, 1.0 / temperature, ignore_index,
+                                   HAS_ENT_GRAD=has_ent, BLOCK_V=block, num_warps=row_warps(block))
     return dx3
 
 
