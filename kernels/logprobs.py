@@ -76,17 +76,18 @@ def _logprobs_fwd_lanes_kernel(
     V, inv_temp, ignore_index,
     HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """Same outputs as ``_logprobs_fwd_kernel``, fewer instructions per element.
+    """Same outputs as ``_logprobs_fwd_kernel`` (z = x / T), fewer instructions per element.
 
-    Base-2 units: u = x log2(e) / T (one multiply). Each lane i of the BLOCK_V-wide tile keeps its own
-    running max m_i, s_i = sum 2^(u - m_i) and t_i = sum 2^(u - m_i) (u - m_i) over the elements it sees;
-    a new element costs one exp2: with d = -|u - m_i|, e = 2^d,
-      u > m_i:  s_i' = e s_i + 1,  t_i' = e (t_i + d s_i),  m_i' = u;     else  s_i' = s_i + e,  t_i' = t_i + e d.
-    One cross-lane combine per row at the end: M = max m_i, a_i = 2^(m_i - M), S = sum a_i s_i,
-    T = sum a_i (t_i + (m_i - M) s_i); then lse = ln2 M + ln S, H = ln S - ln2 T / S.
-    Layout: a masked head up to the first ALIGN-element boundary of the row, unmasked full tiles (16-byte
-    vector loads when ALIGN > 1: the row start need not be aligned, e.g. V = 50257), one masked tail tile.
-    Ignored rows read nothing. Elements at -inf contribute 0.
+    Each lane i of the BLOCK_V-wide tile keeps its own running max m_i of the raw logits x and, in base 2
+    with c = log2(e) / T folded into one multiply, s_i = sum 2^(c (x - m_i)) and t_i = sum 2^(c (x - m_i))
+    c (x - m_i) over the elements it sees. A new element costs one exp2: with d = -c |x - m_i|, e = 2^d,
+      x > m_i:  s_i' = e s_i + 1,  t_i' = e (t_i + d s_i),  m_i' = x;     else  s_i' = s_i + e,  t_i' = t_i + e d.
+    (x - m_i is formed before scaling, so rounding is relative to the gap, not to |x|.) One cross-lane
+    combine per row at the end: M = max m_i, a_i = 2^(c (m_i - M)), S = sum a_i s_i,
+    T = sum a_i (t_i + c (m_i - M) s_i); lse = M / T + ln S, H = ln S - ln2 T / S.
+    Layout: a masked head up to the row's first ALIGN-element boundary, unmasked full tiles (16-byte
+    vector loads when ALIGN > 1, even where the row start is not aligned, e.g. V = 50257), one masked tail
+    tile. Ignored rows read nothing. Elements at -inf contribute 0.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
@@ -95,7 +96,7 @@ def _logprobs_fwd_lanes_kernel(
     valid = label != ignore_index
     v_read = tl.where(valid, V, 0)
     row_off = (row // R) * stride_xa + (row % R) * stride_xr
-    scale = inv_temp * LOG2E
+    c = inv_temp * LOG2E
     lanes = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s = tl.full([BLOCK_V], 0.0, tl.float32)
@@ -103,51 +104,50 @@ def _logprobs_fwd_lanes_kernel(
     head = 0
     if ALIGN > 1:
         head = tl.minimum((ALIGN - row_off % ALIGN) % ALIGN, v_read)
-        u = tl.load(x_ptr + row_off + lanes, mask=lanes < head, other=float("-inf")).to(tl.float32) * scale
-        m = u
-        s = tl.where(u > float("-inf"), 1.0, 0.0)
+        m = tl.load(x_ptr + row_off + lanes, mask=lanes < head, other=float("-inf")).to(tl.float32)
+        s = tl.where(m > float("-inf"), 1.0, 0.0)
     n_full = (v_read - head) // BLOCK_V
     body = row_off + head
     if ALIGN > 1:
         body = tl.multiple_of(body, ALIGN)
     for k in range(0, n_full):
-        u = tl.load(x_ptr + body + k * BLOCK_V + lanes).to(tl.float32) * scale
-        up = u > m
-        d = tl.where(up, m - u, u - m)
-        d = tl.where(u == float("-inf"), float("-inf"), d)  # u = m = -inf: -inf, not NaN
+        x = tl.load(x_ptr + body + k * BLOCK_V + lanes).to(tl.float32)
+        up = x > m
+        d = tl.where(up, m - x, x - m) * c
+        d = tl.where(x == float("-inf"), float("-inf"), d)  # x = m = -inf: -inf, not NaN
         e = tl.exp2(d)
         if HAS_ENTROPY:
             d0 = tl.where(e > 0, d, 0.0)  # e = 0: contributes 0, not 0 * -inf
             t = tl.where(up, e * (t + d0 * s), t + e * d0)
         s = tl.where(up, e * s + 1.0, s + e)
-        m = tl.maximum(m, u)
+        m = tl.maximum(m, x)
     cols = head + n_full * BLOCK_V + lanes
-    u = tl.load(x_ptr + row_off + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32) * scale
-    up = u > m
-    d = tl.where(up, m - u, u - m)
-    d = tl.where(u == float("-inf"), float("-inf"), d)
+    x = tl.load(x_ptr + row_off + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32)
+    up = x > m
+    d = tl.where(up, m - x, x - m) * c
+    d = tl.where(x == float("-inf"), float("-inf"), d)
     e = tl.exp2(d)
     if HAS_ENTROPY:
         d0 = tl.where(e > 0, d, 0.0)
         t = tl.where(up, e * (t + d0 * s), t + e * d0)
     s = tl.where(up, e * s + 1.0, s + e)
-    m = tl.maximum(m, u)
+    m = tl.maximum(m, x)
     # one combine across lanes (and warps)
     m_row = tl.reduce(m, 0, tl.standard._elementwise_max)
     m_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
-    a = tl.exp2(m - m_ref)  # 0 for lanes that saw only -inf
+    gap = tl.where(s > 0, (m - m_ref) * c, 0.0)  # lanes that saw only -inf: s = 0, a = 0
+    a = tl.exp2(gap)
     s_row = tl.reduce(a * s, 0, tl.standard._sum_combine)
     s_row = tl.where(valid, s_row, 1.0)  # ignored row: s = 0; keep its (unused) results finite
     log_s = tl.log(s_row)
-    lse = m_ref * LN2 + log_s
+    lse = m_ref * inv_temp + log_s
     in_range = (label >= 0) & (label < V)
     z_label = tl.load(x_ptr + row_off + label, mask=valid & in_range, other=0.0).to(tl.float32) * inv_temp
     lp = tl.where(in_range, z_label - lse, float("nan"))
     tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if HAS_ENTROPY:
-        shift = tl.where(s > 0, m - m_ref, 0.0)
-        t_row = tl.reduce(a * (t + shift * s), 0, tl.standard._sum_combine)
+        t_row = tl.reduce(a * (t + gap * s), 0, tl.standard._sum_combine)
         tl.store(ent_ptr + row, tl.where(valid, log_s - LN2 * t_row / s_row, 0.0))
 
 
@@ -249,9 +249,9 @@ class TokenLogprobsFunction(torch.autograd.Function):
     """logits ``[..., V]`` -> ``(lp [N], ent [N])`` fp32 through the Triton row kernels (no host sync)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, want_entropy):
+    def forward(ctx, logits, labels, temperature, ignore_index, want_entropy, variant):
         x3 = rows_3d(logits)
-        lp, ent, lse = logprobs_forward(x3, labels, temperature, ignore_index, want_entropy)
+        lp, ent, lse = logprobs_forward(x3, labels, temperature, ignore_index, want_entropy, variant=variant)
         ctx.save_for_backward(x3, labels, lse, ent)
         ctx.temperature, ctx.ignore_index, ctx.want_entropy = temperature, ignore_index, want_entropy
         ctx.logits_shape = logits.shape
@@ -263,22 +263,24 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x3, labels, lse, ent = ctx.saved_tensors
         if g_lp is None:
             g_lp = torch.zeros_like(lse)
         g_ent = g_ent if ctx.want_entropy else None
         dx3 = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
         logprobs_backward(x3, dx3, labels, lse, ent, g_lp, g_ent, ctx.temperature, ctx.ignore_index)
-        return dx3.view(ctx.logits_shape), None, None, None, None
+        return dx3.view(ctx.logits_shape), None, None, None, None, None
 
 
-def _token_logprobs_triton(logits, labels, temperature, ignore_index, return_entropy):
+def _token_logprobs_triton(logits, labels, temperature, ignore_index, return_entropy,
+                           variant: Variant = CURRENT):
+    """The Triton path without input validation (``variant``: internal, for timing old against new)."""
     check_launchable("token_logprobs", logits, labels)
     reject_float64("token_logprobs", logits=logits)
     labels1d = labels.reshape(-1).long().contiguous()
     lp, ent = TokenLogprobsFunction.apply(logits, labels1d, float(temperature), int(ignore_index),
-                                          return_entropy)
+                                          return_entropy, variant)
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp
 

@@ -142,13 +142,21 @@ def test_under_autocast_matches_torch_path(interpret, make_mask, garbage):
     _check(out[0], want, *HIDDEN_TOL[torch.bfloat16])
 
 
-def test_backward_twice_fails_loudly(interpret):
-    """The gradient is computed in forward and scaled in place by backward: a second backward through
-    the same graph must raise, never return a doubly scaled gradient."""
+def test_backward_twice(interpret):
+    """From hidden states the gradient is computed in forward and scaled in place by backward: a second
+    backward through the same graph must raise, never return a doubly scaled gradient. From logits the
+    gradient is computed in backward (from saved lse/entropy/coefficients): a second backward with
+    retain_graph adds the same gradient again, as any autograd op does."""
     x = torch.randn(2, 5, 33, requires_grad=True)
     labels, mask = torch.randint(0, 33, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
     old, adv = torch.randn(2, 5), torch.randn(2, 5)
     loss, _ = fused_ppo_loss_from_logits(x, labels, old, adv, mask, backend="triton")
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    (2 * loss).backward()
+    torch.testing.assert_close(x.grad, 3 * once, atol=1e-7, rtol=1e-6)
+    h, w = torch.randn(2, 5, 4, requires_grad=True), torch.randn(33, 4, requires_grad=True)
+    loss, _ = fused_ppo_loss(h, w, labels, old, adv, mask, backend="triton")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
