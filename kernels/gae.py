@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._parity import ensure_parity
 from ._backend import check_gae_inputs, resolve_backend
 from ._triton_utils import check_launchable, device_guard, lazy_jit, reject_float64, tl, triton
 
@@ -79,4 +80,5 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if chosen == "torch" or (backend == "auto" and torch.float64 in (rewards.dtype, values.dtype)):
         # detached on both paths: advantages and returns are targets, never differentiated through
         return reference.gae(rewards.detach(), values.detach(), mask, gamma=gamma, lam=lam)
+    ensure_parity(rewards.device)
     return _gae_triton(rewards.detach(), values.detach(), mask, gamma, lam)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._parity import ensure_parity
 from ._backend import (autocast_linear_inputs, check_chunk_size, check_labels_in_range, check_linear_inputs,
                        check_temperature, resolve_backend)
 from ._triton_utils import CURRENT, Variant, autocast_inputs, check_launchable, reject_float64, rows_3d
@@ -187,5 +188,6 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                                                ignore_index=ignore_index, return_entropy=return_entropy,
                                                chunk_size=chunk_size)
     check_labels_in_range(labels, vocab, ignore_index)
+    ensure_parity(hidden.device)
     return _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ignore_index,
                                          return_entropy, chunk_size)

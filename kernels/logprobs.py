@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._parity import ensure_parity
 from ._backend import check_labels_in_range, check_logits_labels, check_temperature, resolve_backend
 from ._triton_utils import (CURRENT, Variant, check_launchable, device_guard, lanes_tile, lazy_jit, reject_float64,
                             row_align, row_warps, rows_3d, tl, vocab_block)
@@ -301,4 +302,5 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                         return_entropy=return_entropy)
     check_labels_in_range(labels, vocab, ignore_index)
+    ensure_parity(logits.device)
     return _token_logprobs_triton(logits, labels, temperature, ignore_index, return_entropy)

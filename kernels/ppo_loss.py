@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._parity import ensure_parity
 from ._backend import (autocast_linear_inputs, check_chunk_size, check_labels_in_range, check_linear_inputs,
                        check_logits_labels, check_ppo_inputs, check_temperature, resolve_backend)
 from ._triton_utils import (CURRENT, Variant, autocast_inputs, check_launchable, device_guard, lazy_jit,
@@ -294,6 +295,7 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     if chosen == "torch" or (backend == "auto" and hidden.dtype == torch.float64):
         return reference.fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask,
                                         chunk_size=chunk_size, **kw)
+    ensure_parity(hidden.device)
     return _fused_ppo_loss_triton(hidden, weight, labels, old_logprobs, advantages, mask, chunk_size, kw)
 
 
@@ -330,6 +332,7 @@ def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *
     if chosen == "torch" or (backend == "auto" and logits.dtype == torch.float64):
         return reference.fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask,
                                                     chunk_size=chunk_size, **kw)
+    ensure_parity(logits.device)
     return _fused_ppo_loss_from_logits_triton(logits, labels, old_logprobs, advantages, mask, kw)
 
 
