@@ -282,3 +282,46 @@ def test_gpu_real_shapes_bf16(V):
     torch.testing.assert_close(ent, ent0, atol=1e-3, rtol=1e-4)
     atol = 2 ** -7 * xr.grad.abs().max().item()
     torch.testing.assert_close(x.grad.float(), xr.grad.float(), atol=atol, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_logits_last_rows():
+    """N x V > 2^31 (int64 offsets): the last rows' lp, entropy and dlogits against the PyTorch path."""
+    V = 151936
+    N = (1 << 31) // V + 64
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.empty(N, V, device="cuda", dtype=torch.bfloat16)
+    logits[:-64].fill_(0.5)
+    logits[-64:] = (torch.randn(64, V, device="cuda", generator=g) * 3).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda", generator=g)
+    g_lp, g_ent = torch.randn(N, device="cuda", generator=g), torch.randn(N, device="cuda", generator=g)
+    x = logits.requires_grad_(True)
+    lp, ent = token_logprobs(x, labels, return_entropy=True, backend="triton")
+    (lp * g_lp + ent * g_ent).sum().backward()
+    tail = logits.detach()[-64:].clone().requires_grad_(True)
+    lp0, ent0 = reference.token_logprobs(tail, labels[-64:], return_entropy=True)
+    (lp0 * g_lp[-64:] + ent0 * g_ent[-64:]).sum().backward()
+    torch.testing.assert_close(lp[-64:], lp0, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ent[-64:], ent0, atol=1e-3, rtol=1e-4)
+    atol = 2 ** -7 * tail.grad.abs().max().item()
+    torch.testing.assert_close(x.grad[-64:].float(), tail.grad.float(), atol=atol, rtol=0)
+    torch.testing.assert_close(ent[:-64], torch.full_like(ent[:-64], float(torch.tensor(V).log())), atol=1e-3,
+                               rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["lanes", "blocks"])
+def test_gpu_unaligned_vocab_151665(variant):
+    """V = 151665 (a vocabulary sliced to the tokenizer: rows start at every 2-byte offset), bf16, both
+    row kernels, as a slice of a wider tensor too: against the PyTorch path."""
+    from fastrlhf.kernels._triton_utils import Variant
+    from fastrlhf.kernels.logprobs import _token_logprobs_triton
+    V, N = 151665, 2048
+    g = torch.Generator(device="cuda").manual_seed(2)
+    wide = (torch.randn(N, V + 271, device="cuda", generator=g) * 3).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda", generator=g)
+    for logits in (wide[:, :V].contiguous(), wide[:, :V], wide[:, 3:V + 3]):
+        lp, ent = _token_logprobs_triton(logits, labels, 0.9, -100, True, Variant(row=variant))
+        lp0, ent0 = reference.token_logprobs(logits, labels, temperature=0.9, return_entropy=True)
+        torch.testing.assert_close(lp, lp0, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(ent, ent0, atol=1e-3, rtol=1e-4)
