@@ -79,34 +79,35 @@ def _logprobs_fwd_lanes_kernel(
 ):
     """Same outputs as ``_logprobs_fwd_kernel`` (z = x / T), fewer instructions per element.
 
-    Each lane i of the BLOCK_V-wide tile keeps its own running max m_i of the raw logits x and, in base 2
-    with c = log2(e) / T folded into one multiply, s_i = sum 2^(c (x - m_i)) and t_i = sum 2^(c (x - m_i))
-    c (x - m_i) over the elements it sees. A new element costs one exp2: with d = -c |x - m_i|, e = 2^d,
+    Each lane i of the BLOCK_V-wide tile keeps its own running max m_i of the raw logits x (starting at
+    -FLT_MAX, so x - m_i is never inf - inf) and, in base 2 with c = log2(e) / T folded into one multiply,
+    s_i = sum 2^(c (x - m_i)) and t_i = sum 2^(c (x - m_i)) c (x - m_i). A new element costs one exp2:
+    with d = max(-c |x - m_i|, -200) (2^-200 is 0 in fp32, so the clamp changes nothing but keeps d finite
+    for x = -inf), e = 2^d,
       x > m_i:  s_i' = e s_i + 1,  t_i' = e (t_i + d s_i),  m_i' = x;     else  s_i' = s_i + e,  t_i' = t_i + e d.
     (x - m_i is formed before scaling, so rounding is relative to the gap, not to |x|.) One cross-lane
     combine per row at the end: M = max m_i, a_i = 2^(c (m_i - M)), S = sum a_i s_i,
     T = sum a_i (t_i + c (m_i - M) s_i); lse = M / T + ln S, H = ln S - ln2 T / S.
-    Layout: a masked head up to the row's first ALIGN-element boundary, unmasked full tiles (16-byte
-    vector loads when ALIGN > 1, even where the row start is not aligned, e.g. V = 50257), one masked tail
-    tile. Ignored rows read nothing. Elements at -inf contribute 0.
+    Layout: unmasked full tiles from the row's first ALIGN-element boundary (16-byte vector loads when
+    ALIGN > 1, even where the row start is not aligned, e.g. V = 50257), then two masked tiles: the head
+    before that boundary and the tail. Ignored rows read nothing. Elements at -inf contribute 0.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
+    FLT_MAX: tl.constexpr = 3.4028234663852886e38
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     v_read = tl.where(valid, V, 0)
     row_off = (row // R) * stride_xa + (row % R) * stride_xr
-    c = inv_temp * LOG2E
+    neg_c = -inv_temp * LOG2E
     lanes = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_V], -FLT_MAX, tl.float32)
     s = tl.full([BLOCK_V], 0.0, tl.float32)
     t = tl.full([BLOCK_V], 0.0, tl.float32)
     head = 0
     if ALIGN > 1:
         head = tl.minimum((ALIGN - row_off % ALIGN) % ALIGN, v_read)
-        m = tl.load(x_ptr + row_off + lanes, mask=lanes < head, other=float("-inf")).to(tl.float32)
-        s = tl.where(m > float("-inf"), 1.0, 0.0)
     n_full = (v_read - head) // BLOCK_V
     body = row_off + head
     if ALIGN > 1:
@@ -114,34 +115,38 @@ def _logprobs_fwd_lanes_kernel(
     for k in range(0, n_full):
         x = tl.load(x_ptr + body + k * BLOCK_V + lanes).to(tl.float32)
         up = x > m
-        d = tl.where(up, m - x, x - m) * c
-        d = tl.where(x == float("-inf"), float("-inf"), d)  # x = m = -inf: -inf, not NaN
-        e = tl.exp2(d)
+        d = tl.abs(x - m) * neg_c
         if HAS_ENTROPY:
-            d0 = tl.where(e > 0, d, 0.0)  # e = 0: contributes 0, not 0 * -inf
-            t = tl.where(up, e * (t + d0 * s), t + e * d0)
+            d = tl.maximum(d, -200.0)
+            e = tl.exp2(d)
+            t = tl.where(up, e * (t + d * s), t + e * d)
+        else:
+            e = tl.exp2(d)
         s = tl.where(up, e * s + 1.0, s + e)
         m = tl.maximum(m, x)
-    cols = head + n_full * BLOCK_V + lanes
-    x = tl.load(x_ptr + row_off + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32)
-    up = x > m
-    d = tl.where(up, m - x, x - m) * c
-    d = tl.where(x == float("-inf"), float("-inf"), d)
-    e = tl.exp2(d)
-    if HAS_ENTROPY:
-        d0 = tl.where(e > 0, d, 0.0)
-        t = tl.where(up, e * (t + d0 * s), t + e * d0)
-    s = tl.where(up, e * s + 1.0, s + e)
-    m = tl.maximum(m, x)
+    tail = head + n_full * BLOCK_V
+    for part in range(0, 2):  # the masked head (part 0) and tail (part 1)
+        cols = tl.where(part == 0, lanes, tail + lanes)
+        x = tl.load(x_ptr + row_off + cols, mask=cols < tl.where(part == 0, head, v_read),
+                    other=float("-inf")).to(tl.float32)
+        up = x > m
+        d = tl.abs(x - m) * neg_c
+        if HAS_ENTROPY:
+            d = tl.maximum(d, -200.0)
+            e = tl.exp2(d)
+            t = tl.where(up, e * (t + d * s), t + e * d)
+        else:
+            e = tl.exp2(d)
+        s = tl.where(up, e * s + 1.0, s + e)
+        m = tl.maximum(m, x)
     # one combine across lanes (and warps)
     m_row = tl.reduce(m, 0, tl.standard._elementwise_max)
-    m_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
-    gap = tl.where(s > 0, (m - m_ref) * c, 0.0)  # lanes that saw only -inf: s = 0, a = 0
+    gap = tl.where(s > 0, (m_row - m) * neg_c, 0.0)  # lanes that saw no finite value: s = 0, a = 0
     a = tl.exp2(gap)
     s_row = tl.reduce(a * s, 0, tl.standard._sum_combine)
     s_row = tl.where(valid, s_row, 1.0)  # ignored row: s = 0; keep its (unused) results finite
     log_s = tl.log(s_row)
-    lse = m_ref * inv_temp + log_s
+    lse = m_row * inv_temp + log_s
     in_range = (label >= 0) & (label < V)
     z_label = tl.load(x_ptr + row_off + label, mask=valid & in_range, other=0.0).to(tl.float32) * inv_temp
     lp = tl.where(in_range, z_label - lse, float("nan"))
