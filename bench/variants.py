@@ -14,7 +14,7 @@ from fastrlhf.kernels._triton_utils import ROUND1
 PROVIDER = "fastrlhf_r1"
 _PPO_DEFAULTS = dict(ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2,
                      clip_high=None, dual_clip=None, temperature=1.0, loss_agg="token-mean",
-                     return_logprobs=False)
+                     return_logprobs=False, log_ratio_clip=20.0)
 
 
 def _mod(name: str):

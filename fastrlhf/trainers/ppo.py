@@ -18,7 +18,9 @@ Each rank samples its own prompt shard; metrics are all-reduced means; only rank
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from fastrlhf.algo import (
     normalize_rewards,
     token_rewards,
 )
+from fastrlhf.config import RunError
 from fastrlhf.data import prompt_features
 from fastrlhf.engine import runtime as rt
 from fastrlhf.kernels import gae, masked_mean, masked_var, masked_whiten, ppo_value_loss
@@ -46,6 +49,7 @@ from fastrlhf.trainers.ppo_state import (
     drop_rows_after,
     early_stop_rule,
     load_ppo_checkpoint,
+    save_critic,
     save_policy,
     save_ppo_checkpoint,
 )
@@ -58,6 +62,84 @@ def derive_seed(*parts) -> int:
     iterations / ranks / purposes are unrelated, and small structured seeds (0, 1, 2, ...) are avoided."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+# PPOConfig keys that may differ between a run and its resumption (they do not change the math)
+PPO_BOOKKEEPING = frozenset({"output_dir", "progress", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                             "wandb", "num_threads", "eval_every", "eval_samples", "eval_data"})
+
+
+def check_ppo_config(cfg: PPOConfig, output_dir: str | Path) -> None:
+    """``output_dir/ppo_config.json`` (written when a run starts) must match ``cfg``: a run never resumes
+    another experiment's checkpoint (the same check as sft / rm, ``common.check_same_config``)."""
+    common.check_same_config(Path(output_dir) / "ppo_config.json", common.config_snapshot(cfg, PPO_BOOKKEEPING),
+                             stage="ppo", hint="use another output_dir (or delete this one)")
+
+
+def drop_non_finite_rows(mask: torch.Tensor, scores: torch.Tensor, *per_token: torch.Tensor) -> torch.Tensor:
+    """``keep [B]`` bool: rows whose score ``[B]`` and every ``per_token [B, R]`` value on the valid
+    tokens of ``mask [B, R]`` are finite. One bad reward-model score drops its row, not the rollout."""
+    keep = torch.isfinite(scores)
+    for t in per_token:
+        if t is not None:
+            keep &= ~(mask & ~torch.isfinite(t)).any(-1)
+    return keep
+
+
+SUMMED_METRICS = ("dropped_rows",)
+
+
+def reduce_metrics(metrics: dict, device: torch.device) -> dict[str, float]:
+    """This rank's metrics -> global values, the same on every rank (one process: unchanged).
+
+    Keys ending in ``_max``: max over ranks. ``dropped_rows``: summed. ``rm_score`` / ``rm_score_std``:
+    mean and unbiased std of the pooled scores, from each rank's ``rm_score_n`` rows, ``rm_score``
+    (mean) and ``rm_score_sq`` (mean square); those two helper keys are not returned. Everything else:
+    mean over ranks (per-rank means of equal-size shards).
+    """
+    import torch.distributed as dist
+
+    metrics = dict(metrics)
+    n = metrics.pop("rm_score_n", None)
+    sq = metrics.pop("rm_score_sq", None)
+    if n is not None:  # pooled sums: n, sum, sum of squares
+        metrics["_pool_n"], metrics["_pool_s"] = n, metrics["rm_score"] * n
+        metrics["_pool_ss"] = sq * n
+    names = sorted(metrics)
+    values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names])
+    values = values.double().to(device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        is_max = torch.tensor([k.endswith("_max") for k in names], device=device)
+        is_sum = torch.tensor([k in SUMMED_METRICS or k.startswith("_pool") for k in names], device=device)
+        summed = torch.where(is_max, torch.zeros_like(values), values)
+        dist.all_reduce(summed)
+        peak = torch.where(is_max, values, torch.full_like(values, -math.inf))
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        values = torch.where(is_max, peak, torch.where(is_sum, summed, summed / world))
+    row = dict(zip(names, values.cpu().tolist(), strict=True))
+    if n is not None:
+        pn, ps, pss = row.pop("_pool_n"), row.pop("_pool_s"), row.pop("_pool_ss")
+        mean = ps / max(pn, 1.0)
+        row["rm_score"] = mean
+        row["rm_score_std"] = math.sqrt(max(pss - pn * mean * mean, 0.0) / (pn - 1)) if pn > 1 else 0.0
+    return row
+
+
+@torch.no_grad()
+def init_critic_head(critic, reward_model) -> bool:
+    """PPO scores with the reward model's saved mean/std (``RewardModel.normalize``); a critic initialised
+    from that reward model (head weights equal to the RM's) would predict raw scores, so its head is
+    divided by ``reward_std`` to start on the normalized scale. (The head has no bias to take the mean
+    shift; the RM's normalized scores have mean 0 on its eval pairs.) Returns whether it rescaled."""
+    std = getattr(reward_model, "reward_std", None)
+    c_head, r_head = getattr(critic, "head", None), getattr(reward_model, "head", None)
+    if not std or c_head is None or r_head is None or c_head.weight.shape != r_head.weight.shape:
+        return False
+    if not torch.equal(c_head.weight, r_head.weight.to(c_head.weight)):
+        return False
+    c_head.weight.div_(max(float(std), 1e-8))
+    return True
 
 
 def build_kl_controller(cfg: KLConfig):
@@ -105,6 +187,8 @@ class PPOTrainer:
         gold_fn: Callable | None = None,
         output_dir: str | Path | None = None,
         prompt_texts: Sequence[str] | None = None,
+        eval_prompts: Sequence | None = None,
+        eval_texts: Sequence[str] | None = None,
     ):
         self.config = cfg = config
         self.runtime = runtime or rt.init_runtime()
@@ -113,6 +197,9 @@ class PPOTrainer:
         self.output_dir = Path(output_dir or cfg.output_dir)
         if cfg.shared_critic == (critic is not None):
             raise ValueError("pass critic=None exactly when config.shared_critic is True")
+        check_ppo_config(cfg, self.output_dir)  # before any model is touched
+        if critic is not None:
+            init_critic_head(critic, reward_model)
         common.set_seed(cfg.seed)
         # log-probs under the sampling temperature (greedy sampling reports temperature-1 log-probs)
         wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
@@ -143,13 +230,16 @@ class PPOTrainer:
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.moments = RunningMoments()
         self.counters = {"skipped_rollouts": 0, "skipped_steps": 0}
+        self.warned_non_finite = False
         self.stop_state = {
             "base_length": None,
             "score_ema": None,
             "falling": 0,
             "stopped": None,
         }
-        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main, tensorboard=False)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main, tensorboard=cfg.tensorboard,
+                                    wandb=cfg.wandb, run_config=common.config_snapshot(cfg, ()))
+        self._setup_eval(eval_prompts, eval_texts)
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------------- setup
@@ -197,6 +287,37 @@ class PPOTrainer:
     def unwrapped_lm(self):
         return self.actor.lm
 
+    def finish(self) -> dict:
+        """After :meth:`train`: ``output_dir/final`` (the policy), ``output_dir/critic`` (a ``ValueModel``
+        folder; separate critic only), ``ppo_result.json`` (the last iteration's metrics, the last
+        evaluation's, the early-stop rule if one fired) and ``plots/`` (``fastrlhf report``'s curves).
+        Collective under torchrun (every rank calls it); files come from rank 0. Returns the result."""
+        from fastrlhf.telemetry.metrics import read_metrics
+        from fastrlhf.telemetry.report import write_report
+
+        self.save_final()
+        if self.critic is not None:
+            save_critic(self, self.output_dir / "critic")
+        result: dict = {}
+        if self.runtime.is_main:
+            path = self.output_dir / "metrics.jsonl"
+            rows = [r for r in read_metrics(path) if r.get("stage") == "ppo"] if path.is_file() else []
+            train = [r for r in rows if "iteration" in r]
+            evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+            for row in (train[-1:] + evals[-1:]):
+                result.update({k: v for k, v in row.items() if isinstance(v, (int, float))
+                               and not isinstance(v, bool) and k not in ("step", "time")
+                               and not k.startswith(("plan/", "mem/", "time/", "tokens_per_s/"))})
+            if self.stop_state.get("stopped"):
+                result["early_stop"] = self.stop_state["stopped"]
+            tmp = self.output_dir / "ppo_result.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, self.output_dir / "ppo_result.json")
+            if rows:
+                write_report(self.output_dir)
+        self.runtime.barrier()
+        return result
+
     def save_final(self, directory: str | Path | None = None) -> Path:
         """The trained policy in HF format (default ``output_dir/final``)."""
         return save_policy(self, directory or self.output_dir / "final")
@@ -205,6 +326,11 @@ class PPOTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) ``config.iterations`` iterations; returns this process's logged metric rows."""
         cfg = self.config
+        check_ppo_config(cfg, self.output_dir)
+        if self.runtime.is_main:
+            common.write_config(self.output_dir / "ppo_config.json",
+                                common.config_snapshot(cfg, PPO_BOOKKEEPING))
+        self.runtime.barrier()
         start = self._resume()
         # an engine with its own weights (vLLM) starts from dummy or stale ones: fill it before generating
         rt.sync_weights(self.runtime, self.actor, self.rollout)
@@ -218,6 +344,8 @@ class PPOTrainer:
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rm_score", "kl", "gold_reward") if k in metrics},
                             refresh=False)
             last = it + 1 == cfg.iterations or self.stop_state["stopped"] is not None
+            if self.eval_prompt_ids and cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or last):
+                self.evaluate(it + 1)
             if (it + 1) % cfg.checkpoint_every == 0 or last:
                 save_ppo_checkpoint(self, it + 1)
         self.logger.close()
@@ -233,15 +361,14 @@ class PPOTrainer:
         batch = build_batch(
             prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device
         )
-        # 2. score
+        # 2. score (rows with a non-finite score, log-prob or value are dropped, the rest trains)
         with sched.phase("score"):
             scores, score_stats = self.score(batch)
-            ok = self._all_finite(scores, batch.old_logprobs, batch.ref_logprobs, batch.old_values)
-            if ok:
-                kl_stats = self.advantages(batch, scores)
-        if not ok:
-            self.counters["skipped_rollouts"] += 1
-            return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"]})
+            self._check_dropped(it, score_stats)
+            kl_stats = self.advantages(batch, scores)
+        # the early-stop rules judge this rollout (the current policy) before its update is applied
+        if self._check_early_stop(it, score_stats, kl_stats):
+            return self._log(it, {**score_stats, **kl_stats, **self._gold(prompt_rows, batch)}, batch=batch)
         # 3. train
         with sched.phase("train"):
             train_stats = self.train_epochs(batch, it)
@@ -251,9 +378,7 @@ class PPOTrainer:
         with sched.phase("sync"):
             rt.sync_weights(self.runtime, self.actor, self.rollout)
         metrics = {**score_stats, **kl_stats, **train_stats, **self._gold(prompt_rows, batch)}
-        metrics = self._log(it, metrics, batch=batch)
-        self._check_early_stop(it, metrics)
-        return metrics
+        return self._log(it, metrics, batch=batch)
 
     # ------------------------------------------------------------------------------- 1-2: data, score
     def _prompt_rows(self, it: int) -> list[int]:
@@ -288,17 +413,24 @@ class PPOTrainer:
                  for r in split_rows(torch.arange(batch.size, device=ids.device), self.config.micro_batch_size)]
         old_lp, entropy, values, scores, ref_lp = (torch.cat(x) for x in zip(*parts, strict=True))
         zero = torch.zeros((), device=ids.device)
+        keep = drop_non_finite_rows(mask, scores, old_lp, ref_lp, values)
+        batch.mask = mask = mask & keep[:, None]
+        scores = torch.where(keep, scores, zero)
         batch.old_logprobs = torch.where(mask, old_lp, zero)
         batch.ref_logprobs = torch.where(mask, ref_lp, zero)
         batch.old_values = torch.where(mask, values, zero)
+        batch.keep = keep
         diff = (batch.sampler_logprobs - batch.old_logprobs).abs()
+        n_keep = keep.sum().float()
         stats = {
-            "rm_score": scores.mean(),
-            "rm_score_std": scores.std() if scores.numel() > 1 else zero,
-            "response_length": mask.sum(-1).float().mean(),
-            "entropy": masked_mean(entropy, mask),
+            "rm_score": scores.sum() / n_keep.clamp(min=1),
+            "rm_score_sq": (scores * scores).sum() / n_keep.clamp(min=1),  # for the pooled std (_log)
+            "rm_score_n": n_keep,
+            "response_length": mask.sum(-1).float().sum() / n_keep.clamp(min=1),
+            "entropy": masked_mean(torch.where(mask, entropy, zero), mask),
             "logprob_mismatch_abs": masked_mean(diff, mask),
             "logprob_mismatch_max": torch.where(mask, diff, zero).max(),
+            "dropped_rows": (~keep).sum().float(),
         }
         return scores, stats
 
@@ -308,7 +440,30 @@ class PPOTrainer:
         ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
         if self.critic is not None:
             values = self.critic(ids, attn)[:, p_len - 1 : -1].float()
-        return old_lp, entropy, values, self.reward_model(ids, attn).float(), ref_lp
+        scores = self.reward_model(ids, attn).float()
+        normalize = getattr(self.reward_model, "normalize", None)  # the RM's saved mean/std (RewardModel)
+        return old_lp, entropy, values, normalize(scores) if normalize else scores, ref_lp
+
+    def _check_dropped(self, it: int, stats: dict) -> None:
+        """Count the rows dropped for non-finite values (all ranks); warn once; stop the run with
+        ``RunError`` when more than ``max_nonfinite_share`` of the rows of the last ``nonfinite_window``
+        iterations were lost."""
+        cfg, world = self.config, self.runtime.world_size
+        counts = torch.stack([stats["dropped_rows"], stats["rm_score_n"] + stats["dropped_rows"]]).float()
+        dropped, total = (self.runtime.all_reduce_mean(counts.to(self.runtime.device)) * world).tolist()
+        window = self.stop_state.setdefault("dropped_window", [])
+        window.append([dropped, total])
+        del window[: -cfg.nonfinite_window]
+        if dropped and not self.warned_non_finite and self.runtime.is_main:
+            self.warned_non_finite = True
+            print(f"[ppo] warning: iteration {it + 1}: {dropped:.0f} of {total:.0f} rows have a non-finite reward "
+                  "score (or log-prob / value); they are dropped from the rollout (metric dropped_rows)",
+                  flush=True)
+        lost, seen = sum(d for d, _ in window), sum(n for _, n in window)
+        if seen and lost / seen > cfg.max_nonfinite_share:
+            raise RunError(f"non-finite reward scores: {lost:.0f} of {seen:.0f} rows of the last {len(window)} "
+                           f"iteration(s) were dropped (more than max_nonfinite_share={cfg.max_nonfinite_share}); "
+                           "check the reward model (its dtype, its inputs) before training on")
 
     def _all_finite(self, *tensors) -> bool:
         dev = self.runtime.device
@@ -321,10 +476,13 @@ class PPOTrainer:
     def advantages(self, batch: PPOBatch, scores: torch.Tensor) -> dict:
         """normalize_rewards -> token_rewards -> gae -> whitening; fills batch.advantages / returns."""
         cfg, mask = self.config, batch.mask
-        norm = normalize_rewards(
-            scores,
+        keep = getattr(batch, "keep", None)
+        keep = keep if keep is not None else torch.ones_like(scores, dtype=torch.bool)
+        norm = torch.zeros_like(scores)  # dropped rows: no reward, no token counts, not in the moments
+        norm[keep] = normalize_rewards(
+            scores[keep],
             mode=cfg.reward_norm,
-            lengths=mask.sum(-1).clamp(min=1),
+            lengths=mask[keep].sum(-1).clamp(min=1),
             clip=cfg.reward_clip,
             stats=self.moments,
         )
@@ -337,12 +495,12 @@ class PPOTrainer:
         batch.returns = ret
         batch.advantages = self._whiten(adv, mask) if cfg.whiten_advantages else adv
         # KL to the reference, per sequence: sum over the response of log pi - log ref (k1), mean over rows
-        seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).mean()
+        seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).sum() / keep.sum().clamp(min=1)
         kl = self.runtime.all_reduce_mean(seq_kl)
         return {
             "kl": kl,
             "kl_coef": torch.tensor(self.kl_ctl.value),
-            "reward_normalized": norm.mean(),
+            "reward_normalized": norm.sum() / keep.sum().clamp(min=1),
             "advantage_mean": masked_mean(adv, mask),
             "advantage_std": masked_var(adv, mask).sqrt(),
             "return_mean": masked_mean(ret, mask),
@@ -417,6 +575,7 @@ class PPOTrainer:
             clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip,
             loss_agg=cfg.loss_agg,
+            log_ratio_clip=cfg.log_ratio_clip,
         )
         if self.critic is not None:
             values = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1 : -1]
@@ -449,6 +608,66 @@ class PPOTrainer:
             self.schedulers[name].step()
         return stats
 
+    # ------------------------------------------------------------------------------------- evaluation
+    def _setup_eval(self, eval_prompts, eval_texts) -> None:
+        """This rank's held-out prompts (an equal count on every rank: the sharded models run the same
+        number of forwards) and their texts (for ``gold_fn`` and the sample table)."""
+        self.eval_prompt_ids, self.eval_texts = [], []
+        if not eval_prompts:
+            return
+        encoded = [list(p) if not isinstance(p, str) else prompt_features(p, self.tokenizer)["input_ids"]
+                   for p in eval_prompts]
+        texts = list(eval_texts) if eval_texts is not None else [
+            p if isinstance(p, str) else self.tokenizer.decode(p) for p in eval_prompts]
+        rank, world = self.runtime.rank, self.runtime.world_size
+        n = len(encoded) // world * world
+        self.eval_prompt_ids, self.eval_texts = encoded[rank:n:world], texts[rank:n:world]
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """The current policy on the held-out prompts (the same sampling seed every time): RM score (as
+        PPO sees it), KL to the reference (summed log-ratio per sequence), response length and gold
+        reward when ``gold_fn`` is known, logged as ``eval_*``; the first ``eval_samples`` generations
+        go to ``output_dir/eval_samples.jsonl`` (one row per sample and evaluation)."""
+        cfg, r = self.config, self.config.rollout
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                top_k=r.top_k, seed=derive_seed(cfg.seed, "eval", self.runtime.rank))
+        scores, kls, lengths, texts, golds = [], [], [], [], []
+        bsz = cfg.rollout_batch_size
+        for k in range(0, len(self.eval_prompt_ids), bsz):
+            prompts = self.eval_prompt_ids[k:k + bsz]
+            with self.runtime.scheduler.phase("generate"):
+                gen = self.rollout.generate(prompts, params)
+            batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device)
+            with self.runtime.scheduler.phase("score"):
+                s, _ = self.score(batch)
+            keep = batch.keep
+            scores += s[keep].tolist()
+            kls += (batch.old_logprobs - batch.ref_logprobs).sum(-1)[keep].tolist()
+            lengths += batch.mask.sum(-1)[keep].float().tolist()
+            for i, (row, m) in enumerate(zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)):
+                if keep[i]:
+                    text = self.tokenizer.decode(row[m], skip_special_tokens=True)
+                    texts.append((self.eval_texts[k + i], text))
+                    if self.gold_fn is not None:
+                        golds.append(float(self.gold_fn(self.eval_texts[k + i], text)))
+        self.runtime.scheduler.pop_stats()  # eval phases are not the next iteration's
+        n = max(len(scores), 1)
+        metrics = {"eval_rm_score": sum(scores) / n, "eval_kl": sum(kls) / n,
+                   "eval_response_length": sum(lengths) / n}
+        if self.gold_fn is not None:
+            metrics["eval_gold_reward"] = sum(golds) / max(len(golds), 1)
+        row = self.logger.log(step, reduce_metrics(metrics, self.runtime.device), stage="ppo")
+        if self.runtime.is_main and cfg.eval_samples:
+            with (self.output_dir / "eval_samples.jsonl").open("a") as f:
+                for j, (prompt, text) in enumerate(texts[:cfg.eval_samples]):
+                    sample = {"stage": "ppo", "step": step, "prompt": prompt, "response": text,
+                              "rm_score": scores[j], "kl": kls[j], "length": lengths[j]}
+                    if golds:
+                        sample["gold"] = golds[j]
+                    f.write(json.dumps(sample) + "\n")
+        return row
+
     # ------------------------------------------------------------------------------ monitoring, stops
     def _gold(self, rows: list[int], batch: PPOBatch) -> dict:
         if self.gold_fn is None:
@@ -461,12 +680,7 @@ class PPOTrainer:
         return {"gold_reward": torch.tensor(sum(gold) / len(gold))}
 
     def _log(self, it: int, metrics: dict, batch: PPOBatch | None = None) -> dict:
-        names = sorted(metrics)
-        values = torch.stack(
-            [torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names]
-        )
-        values = self.runtime.all_reduce_mean(values.to(self.runtime.device)).cpu().tolist()
-        row = dict(zip(names, values, strict=True))
+        row = reduce_metrics(metrics, self.runtime.device)
         phases = self.runtime.scheduler.pop_stats()
         row.update(phases)
         if batch is not None:
@@ -482,13 +696,20 @@ class PPOTrainer:
         row["iteration"] = it + 1
         return self.logger.log(it + 1, row, stage="ppo")
 
-    def _check_early_stop(self, it: int, metrics: dict) -> None:
-        rule = early_stop_rule(self.config.early_stop, self.config.kl.target, self.stop_state, metrics)
-        if rule is not None:
-            self.stop_state["stopped"] = rule
-            self.logger.log(it + 1, {"early_stop": rule}, stage="ppo")
-            if self.runtime.is_main:
-                print(f"[ppo] early stop at iteration {it + 1}: {rule}", flush=True)
+    def _check_early_stop(self, it: int, score_stats: dict, kl_stats: dict) -> bool:
+        """Evaluate-first: the rules see this rollout's KL, length and RM score (of the current policy,
+        all ranks) before its update; when one fires, the update is not applied, so the saved policy is
+        the one that was measured, never one update past the limit."""
+        keys = ("rm_score", "rm_score_sq", "rm_score_n", "response_length")
+        pre = reduce_metrics({**{k: score_stats[k] for k in keys}, "kl": kl_stats["kl"]}, self.runtime.device)
+        rule = early_stop_rule(self.config.early_stop, self.config.kl.target, self.stop_state, pre)
+        if rule is None:
+            return False
+        self.stop_state["stopped"] = rule
+        self.logger.log(it + 1, {"early_stop": rule}, stage="ppo")
+        if self.runtime.is_main:
+            print(f"[ppo] early stop at iteration {it + 1} (its update not applied): {rule}", flush=True)
+        return True
 
     # -------------------------------------------------------------------------------------- resume
     def bookkeeping_state(self) -> dict:
@@ -512,6 +733,7 @@ class PPOTrainer:
         step = load_ppo_checkpoint(self, ckpt)
         if self.runtime.is_main:
             drop_rows_after(self.logger.path, step)
+            drop_rows_after(self.output_dir / "eval_samples.jsonl", step)
             print(f"[ppo] resumed from {ckpt} (iteration {step})", flush=True)
         return step
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fastrlhf.config import ConfigError
+
 KL_CONTROLLERS = ("adaptive", "step", "fixed")
 REWARD_NORMS = ("none", "batch", "running", "length")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -77,6 +79,10 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     dtype: str = "float32"
     max_prompt_length: int = 512
+    drop_overlong: bool = True  # prompts longer than max_prompt_length: dropped with a count (False: an error)
+    eval_data: str | None = None  # held-out prompts ({"prompt"} rows) for eval_every
+    eval_every: int = 0  # iterations between evaluations on eval_data (0: none); also at the end
+    eval_samples: int = 4  # sample generations per evaluation written to eval_samples.jsonl
     chat_template: bool = False  # prompts as one user turn of the chat template: keep equal to sft/rm
     seed: int = 0
     # schedule
@@ -92,6 +98,7 @@ class PPOConfig:
     clip: float = 0.2
     clip_high: float | None = None
     dual_clip: float | None = None
+    log_ratio_clip: float | None = 20.0  # log pi - log pi_old clamped to +-this before exp (veRL); None: off
     value_clip: float | None = 0.2
     vf_coef: float = 0.5  # weight of the value loss when the value head sits on the actor
     entropy_coef: float = 0.0
@@ -106,11 +113,18 @@ class PPOConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     shared_critic: bool = False
+    # rows with a non-finite reward score are dropped; the run stops when more than this share of the
+    # rows of the last ``nonfinite_window`` iterations was lost
+    max_nonfinite_share: float = 0.5
+    nonfinite_window: int = 10
     # bookkeeping
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     kernel_backend: str = "auto"
     progress: bool = True  # a progress bar over iterations on rank 0
+    tensorboard: bool = True  # output_dir/tensorboard (when tensorboard is installed), as sft / rm
+    wandb: bool = False  # also log to Weights & Biases (when wandb is installed)
+    num_threads: int = 1  # torch threads of a CPU run (0: torch's default); see README
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -131,7 +145,21 @@ class PPOConfig:
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.kl.target > 0, "kl.target must be > 0"),
             (self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+            (0.0 <= self.max_nonfinite_share <= 1.0, "max_nonfinite_share must be in [0, 1]"),
+            (self.nonfinite_window >= 1, "nonfinite_window must be >= 1"),
+            (self.log_ratio_clip is None or self.log_ratio_clip > 0, "log_ratio_clip must be > 0 (or null)"),
+        ]
+        checks += [
+            (self.dtype in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),
+             f"dtype must be float32|bfloat16|float16|auto, got {self.dtype!r}"),
+            (self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
+            (self.eval_every >= 0 and self.eval_samples >= 0, "eval_every and eval_samples must be >= 0"),
+            (self.num_threads >= 0, "num_threads must be >= 0"),
+            (self.kernel_backend in ("auto", "triton", "torch"), "kernel_backend must be auto|triton|torch"),
+            (0.0 <= self.lam <= 1.0 and 0.0 <= self.gamma <= 1.0, "gamma and lam must be in [0, 1]"),
+            (self.actor_lr > 0 and self.critic_lr > 0, "actor_lr and critic_lr must be > 0"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"PPOConfig: {message}")
+                raise ConfigError(f"PPOConfig: {message}")
