@@ -208,15 +208,17 @@ class Variant(NamedTuple):
     - ``row``: forward row kernel. "lanes" (per-lane running max/sum/entropy, one cross-warp combine per
       row, exp2 with the temperature folded in, aligned/tail split) or "blocks" (the round-1 kernel: a
       reduction per vocabulary block).
-    - ``grad_w``: how the linear ops sum grad_W over token chunks. "fp32" (an fp32 accumulator, cast
-      once) or "weight" (read-modify-write in the weight dtype once per chunk, round 1).
+    - ``grad_w``: the linear ops' grad_W. "auto" (``linear_token_logprobs``: "vocab" when N <= V and no
+      chunk_size, else "fp32"; ``fused_ppo_loss``: "fp32"), "vocab" (vocabulary-split backward, grad_W
+      written once per slab), "fp32" (token chunks summed into an fp32 accumulator, cast once) or "weight"
+      (token chunks read-modify-written in the weight dtype, round 1). See ``linear_logprobs.py``.
     - ``logits_grad``: ``fused_ppo_loss_from_logits``. "backward" (dlogits computed in backward from the
       saved lse/entropy and token coefficients) or "forward" (an [N, V] buffer from forward, round 1).
     - ``chunk``: default token-chunk rows of the linear ops. "sm" (multiple of 256 sized to fill the SMs,
       ``chunk_rows``) or "bytes" (~256 MB of logits, round 1).
     """
     row: str = "lanes"
-    grad_w: str = "fp32"
+    grad_w: str = "auto"
     logits_grad: str = "backward"
     chunk: str = "sm"
 

@@ -11,12 +11,20 @@ and at least max(2048, 2 * SMs * 128 * 256 / H), so the grad_h GEMM ([rows, V] @
 128 x 256) has two full waves on every SM; capped so one chunk of logits stays under ``_CHUNK_BUDGET``.
 Fewer, larger chunks also mean fewer grad_W updates.
 
-grad_W precision: summing 32 chunk products into a bf16 grad_W rounds 32 times (~4x the error of one
-eager bf16 GEMM over all tokens); an fp32 accumulator (cuBLAS ``addmm`` with ``out_dtype=float32``)
-rounds once. A vocabulary-split backward (one [N, Vc] slab at a time, grad_W[c] written once, grad_h
-accumulated in fp32) would also round once, but needs a third kernel and an fp32 [N, H] accumulator
-re-read per slab; the fp32 grad_W accumulator serves ``fused_ppo_loss`` unchanged, so it is the one kept
-(round 1's bf16 accumulation stays selectable as ``Variant(grad_w="weight")`` for the GPU timing).
+grad_W precision and traffic: summing 32 chunk products into a bf16 grad_W rounds 32 times (~4x the
+error of one eager bf16 GEMM over all tokens). Two backwards round grad_W once:
+- token chunks with an fp32 accumulator (cuBLAS ``addmm`` with ``out_dtype=float32``, cast once):
+  extra memory 4 V H bytes, traffic 8 V H bytes per chunk (read + write of the accumulator);
+- vocabulary slabs (``Variant(grad_w="vocab")``): per slab of Vc columns, recompute Z_c = h W_c^T for all
+  N tokens, dZ_c from the saved lse / entropy (the same backward row kernel: labels shifted by the slab
+  start), grad_W[c] = dZ_c^T h written once (K = N inside one GEMM), grad_h += dZ_c W_c into an fp32
+  [N, H] accumulator: extra memory 4 N H bytes, traffic 8 N H bytes per slab.
+With chunks and slabs both sized to the same logits budget, slabs move N / V times the bytes of chunks and
+hold N / V times the extra memory. ``grad_w="auto"`` (the default) therefore takes slabs when N <= V
+(RLHF micro-batches: 8-32k tokens against 128-152k vocabularies) and token chunks otherwise, and always
+token chunks when the caller gives ``chunk_size`` (the API promises no more than that many tokens' logits
+at once). ``fused_ppo_loss`` computes its gradient during the token-chunked forward: fp32 accumulator.
+Round 1's bf16 accumulation stays selectable (``Variant(grad_w="weight")``) for the GPU timing.
 """
 from __future__ import annotations
 
@@ -70,9 +78,25 @@ def resolve_chunk_rows(chunk_size: int | None, weight: torch.Tensor, variant: Va
 
 
 def grad_w_buffer(weight: torch.Tensor, variant: Variant = CURRENT) -> torch.Tensor:
-    """Zeroed grad_W accumulator: fp32 (``variant.grad_w == "fp32"``) or the weight dtype (round 1)."""
-    dtype = torch.float32 if variant.grad_w == "fp32" else weight.dtype
+    """Zeroed grad_W accumulator over token chunks: the weight dtype for round 1 (``grad_w == "weight"``),
+    else fp32."""
+    dtype = weight.dtype if variant.grad_w == "weight" else torch.float32
     return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+
+def vocab_slab(n_tokens: int, vocab: int, itemsize: int, budget_bytes: int = _CHUNK_BUDGET) -> int:
+    """Vocabulary columns per slab of the vocabulary-split backward: the [N, Vc] logits fit
+    ``budget_bytes``, Vc a multiple of 256 (at least 256, at most V)."""
+    cols = budget_bytes // (max(n_tokens, 1) * itemsize) // _M_TILE * _M_TILE
+    return min(vocab, max(_M_TILE, cols))
+
+
+def backward_mode(variant: Variant, n_tokens: int, vocab: int, chunk_size: int | None) -> Variant:
+    """Resolve ``grad_w="auto"``: vocabulary slabs when N <= V and no ``chunk_size`` was asked for, else
+    token chunks with an fp32 accumulator (see the module docstring)."""
+    if variant.grad_w != "auto":
+        return variant
+    return variant._replace(grad_w="vocab" if chunk_size is None and n_tokens <= vocab else "fp32")
 
 
 def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -128,6 +152,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_lp, g_ent):
+        if ctx.variant.grad_w == "vocab":
+            return LinearTokenLogprobsFunction._backward_vocab(ctx, g_lp, g_ent)
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
@@ -151,6 +177,38 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
+    @staticmethod
+    def _backward_vocab(ctx, g_lp, g_ent):
+        """Vocabulary-split backward (module docstring): one [N, Vc] slab of logits at a time."""
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
+        g_ent = g_ent if ctx.want_entropy else None
+        valid = labels != ctx.ignore_index
+        h0 = hidden.masked_fill(~valid.unsqueeze(-1), 0)  # garbage in ignored rows must not reach grad_W
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        cols = vocab_slab(n, vocab, weight.element_size())
+        for v0 in range(0, vocab, cols):
+            vs = slice(v0, v0 + cols)
+            w_c = weight[vs]
+            z = h0 @ w_c.t() if bias is None else torch.addmm(bias[vs], h0, w_c.t())
+            # labels relative to the slab; vocab marks ignored rows (no shifted label can equal it)
+            lab_c = torch.where(valid, labels - v0, vocab)
+            z3 = rows_3d(z)
+            logprobs_backward(z3, z3, lab_c, lse, ent, g_lp, g_ent, ctx.temperature, vocab)
+            if need_w:
+                torch.mm(z.t(), h0, out=grad_w[vs])
+            if need_h:
+                accumulate_mm(grad_h, z, w_c)
+            if need_b:
+                grad_b[vs] = z.sum(0, dtype=torch.float32)
+        grad_h = grad_h.to(hidden.dtype) if need_h else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
 
 def _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
                                   chunk_size, variant: Variant = CURRENT):
@@ -161,6 +219,7 @@ def _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ign
     rows = resolve_chunk_rows(chunk_size, weight, variant)
     labels1d = labels.reshape(-1).long().contiguous()
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    variant = backward_mode(variant, hidden2d.shape[0], weight.shape[0], chunk_size)
     with torch.autocast(hidden.device.type, enabled=False):
         lp, ent = LinearTokenLogprobsFunction.apply(hidden2d, weight, bias, labels1d, float(temperature),
                                                     int(ignore_index), return_entropy, rows, variant)
@@ -175,7 +234,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """``hidden [..., H]``, ``weight [V, H]``, ``labels [...]``, ``bias [V]`` -> same as
     ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` (fp32 ``[...]``), differentiable w.r.t.
     hidden, weight and bias, holding logits for at most ``chunk_size`` tokens at once (Triton default:
-    ``chunk_rows``, a multiple of 256 sized to the GPU, <= 1 GiB of logits). Matmuls run in the input dtype. ``backend="auto"``: Triton
+    ``chunk_rows``, a multiple of 256 sized to the GPU, <= 1 GiB of logits; the backward then splits the
+    vocabulary instead when N <= V, with the same 1 GiB bound: see the module docstring). Matmuls run in the input dtype. ``backend="auto"``: Triton
     on CUDA (and on CPU under ``TRITON_INTERPRET=1``), except float64 inputs (PyTorch path).
     """
     hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)  # as F.linear: bf16 h, fp32 W is fine
