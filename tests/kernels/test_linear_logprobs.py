@@ -194,17 +194,18 @@ def test_chunk_size_invariance(interpret, make_mask, garbage):
             torch.testing.assert_close(a, b, atol=1e-6 * b.abs().max().item(), rtol=0)
 
 
+@pytest.mark.slow
 def test_grad_w_error_at_many_chunks_bf16(interpret):
-    """bf16, 96 chunks of 8 tokens: grad_W (summed in fp32, rounded once) is as close to float64 as with a
-    single chunk, and within a bound that round 1's bf16 accumulation (rounding once per chunk) exceeds;
-    the vocabulary-split backward (grad_W written once per slab) is as close.
+    """bf16, 48 chunks of 8 tokens: grad_W summed in fp32 (rounded once) is as close to float64 as the
+    vocabulary-split backward (one GEMM over all tokens, the single-chunk error), and within a bound that
+    round 1's bf16 accumulation (rounded once per chunk) exceeds.
 
-    Measured relative Frobenius errors (3 seeds): fp32 accumulation 4.3e-3 to 4.6e-3 at 96 chunks and at
-    one chunk alike; bf16 accumulation 1.02e-2 to 1.11e-2 at 96 chunks."""
-    from fastrlhf.kernels._triton_utils import CURRENT, Variant
+    Measured relative Frobenius errors (seeds 0-2): fp32 accumulation and vocabulary split 4.5e-3 to
+    4.9e-3 (equal); bf16 accumulation 8.4e-3 to 8.8e-3. (Slow: the interpreter runs 2300 row programs.)"""
+    from fastrlhf.kernels._triton_utils import Variant
     from fastrlhf.kernels.linear_logprobs import _linear_token_logprobs_triton
     g = torch.Generator().manual_seed(0)
-    N, H, V = 768, 32, 96
+    N, H, V = 384, 32, 96
     h = torch.randn(N, H, generator=g).bfloat16()
     w = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).bfloat16()
     labels, g_lp = torch.randint(0, V, (N,), generator=g), torch.randn(N, generator=g) + 1.0
@@ -218,11 +219,10 @@ def test_grad_w_error_at_many_chunks_bf16(interpret):
         assert w1.grad.dtype == torch.bfloat16
         return ((w1.grad.double() - wd.grad).norm() / wd.grad.norm()).item()
 
-    fp32_many, fp32_one = rel_err(Variant(grad_w="fp32"), 8), rel_err(Variant(grad_w="fp32"), N)
-    bf16_many = rel_err(Variant(grad_w="weight"), 8)
-    vocab_split = rel_err(Variant(grad_w="vocab"), None)  # N > V: auto would pick chunks; forced
-    assert fp32_many < 7e-3 and fp32_many < 1.1 * fp32_one and vocab_split < 1.1 * fp32_one
-    assert bf16_many > 7e-3  # the bound above catches per-chunk bf16 accumulation
+    fp32_many, bf16_many = rel_err(Variant(grad_w="fp32"), 8), rel_err(Variant(grad_w="weight"), 8)
+    one_pass = rel_err(Variant(grad_w="vocab"), None)  # N > V: auto would pick chunks; forced
+    assert fp32_many < 6.5e-3 and fp32_many < 1.05 * one_pass
+    assert bf16_many > 6.5e-3  # the bound above catches per-chunk bf16 accumulation
 
 
 @pytest.mark.gpu
@@ -273,9 +273,9 @@ def test_gpu_unaligned_vocab_and_default_chunks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vocab_split_backward_matches_float64(interpret, dtype, make_mask, garbage, monkeypatch):
-    """The vocabulary-split backward over 5 slabs of 256 columns (the last one 7 wide: labels fall in every
-    slab and outside it), bias, ragged mask with garbage in ignored rows, T = 0.9, non-unit upstream
-    grads: against float64, and against the token-chunk backward."""
+    """The vocabulary-split backward over 3 slabs of 256 columns (the last one 88 wide: labels fall in every
+    slab and outside it), bias, left-padded mask with garbage in ignored rows and an empty row, T = 0.9,
+    non-unit upstream grads: against float64, and against the token-chunk backward."""
     import sys
 
     from fastrlhf.kernels._triton_utils import CURRENT
@@ -283,14 +283,14 @@ def test_vocab_split_backward_matches_float64(interpret, dtype, make_mask, garba
     mod = sys.modules["fastrlhf.kernels.linear_logprobs"]
     slabs = []
     monkeypatch.setattr(mod, "vocab_slab", lambda n, v, e: slabs.append(n) or 256)
-    mask = make_mask(3, 37, "left")
-    hidden, weight, bias, labels, g_lp, g_ent = _inputs(3, 37, 1031, 48, dtype, mask, garbage, seed=7)
-    assert backward_mode(CURRENT, 111, 1031, None).grad_w == "vocab"
-    assert backward_mode(CURRENT, 111, 1031, 64).grad_w == "fp32"  # chunk_size asked for: token chunks
-    assert backward_mode(CURRENT, 2000, 1031, None).grad_w == "fp32"  # N > V: token chunks
+    mask = make_mask(2, 19, "left")
+    hidden, weight, bias, labels, g_lp, g_ent = _inputs(2, 19, 600, 24, dtype, mask, garbage, seed=7)
+    assert backward_mode(CURRENT, 38, 600, None).grad_w == "vocab"
+    assert backward_mode(CURRENT, 38, 600, 64).grad_w == "fp32"  # chunk_size asked for: token chunks
+    assert backward_mode(CURRENT, 2000, 600, None).grad_w == "fp32"  # N > V: token chunks
     got = _run(linear_token_logprobs, hidden, weight, bias, labels, g_lp, g_ent, temperature=0.9,
                backend="triton")
-    assert slabs == [111]
+    assert slabs == [38]
     want = _run(reference.linear_token_logprobs, hidden, weight, bias, labels, g_lp, g_ent, double=True,
                 temperature=0.9)
     assert [t.dtype for t in got[2]] == [dtype] * 3
