@@ -28,6 +28,8 @@ Round 1's bf16 accumulation stays selectable (``Variant(grad_w="weight")``) for 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import reference
@@ -107,10 +109,28 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
+    elif acc.is_cuda and _mixed_addmm_works(str(acc.device), a.dtype, acc.dtype):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_addmm_works(device: str, dtype: torch.dtype, acc_dtype: torch.dtype) -> bool:
+    """Whether ``addmm(acc, a, b, out_dtype=acc.dtype, out=acc)`` exists here and adds into ``acc`` (checked
+    once per device and dtype pair on a 64 x 64 product against the upcast computation; torch < 2.8 has
+    no such overload)."""
+    if not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(64, 64, device=device, generator=g).to(dtype) for _ in range(2))
+    acc = torch.randn(64, 64, device=device, generator=g).to(acc_dtype)
+    want = acc + a.to(acc_dtype) @ b.to(acc_dtype)
+    try:
+        torch.addmm(acc, a, b, out_dtype=acc_dtype, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
 
 
 def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor):

@@ -305,3 +305,25 @@ def test_vocab_split_backward_matches_float64(interpret, dtype, make_mask, garba
                                        CURRENT._replace(grad_w="vocab"))
     (lp * g_lp).sum().backward()
     assert h.grad.dtype == dtype and torch.isfinite(h.grad).all() and (h.grad[~mask] == 0).all()
+
+
+def test_accumulate_mm_sums_in_the_accumulator_dtype():
+    """bf16 operands into an fp32 accumulator: the products are summed in fp32 (as the upcast product),
+    64 times without drift, and the accumulator is not replaced; CPU takes the upcasting fallback."""
+    from fastrlhf.kernels.linear_logprobs import _mixed_addmm_works, accumulate_mm
+    g = torch.Generator().manual_seed(9)
+    acc = torch.zeros(8, 6)
+    want = torch.zeros(8, 6, dtype=torch.float64)
+    for _ in range(64):
+        a, b = torch.randn(8, 5, generator=g).bfloat16(), torch.randn(5, 6, generator=g).bfloat16()
+        accumulate_mm(acc, a, b)
+        want += a.double() @ b.double()
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), want, atol=1e-5, rtol=1e-6)
+    assert not _mixed_addmm_works("cpu", torch.bfloat16, torch.float32)  # no CPU kernel for addmm.dtype
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_addmm_accumulates_in_place():
+    from fastrlhf.kernels.linear_logprobs import _mixed_addmm_works
+    assert _mixed_addmm_works("cuda:0", torch.bfloat16, torch.float32), "cuBLAS bf16 -> fp32 addmm missing"
