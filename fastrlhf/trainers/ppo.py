@@ -42,6 +42,8 @@ from fastrlhf.engine import runtime as rt
 from fastrlhf.kernels import gae, masked_mean, masked_var, masked_whiten, ppo_value_loss
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
+from fastrlhf.rollout.budget import check_rollout_against_model, config_dict
+from fastrlhf.rollout.correction import apply_tis, missing_eos_penalty, tis_weights
 from fastrlhf.telemetry.metrics import MetricsLogger
 from fastrlhf.trainers import common, ppo_eval
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch, count_units, loss_weight, split_rows
@@ -144,15 +146,11 @@ class PPOTrainer:
         for model in (self.actor, self.critic):
             if model is not None:
                 model.eval()
-        self.rollout = rollout or rt.make_rollout(
-            self.runtime,
-            cfg.rollout.backend,
-            self.actor,
-            tokenizer,
-            bucket_mb=cfg.rollout.bucket_mb,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        )
         self._setup_prompts(prompts, prompt_texts)
+        self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)
+        engine_kwargs = self._rollout_kwargs()  # checked even when an engine is passed in
+        self.rollout = rollout or rt.make_rollout(self.runtime, cfg.rollout.backend, self.actor, tokenizer,
+                                                  **engine_kwargs)
         self._setup_optim()
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.moments = RunningMoments()
@@ -183,15 +181,29 @@ class PPOTrainer:
         for i, e in enumerate(encoded):
             if not 1 <= len(e) <= self.config.max_prompt_length:
                 raise ValueError(f"prompt {i} has {len(e)} tokens; need 1..{self.config.max_prompt_length}")
+        self._longest_prompt = max((len(e) for e in encoded), default=1)
         rank, world = self.runtime.rank, self.runtime.world_size
         # each rank owns a fixed shard; the order inside it is a (seed, rank, epoch) permutation
         self.prompt_ids, self.prompt_texts = encoded[rank::world], texts[rank::world]
         if not self.prompt_ids:
             raise ValueError(f"rank {rank} got no prompts ({len(encoded)} prompts for {world} ranks)")
 
+    def _rollout_kwargs(self) -> dict:
+        """The engine's settings, checked against the actor's config (positions, KV budget) first."""
+        r = self.config.rollout
+        max_len = check_rollout_against_model(
+            self.config, config_dict(self.actor.config), device=self.runtime.device,
+            world_size=self.runtime.world_size, prompt_length=self._longest_prompt)
+        return dict(bucket_mb=r.bucket_mb, gpu_memory_utilization=r.gpu_memory_utilization,
+                    max_model_len=max_len,
+                    tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+                    max_num_seqs=r.max_num_seqs, sleep_level=r.sleep_level, dtype=r.dtype,
+                    sync=False)  # train() syncs once before the first generation
+
     def _setup_optim(self):
         cfg = self.config
-        steps = cfg.iterations * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.minibatch_size)
+        rows = cfg.rollout_batch_size * cfg.rollout.n  # minibatch_size counts responses
+        steps = cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size)
         self.optimizers = {
             "actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
         }
@@ -260,12 +272,13 @@ class PPOTrainer:
         _cfg, sched = self.config, self.runtime.scheduler
         prompt_rows = self._prompt_rows(it)
         prompts = [self.prompt_ids[i] for i in prompt_rows]
+        self._refill_engine()
         # 1. generate
         with sched.phase("generate"):
             gen = self.rollout.generate(prompts, self._sampling_params(it))
-        batch = build_batch(
-            prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device
-        )
+        batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id,
+                            device=self.runtime.device, eos_token_ids=self.eos_token_ids)
+        trunc = {"truncated_fraction": batch.truncated.float().mean()}
         # 2. score (rows with a non-finite score, log-prob or value are dropped, the rest trains)
         with sched.phase("score"):
             scores, score_stats = self.score(batch)
@@ -273,7 +286,8 @@ class PPOTrainer:
             kl_stats = self.advantages(batch, scores)
         # the early-stop rules judge this rollout (the current policy) before its update is applied
         if self._check_early_stop(it, score_stats, kl_stats):
-            return self._log(it, {**score_stats, **kl_stats, **self._gold(prompt_rows, batch)}, batch=batch)
+            return self._log(it, {**score_stats, **kl_stats, **trunc, **self._gold(prompt_rows, batch)},
+                             batch=batch)
         # 3. train
         with sched.phase("train"):
             train_stats = self.train_epochs(batch, it)
@@ -282,8 +296,14 @@ class PPOTrainer:
         # 4. sync
         with sched.phase("sync"):
             rt.sync_weights(self.runtime, self.actor, self.rollout)
-        metrics = {**score_stats, **kl_stats, **train_stats, **self._gold(prompt_rows, batch)}
+        metrics = {**score_stats, **kl_stats, **train_stats, **trunc, **self._gold(prompt_rows, batch)}
         return self._log(it, metrics, batch=batch)
+
+    def _refill_engine(self) -> None:
+        """An engine whose weights sleep level 2 discarded with no sync since (an iteration that stopped
+        before its update, an evaluation) is refilled with the unchanged policy before generating."""
+        if not getattr(self.rollout, "weights_valid", True):
+            rt.sync_weights(self.runtime, self.actor, self.rollout)
 
     # ------------------------------------------------------------------------------- 1-2: data, score
     def _prompt_rows(self, it: int) -> list[int]:
@@ -307,6 +327,7 @@ class PPOTrainer:
             top_p=r.top_p,
             top_k=r.top_k,
             seed=seed,
+            n=r.n,
         )
 
     @torch.no_grad()
@@ -381,6 +402,8 @@ class PPOTrainer:
     def advantages(self, batch: PPOBatch, scores: torch.Tensor) -> dict:
         """normalize_rewards -> token_rewards -> gae -> whitening; fills batch.advantages / returns."""
         cfg, mask = self.config, batch.mask
+        if cfg.missing_eos_penalty:  # responses cut at max_new_tokens: the RM never saw them unfinished
+            scores = missing_eos_penalty(scores, batch.truncated, cfg.missing_eos_penalty)
         keep = getattr(batch, "keep", None)
         keep = keep if keep is not None else torch.ones_like(scores, dtype=torch.bool)
         norm = torch.zeros_like(scores)  # dropped rows: no reward, no token counts, not in the moments
@@ -399,6 +422,10 @@ class PPOTrainer:
         )
         batch.returns = ret
         batch.advantages = self._whiten(adv, mask) if cfg.whiten_advantages else adv
+        tis = {}
+        if cfg.rollout_correction == "tis":  # loss_t * w_t, folded into A_t (see rollout/correction.py)
+            w, tis = tis_weights(batch.old_logprobs, batch.sampler_logprobs, mask, cap=cfg.tis_cap)
+            batch.advantages = apply_tis(batch.advantages, w)
         # KL to the reference, per sequence: sum over the response of log pi - log ref (k1), mean over rows
         seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).sum() / keep.sum().clamp(min=1)
         kl = self.runtime.all_reduce_mean(seq_kl)
@@ -410,6 +437,7 @@ class PPOTrainer:
             "advantage_std": masked_var(adv, mask).sqrt(),
             "return_mean": masked_mean(ret, mask),
             "value_mean": masked_mean(batch.old_values, mask),
+            **tis,
         }
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -521,6 +549,7 @@ class PPOTrainer:
             self.tokenizer.decode(r[m], skip_special_tokens=True)
             for r, m in zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)
         ]
+        rows = [rows[g] for g in batch.group.tolist()]  # rollout.n responses per prompt
         gold = [self.gold_fn(self.prompt_texts[i], resp) for i, resp in zip(rows, responses, strict=True)]
         return {"gold_reward": torch.tensor(sum(gold) / len(gold))}
 
