@@ -82,6 +82,7 @@ def ppo_config(settings: DemoSettings, seed: int, rollout: str, output_dir: Path
         reward_clip=5.0,
         entropy_coef=0.0,
         checkpoint_every=10,
+        tensorboard=False,
         rollout=RolloutConfig(backend=rollout, max_new_tokens=settings.max_new_tokens, temperature=1.0),
         kl=KLConfig(controller="adaptive", init_coef=0.1, target=6.0, horizon=500),
         early_stop=EarlyStopConfig(kl_factor=2.0, length_factor=2.0, score_falling_iters=20),
@@ -303,7 +304,7 @@ def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path
         gold_fn=task.gold_reward,
     )
     trainer.train()
-    trainer.save_final(out / "ppo" / "final")
+    trainer.finish()  # ppo/final, ppo/critic, ppo/ppo_result.json, ppo/plots
     return trainer
 
 
@@ -441,6 +442,7 @@ def build_summary(
         "world_size": runtime.world_size,
         "rollout": rollout,
         "quick": quick,
+        "seed": cfg.seed,
         "seconds": seconds,
         "memory_plan": runtime.scheduler.plan_dict(),
     }
@@ -470,6 +472,32 @@ def print_summary(summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- entry
+RUN_FILE = "demo_run.json"
+
+
+def check_demo_run(out: Path, *, seed: int, quick: bool, rollout: str, write: bool = True) -> None:
+    """``out`` resumes only the run it holds: ``out/demo_run.json`` records ``--seed``, ``--quick`` and
+    ``--rollout`` when a run starts; a re-run with other values is refused (``ConfigError`` naming the
+    flags), as is a folder with stage outputs but no record. Use another ``--out`` for another run."""
+    from fastrlhf.config import ConfigError
+
+    mine = {"seed": seed, "quick": quick, "rollout": rollout}
+    path = out / RUN_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = sorted(k for k in mine if saved.get(k) != mine[k])
+        if diff:
+            held = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
+            raise ConfigError(f"{out} holds a demo run with {held} (flags {diff} differ from this run); "
+                              "use another --out, or the same flags to resume it")
+    elif any((out / part).exists() for part in ("sft", "rm", "ppo")):
+        raise ConfigError(f"{out} holds demo stages but no {RUN_FILE} recording their --seed/--quick; "
+                          "use another --out")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, mine)
+
+
 def run_demo(
     out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf"
 ) -> dict:
@@ -478,7 +506,11 @@ def run_demo(
 
     start, out = time.time(), Path(out)
     s = QUICK if quick else FULL
+    check_demo_run(out, seed=seed, quick=quick, rollout=rollout, write=False)
     runtime = rt.init_runtime()
+    if runtime.is_main:
+        check_demo_run(out, seed=seed, quick=quick, rollout=rollout)
+    runtime.barrier()
     with _single_thread():
         tok = task.build_tokenizer()
         sft_dir = stage_sft(out, s, tok, runtime, seed)
@@ -502,5 +534,13 @@ def run_demo_cli(args) -> int:
     # stage output (the command line owns its output, so it turns them off here, not run_demo).
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    run_demo(args.out, quick=args.quick, seed=args.seed, rollout=args.rollout)
+    import os
+
+    from fastrlhf.trainers.guard import output_dir_lock
+
+    out = Path(args.out)
+    # refused before the lock is taken (a refused run must not touch --out)
+    check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False)
+    with output_dir_lock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
+        run_demo(out, quick=args.quick, seed=args.seed, rollout=args.rollout)
     return 0

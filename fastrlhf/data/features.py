@@ -18,8 +18,12 @@ def _encode(tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids with the tokenizer's leading special tokens (e.g. Llama's BOS) but never a trailing EOS."""
+    """Prompt ids with the tokenizer's leading special tokens (e.g. Llama's BOS) but never a trailing EOS.
+    A prompt rendered by a chat template that already starts with BOS gets no second one."""
     bare = _encode(tokenizer, prompt, add_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and prompt.startswith(bos):
+        return bare
     full = _encode(tokenizer, prompt, add_special_tokens=True)
     if not bare:  # an empty prompt: keep only what the tokenizer puts in front (BOS)
         return [t for t in full if t != tokenizer.eos_token_id]
@@ -37,7 +41,9 @@ def sft_features(prompt: str, response: str, tokenizer, *, max_length: int | Non
     expects (a space, a newline) into the text. When the result exceeds ``max_length``, the response
     end is cut and EOS is kept after the last response token that fits: the example still teaches
     stopping, and it is never silently left without its EOS label. The prompt is never cut: if the
-    prompt plus EOS leaves no room for a response token, ``ValueError`` says so.
+    prompt plus EOS leaves no room for a response token, ``ValueError`` says so. (This is the API
+    function; the trainers never cut: they tokenize whole and drop over-long rows with a count, or stop at
+    the first one with ``drop_overlong: false``; see ``fastrlhf.trainers.sft.sft_row_features``.)
     Returns lists of ints: ``{"input_ids", "labels", "attention_mask"}``.
     """
     eos = tokenizer.eos_token_id
@@ -75,15 +81,20 @@ def prompt_features(prompt: str, tokenizer, *, max_length: int | None = None) ->
 
 def preference_features(prompt: str, chosen: str, rejected: str, tokenizer, *, max_length: int | None = None,
                         margin: float | None = None) -> dict:
-    """Reward-model pair: ``prompt + chosen + [eos]`` and ``prompt + rejected + [eos]``, each built (and
-    truncated, keeping EOS, where the reward model reads its score) exactly as :func:`sft_features`.
+    """Reward-model pair: ``prompt + chosen + [eos]`` and ``prompt + rejected + [eos]``, each built
+    exactly as :func:`sft_features`. Never cut: a side longer than ``max_length`` is a ``ValueError``
+    naming ``max_length`` (a pair whose answers differ only after a cut would become two identical
+    sequences labelled as a preference); the reward trainer drops such pairs with a count or stops.
 
     Returns ``chosen_input_ids``, ``chosen_attention_mask``, ``rejected_input_ids``,
     ``rejected_attention_mask`` (lists) and ``margin`` when given; ``pad_batch`` collates them.
     """
     out = {}
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        f = sft_features(prompt, response, tokenizer, max_length=max_length)
+        f = sft_features(prompt, response, tokenizer)
+        if max_length is not None and len(f["input_ids"]) > max_length:
+            raise ValueError(f"prompt + {name} + EOS is {len(f['input_ids'])} tokens, "
+                             f"more than max_length={max_length}")
         out[f"{name}_input_ids"] = f["input_ids"]
         out[f"{name}_attention_mask"] = f["attention_mask"]
     if margin is not None:
@@ -155,7 +166,8 @@ def chat_sft_features(messages, tokenizer, *, max_length: int | None = None) -> 
     Assistant tokens come from the template's ``{% generation %}`` markers when it has them
     (``return_assistant_tokens_mask``), else from rendering prefixes of the conversation.
     With ``max_length``, the conversation is cut after the last assistant turn that fits whole (an
-    assistant turn is never kept without its end-of-turn token); ``ValueError`` if none fits.
+    assistant turn is never kept without its end-of-turn token); ``ValueError`` if none fits. (The
+    trainers never cut: see ``sft_features``.)
     Returns lists of ints: ``{"input_ids", "labels", "attention_mask"}``.
     """
     check_messages(messages)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -56,6 +57,17 @@ def validate_common(cfg) -> None:
         raise ConfigError(f"{name}: warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.lr <= 0:
         raise ConfigError(f"{name}: lr must be > 0, got {cfg.lr}")
+    check_dtype(name, cfg.dtype)
+    if cfg.num_threads < 0:
+        raise ConfigError(f"{name}: num_threads must be >= 0 (0: torch's default), got {cfg.num_threads}")
+
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
+
+
+def check_dtype(name: str, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"{name}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
 
 
 def check_max_length(cfg, model) -> None:
@@ -103,6 +115,8 @@ class StageConfig:
     log_every: int = 1
     progress: bool = True
     tensorboard: bool = True
+    wandb: bool = False
+    num_threads: int = 1
     resume: bool = True
 
     def __post_init__(self):
@@ -114,9 +128,12 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``/None -> CUDA when available else CPU; anything else as given ("cpu", "cuda:1")."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise ConfigError(f"device={device!r} but CUDA is not available here (use device=cpu or auto)")
     return dev
 
 
@@ -206,8 +223,13 @@ def atomic_save_dir(final_dir: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and _disk_full(final_dir.parent):
+            # writers report a full disk in their own words (torch.save: "unexpected pos ...")
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {final_dir} "
+                                        f"({type(err).__name__}: {first})") from None
         raise
     old = None
     if final_dir.exists():
@@ -216,6 +238,13 @@ def atomic_save_dir(final_dir: str | Path) -> Iterator[Path]:
     os.replace(tmp, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _disk_full(path: Path, min_free: int = 16 * 2**20) -> bool:
+    try:
+        return shutil.disk_usage(path).free < min_free
+    except OSError:
+        return False
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -242,16 +271,58 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _plain_rng_state() -> dict[str, Any]:
+    """:func:`rng_state` as tensors, lists and numbers only (what ``torch.load(weights_only=True)`` reads)."""
+    state = rng_state()
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    plain = {"python": [int(version), torch.tensor(internal, dtype=torch.int64),
+                        None if gauss is None else float(gauss)],
+             "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
+             "torch": state["torch"]}
+    if "cuda" in state:
+        plain["cuda"] = list(state["cuda"])
+    return plain
+
+
+def _rng_from_plain(plain: dict[str, Any]) -> dict[str, Any]:
+    version, internal, gauss = plain["python"]
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    state = {"python": (int(version), tuple(int(x) for x in internal.tolist()), gauss),
+             "numpy": (name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)),
+             "torch": plain["torch"]}
+    if "cuda" in plain:
+        state["cuda"] = plain["cuda"]
+    return state
+
+
 def save_trainer_state(directory: str | Path, *, step: int, optimizer: torch.optim.Optimizer | None = None,
                        scheduler: Any = None, extra: dict | None = None) -> None:
     """Optimizer, scheduler, step, every RNG and ``extra`` into ``directory/trainer_state.pt``.
 
-    Write this last inside :func:`atomic_save_dir`: its presence marks the checkpoint complete.
+    Only tensors, lists, dicts, strings and numbers are written (RNG states converted), so
+    :func:`read_trainer_state` reads it with ``torch.load(weights_only=True)``: a checkpoint from a
+    shared or downloaded run can never execute code. Write this last inside :func:`atomic_save_dir`:
+    its presence marks the checkpoint complete.
     """
-    state = {"step": int(step), "rng": rng_state(), "extra": extra or {},
+    state = {"step": int(step), "rng": _plain_rng_state(), "extra": extra or {},
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "scheduler": scheduler.state_dict() if scheduler is not None else None}
     torch.save(state, Path(directory) / TRAINER_STATE)
+
+
+def read_trainer_state(directory: str | Path) -> dict:
+    """``directory/trainer_state.pt`` read with ``weights_only=True`` (tensors and plain containers only);
+    a file holding anything else (a pickled object, possibly one that would run code) is refused."""
+    path = Path(directory) / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, or a truncated/foreign file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: refusing to load a trainer state that is not plain tensors/numbers "
+                          f"(torch.load weights_only=True failed: {first}); delete that checkpoint or use "
+                          "another output_dir") from None
 
 
 def load_trainer_state(directory: str | Path, *, optimizer: torch.optim.Optimizer | None = None,
@@ -259,13 +330,13 @@ def load_trainer_state(directory: str | Path, *, optimizer: torch.optim.Optimize
     """Inverse of :func:`save_trainer_state`; returns ``{"step", "extra", ...}``. ``state``: an already
     read ``trainer_state.pt`` (to avoid reading a large optimizer state twice)."""
     if state is None:
-        state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = read_trainer_state(directory)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        set_rng_state(state["rng"])
+        set_rng_state(_rng_from_plain(state["rng"]))
     return state
 
 
@@ -307,21 +378,30 @@ def load_rows(rows: list[dict] | None, source: str | None, *, kind: str, split: 
     return read_rows(source, kind=kind, split=split)
 
 
+def report_dropped(source: str, dropped: int, total: int, first: str | None) -> None:
+    """One line for the rows dropped as longer than the length limit (nothing is ever cut)."""
+    if dropped:
+        print(f"[fastrlhf] {source}: dropped {dropped} of {total} rows longer than the length limit "
+              f"(first: {first})", flush=True)
+
+
 def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> list:
     """``[make(row) for row in rows]``; a row ``make`` rejects stops the run with ``DataError`` naming it,
     except rows too long for ``max_length`` when ``drop_overlong`` (their count is printed)."""
-    out, dropped = [], 0
+    out, dropped, first = [], 0, None
     locations = getattr(rows, "locations", None)  # fastrlhf.data.Rows from read_rows / validate_rows
     for i, row in enumerate(rows):
         try:
             out.append(make(row))
         except ValueError as err:
+            where = locations[i] if locations else f"row index {i}"
             if drop_overlong and "max_length" in str(err):
                 dropped += 1
+                first = first or f"{where}: {err}"
                 continue
-            raise DataError(source, locations[i] if locations else f"row index {i}", str(err)) from None
-    if dropped:
-        print(f"[fastrlhf] {source}: dropped {dropped} of {len(rows)} rows that do not fit max_length")
+            hint = " (drop_overlong: true drops such rows)" if "max_length" in str(err) else ""
+            raise DataError(source, where, f"{err}{hint}") from None
+    report_dropped(source, dropped, len(rows), first)
     if not out:
         raise DataError(source, None, "no row fits max_length")
     return out
@@ -329,8 +409,51 @@ def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> li
 
 # ------------------------------------------------------------------------------------------ step loop
 # Config keys that may change between a crashed run and its resumption (they do not change the math).
-RESUMABLE_KEYS = frozenset({"progress", "tensorboard", "log_every", "eval_every", "save_every",
-                            "keep_checkpoints", "resume", "device"})
+RESUMABLE_KEYS = frozenset({"progress", "tensorboard", "wandb", "num_threads", "log_every", "eval_every",
+                            "save_every", "keep_checkpoints", "resume", "device"})
+
+
+def config_snapshot(cfg, bookkeeping: frozenset[str] | set[str]) -> dict:
+    """``cfg`` as a JSON-ready dict without the ``bookkeeping`` keys (those that may change between a
+    crashed run and its resumption); sections stay nested. Through JSON, so a dict read back from a
+    ``{stage}_config.json`` compares equal (tuples become lists)."""
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in bookkeeping}
+    return json.loads(json.dumps(data, default=str))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_config(path: str | Path, mine: dict, *, stage: str, hint: str) -> None:
+    """The one config-drift check of every stage: ``path`` (``output_dir/{stage}_config.json``, written
+    when the run started) must equal ``mine`` (a :func:`config_snapshot`); otherwise ``ConfigError``
+    naming the keys that differ (dotted for sections). A missing file is a fresh run: nothing to check."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable {stage} config ({err}); {hint}") from None
+    a, b = _flat(saved), _flat(mine)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise ConfigError(f"{path.parent} holds a {stage} run with a different config (keys {diff}); {hint}")
+
+
+def write_config(path: str | Path, mine: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mine, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 class StepTrainer:
@@ -366,7 +489,7 @@ class StepTrainer:
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler,
                                          num_training_steps=self.total_steps, warmup_ratio=cfg.warmup_ratio)
-        self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard)
+        self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
         check_max_length(cfg, self.model)
 
     @property
@@ -444,9 +567,7 @@ class StepTrainer:
         return result
 
     def _config_dict(self) -> dict:
-        # through JSON, so a dict read back from config_path compares equal (tuples become lists)
-        cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_KEYS}
-        return json.loads(json.dumps(cfg, default=str))
+        return config_snapshot(self.cfg, RESUMABLE_KEYS)
 
     @property
     def config_path(self) -> Path:
@@ -454,13 +575,8 @@ class StepTrainer:
 
     def _check_same_config(self) -> None:
         """``output_dir`` holding a run (``{stage}_config.json``) started under another config is an error."""
-        if not self.config_path.is_file():
-            return
-        saved, mine = json.loads(self.config_path.read_text()), self._config_dict()
-        if saved != mine:
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-            raise ConfigError(f"{self.out} holds a {self.stage} run with a different config (keys {diff}); "
-                              "use another output_dir or resume=false")
+        check_same_config(self.config_path, self._config_dict(), stage=self.stage,
+                          hint="use another output_dir or resume=false")
 
     def _checkpoint(self, step: int) -> None:
         with atomic_save_dir(checkpoint_dir(self.out, step)) as tmp:
@@ -470,15 +586,14 @@ class StepTrainer:
 
     def _fresh(self) -> int:
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=0)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self._config_dict(), indent=2) + "\n")
+        write_config(self.config_path, self._config_dict())
         return 0
 
     def _resume(self) -> int:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return self._fresh()
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = read_trainer_state(ckpt)
         self.load_model(ckpt)
         load_trainer_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=state["step"])
@@ -489,12 +604,12 @@ class StepTrainer:
 class MetricsLoggerLazy:
     """A ``MetricsLogger`` opened on first use, so a finished or failing run does not create files."""
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool):
-        self.out_dir, self.tensorboard, self._logger = out_dir, tensorboard, None
+    def __init__(self, out_dir: Path, *, tensorboard: bool, wandb: bool = False):
+        self.out_dir, self.tensorboard, self.wandb, self._logger = out_dir, tensorboard, wandb, None
 
     def log(self, step: int, values: dict, *, stage: str) -> dict:
         if self._logger is None:
-            self._logger = MetricsLogger(self.out_dir, tensorboard=self.tensorboard)
+            self._logger = MetricsLogger(self.out_dir, tensorboard=self.tensorboard, wandb=self.wandb)
         return self._logger.log(step, values, stage=stage)
 
     def close(self) -> None:

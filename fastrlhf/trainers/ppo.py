@@ -12,7 +12,10 @@ One iteration, as in DESIGN.md ("One PPO iteration"):
 
 Device, process group, model wrapping, rollout engine and weight sync come only from
 ``fastrlhf.engine.runtime``, so the same code runs in one process and under torchrun with FSDP2 / vLLM.
-Each rank samples its own prompt shard; metrics are all-reduced means; only rank 0 writes files.
+Each rank samples its own prompt shard; metrics are reduced over ranks (``ppo_checks.reduce_metrics``:
+means, ``*_max`` as max, the RM score's std from pooled moments); only rank 0 writes files.
+A row with a non-finite score is dropped from its rollout; the early-stop rules judge a rollout before
+its update; evaluation on held-out prompts and the end of a run live in ``ppo_eval``.
 """
 
 from __future__ import annotations
@@ -33,14 +36,25 @@ from fastrlhf.algo import (
     normalize_rewards,
     token_rewards,
 )
+from fastrlhf.config import RunError
 from fastrlhf.data import prompt_features
 from fastrlhf.engine import runtime as rt
 from fastrlhf.kernels import gae, masked_mean, masked_var, masked_whiten, ppo_value_loss
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
+from fastrlhf.rollout.budget import check_rollout_against_model, config_dict
+from fastrlhf.rollout.correction import apply_tis, missing_eos_penalty, tis_weights
 from fastrlhf.telemetry.metrics import MetricsLogger
-from fastrlhf.trainers import common
+from fastrlhf.trainers import common, ppo_eval
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch, count_units, loss_weight, split_rows
+from fastrlhf.trainers.ppo_checks import (  # noqa: F401  (re-exported)
+    PPO_BOOKKEEPING,
+    _full,
+    check_ppo_config,
+    drop_non_finite_rows,
+    init_critic_head,
+    reduce_metrics,
+)
 from fastrlhf.trainers.ppo_config import EarlyStopConfig, KLConfig, PPOConfig, RolloutConfig  # noqa: F401
 from fastrlhf.trainers.ppo_state import (
     drop_rows_after,
@@ -75,11 +89,6 @@ def build_kl_controller(cfg: KLConfig):
     return FixedKLController(cfg.init_coef)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2's global grad norm) as a plain tensor; other tensors unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 class PPOTrainer:
     """``PPOTrainer(config, actor=, ref=, reward_model=, critic=, tokenizer=, prompts=).train()``.
 
@@ -87,7 +96,9 @@ class PPOTrainer:
     ``reward_model``: ``forward(ids, mask) -> [B]``;
     ``critic``: ``forward(ids, mask) -> [B, T]`` (``ValueModel``), None with ``shared_critic``.
     ``prompts``: strings or token-id lists. ``gold_fn(prompt, response) -> float`` (optional) is a hidden
-    scorer logged as ``gold_reward``; it never feeds the rewards.
+    scorer logged as ``gold_reward``; it never feeds the rewards. ``eval_prompts`` / ``eval_texts``:
+    held-out prompts for ``config.eval_every`` (``evaluate``). After ``train()``, ``finish()`` writes
+    ``final/``, ``critic/``, ``ppo_result.json`` and ``plots/``.
     """
 
     def __init__(
@@ -105,6 +116,8 @@ class PPOTrainer:
         gold_fn: Callable | None = None,
         output_dir: str | Path | None = None,
         prompt_texts: Sequence[str] | None = None,
+        eval_prompts: Sequence | None = None,
+        eval_texts: Sequence[str] | None = None,
     ):
         self.config = cfg = config
         self.runtime = runtime or rt.init_runtime()
@@ -113,6 +126,9 @@ class PPOTrainer:
         self.output_dir = Path(output_dir or cfg.output_dir)
         if cfg.shared_critic == (critic is not None):
             raise ValueError("pass critic=None exactly when config.shared_critic is True")
+        check_ppo_config(cfg, self.output_dir)  # before any model is touched
+        if critic is not None:
+            init_critic_head(critic, reward_model)
         common.set_seed(cfg.seed)
         # log-probs under the sampling temperature (greedy sampling reports temperature-1 log-probs)
         wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
@@ -130,26 +146,26 @@ class PPOTrainer:
         for model in (self.actor, self.critic):
             if model is not None:
                 model.eval()
-        self.rollout = rollout or rt.make_rollout(
-            self.runtime,
-            cfg.rollout.backend,
-            self.actor,
-            tokenizer,
-            bucket_mb=cfg.rollout.bucket_mb,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        )
         self._setup_prompts(prompts, prompt_texts)
+        self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)
+        engine_kwargs = self._rollout_kwargs()  # checked even when an engine is passed in
+        self.rollout = rollout or rt.make_rollout(self.runtime, cfg.rollout.backend, self.actor, tokenizer,
+                                                  **engine_kwargs)
         self._setup_optim()
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.moments = RunningMoments()
         self.counters = {"skipped_rollouts": 0, "skipped_steps": 0}
+        self.warned_non_finite = False
         self.stop_state = {
             "base_length": None,
             "score_ema": None,
             "falling": 0,
             "stopped": None,
         }
-        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main, tensorboard=False)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main,
+                                    tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                    run_config=common.config_snapshot(cfg, ()))
+        ppo_eval.setup_eval(self, eval_prompts, eval_texts)
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------------- setup
@@ -165,15 +181,29 @@ class PPOTrainer:
         for i, e in enumerate(encoded):
             if not 1 <= len(e) <= self.config.max_prompt_length:
                 raise ValueError(f"prompt {i} has {len(e)} tokens; need 1..{self.config.max_prompt_length}")
+        self._longest_prompt = max((len(e) for e in encoded), default=1)
         rank, world = self.runtime.rank, self.runtime.world_size
         # each rank owns a fixed shard; the order inside it is a (seed, rank, epoch) permutation
         self.prompt_ids, self.prompt_texts = encoded[rank::world], texts[rank::world]
         if not self.prompt_ids:
             raise ValueError(f"rank {rank} got no prompts ({len(encoded)} prompts for {world} ranks)")
 
+    def _rollout_kwargs(self) -> dict:
+        """The engine's settings, checked against the actor's config (positions, KV budget) first."""
+        r = self.config.rollout
+        max_len = check_rollout_against_model(
+            self.config, config_dict(self.actor.config), device=self.runtime.device,
+            world_size=self.runtime.world_size, prompt_length=self._longest_prompt)
+        return dict(bucket_mb=r.bucket_mb, gpu_memory_utilization=r.gpu_memory_utilization,
+                    max_model_len=max_len,
+                    tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+                    max_num_seqs=r.max_num_seqs, sleep_level=r.sleep_level, dtype=r.dtype,
+                    sync=False)  # train() syncs once before the first generation
+
     def _setup_optim(self):
         cfg = self.config
-        steps = cfg.iterations * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.minibatch_size)
+        rows = cfg.rollout_batch_size * cfg.rollout.n  # minibatch_size counts responses
+        steps = cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size)
         self.optimizers = {
             "actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
         }
@@ -197,6 +227,14 @@ class PPOTrainer:
     def unwrapped_lm(self):
         return self.actor.lm
 
+    def finish(self) -> dict:
+        """After :meth:`train`: ``final/``, ``critic/``, ``ppo_result.json``, ``plots/`` (``ppo_eval.finish``)."""
+        return ppo_eval.finish(self)
+
+    def evaluate(self, step: int) -> dict:
+        """The current policy on the held-out prompts, logged as ``eval_*`` (``ppo_eval.evaluate``)."""
+        return ppo_eval.evaluate(self, step)
+
     def save_final(self, directory: str | Path | None = None) -> Path:
         """The trained policy in HF format (default ``output_dir/final``)."""
         return save_policy(self, directory or self.output_dir / "final")
@@ -205,6 +243,11 @@ class PPOTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) ``config.iterations`` iterations; returns this process's logged metric rows."""
         cfg = self.config
+        check_ppo_config(cfg, self.output_dir)
+        if self.runtime.is_main:
+            common.write_config(self.output_dir / "ppo_config.json",
+                                common.config_snapshot(cfg, PPO_BOOKKEEPING))
+        self.runtime.barrier()
         start = self._resume()
         # an engine with its own weights (vLLM) starts from dummy or stale ones: fill it before generating
         rt.sync_weights(self.runtime, self.actor, self.rollout)
@@ -218,6 +261,8 @@ class PPOTrainer:
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rm_score", "kl", "gold_reward") if k in metrics},
                             refresh=False)
             last = it + 1 == cfg.iterations or self.stop_state["stopped"] is not None
+            if self.eval_prompt_ids and cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or last):
+                self.evaluate(it + 1)
             if (it + 1) % cfg.checkpoint_every == 0 or last:
                 save_ppo_checkpoint(self, it + 1)
         self.logger.close()
@@ -227,21 +272,22 @@ class PPOTrainer:
         _cfg, sched = self.config, self.runtime.scheduler
         prompt_rows = self._prompt_rows(it)
         prompts = [self.prompt_ids[i] for i in prompt_rows]
+        self._refill_engine()
         # 1. generate
         with sched.phase("generate"):
             gen = self.rollout.generate(prompts, self._sampling_params(it))
-        batch = build_batch(
-            prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device
-        )
-        # 2. score
+        batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id,
+                            device=self.runtime.device, eos_token_ids=self.eos_token_ids)
+        trunc = {"truncated_fraction": batch.truncated.float().mean()}
+        # 2. score (rows with a non-finite score, log-prob or value are dropped, the rest trains)
         with sched.phase("score"):
             scores, score_stats = self.score(batch)
-            ok = self._all_finite(scores, batch.old_logprobs, batch.ref_logprobs, batch.old_values)
-            if ok:
-                kl_stats = self.advantages(batch, scores)
-        if not ok:
-            self.counters["skipped_rollouts"] += 1
-            return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"]})
+            self._check_dropped(it, score_stats)
+            kl_stats = self.advantages(batch, scores)
+        # the early-stop rules judge this rollout (the current policy) before its update is applied
+        if self._check_early_stop(it, score_stats, kl_stats):
+            return self._log(it, {**score_stats, **kl_stats, **trunc, **self._gold(prompt_rows, batch)},
+                             batch=batch)
         # 3. train
         with sched.phase("train"):
             train_stats = self.train_epochs(batch, it)
@@ -250,10 +296,14 @@ class PPOTrainer:
         # 4. sync
         with sched.phase("sync"):
             rt.sync_weights(self.runtime, self.actor, self.rollout)
-        metrics = {**score_stats, **kl_stats, **train_stats, **self._gold(prompt_rows, batch)}
-        metrics = self._log(it, metrics, batch=batch)
-        self._check_early_stop(it, metrics)
-        return metrics
+        metrics = {**score_stats, **kl_stats, **train_stats, **trunc, **self._gold(prompt_rows, batch)}
+        return self._log(it, metrics, batch=batch)
+
+    def _refill_engine(self) -> None:
+        """An engine whose weights sleep level 2 discarded with no sync since (an iteration that stopped
+        before its update, an evaluation) is refilled with the unchanged policy before generating."""
+        if not getattr(self.rollout, "weights_valid", True):
+            rt.sync_weights(self.runtime, self.actor, self.rollout)
 
     # ------------------------------------------------------------------------------- 1-2: data, score
     def _prompt_rows(self, it: int) -> list[int]:
@@ -277,6 +327,7 @@ class PPOTrainer:
             top_p=r.top_p,
             top_k=r.top_k,
             seed=seed,
+            n=r.n,
         )
 
     @torch.no_grad()
@@ -288,17 +339,24 @@ class PPOTrainer:
                  for r in split_rows(torch.arange(batch.size, device=ids.device), self.config.micro_batch_size)]
         old_lp, entropy, values, scores, ref_lp = (torch.cat(x) for x in zip(*parts, strict=True))
         zero = torch.zeros((), device=ids.device)
+        keep = drop_non_finite_rows(mask, scores, old_lp, ref_lp, values)
+        batch.mask = mask = mask & keep[:, None]
+        scores = torch.where(keep, scores, zero)
         batch.old_logprobs = torch.where(mask, old_lp, zero)
         batch.ref_logprobs = torch.where(mask, ref_lp, zero)
         batch.old_values = torch.where(mask, values, zero)
+        batch.keep = keep
         diff = (batch.sampler_logprobs - batch.old_logprobs).abs()
+        n_keep = keep.sum().float()
         stats = {
-            "rm_score": scores.mean(),
-            "rm_score_std": scores.std() if scores.numel() > 1 else zero,
-            "response_length": mask.sum(-1).float().mean(),
-            "entropy": masked_mean(entropy, mask),
+            "rm_score": scores.sum() / n_keep.clamp(min=1),
+            "rm_score_sq": (scores * scores).sum() / n_keep.clamp(min=1),  # for the pooled std (_log)
+            "rm_score_n": n_keep,
+            "response_length": mask.sum(-1).float().sum() / n_keep.clamp(min=1),
+            "entropy": masked_mean(torch.where(mask, entropy, zero), mask),
             "logprob_mismatch_abs": masked_mean(diff, mask),
             "logprob_mismatch_max": torch.where(mask, diff, zero).max(),
+            "dropped_rows": (~keep).sum().float(),
         }
         return scores, stats
 
@@ -308,7 +366,30 @@ class PPOTrainer:
         ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
         if self.critic is not None:
             values = self.critic(ids, attn)[:, p_len - 1 : -1].float()
-        return old_lp, entropy, values, self.reward_model(ids, attn).float(), ref_lp
+        scores = self.reward_model(ids, attn).float()
+        normalize = getattr(self.reward_model, "normalize", None)  # the RM's saved mean/std (RewardModel)
+        return old_lp, entropy, values, normalize(scores) if normalize else scores, ref_lp
+
+    def _check_dropped(self, it: int, stats: dict) -> None:
+        """Count the rows dropped for non-finite values (all ranks); warn once; stop the run with
+        ``RunError`` when more than ``max_nonfinite_share`` of the rows of the last ``nonfinite_window``
+        iterations were lost."""
+        cfg, world = self.config, self.runtime.world_size
+        counts = torch.stack([stats["dropped_rows"], stats["rm_score_n"] + stats["dropped_rows"]]).float()
+        dropped, total = (self.runtime.all_reduce_mean(counts.to(self.runtime.device)) * world).tolist()
+        window = self.stop_state.setdefault("dropped_window", [])
+        window.append([dropped, total])
+        del window[: -cfg.nonfinite_window]
+        if dropped and not self.warned_non_finite and self.runtime.is_main:
+            self.warned_non_finite = True
+            print(f"[ppo] warning: iteration {it + 1}: {dropped:.0f} of {total:.0f} rows have a non-finite "
+                  "reward score (or log-prob / value); they are dropped from the rollout (metric dropped_rows)",
+                  flush=True)
+        lost, seen = sum(d for d, _ in window), sum(n for _, n in window)
+        if seen and lost / seen > cfg.max_nonfinite_share:
+            raise RunError(f"non-finite reward scores: {lost:.0f} of {seen:.0f} rows of the last "
+                           f"{len(window)} iteration(s) were dropped (more than max_nonfinite_share="
+                           f"{cfg.max_nonfinite_share}); check the reward model (its dtype, its inputs)")
 
     def _all_finite(self, *tensors) -> bool:
         dev = self.runtime.device
@@ -321,10 +402,15 @@ class PPOTrainer:
     def advantages(self, batch: PPOBatch, scores: torch.Tensor) -> dict:
         """normalize_rewards -> token_rewards -> gae -> whitening; fills batch.advantages / returns."""
         cfg, mask = self.config, batch.mask
-        norm = normalize_rewards(
-            scores,
+        if cfg.missing_eos_penalty:  # responses cut at max_new_tokens: the RM never saw them unfinished
+            scores = missing_eos_penalty(scores, batch.truncated, cfg.missing_eos_penalty)
+        keep = getattr(batch, "keep", None)
+        keep = keep if keep is not None else torch.ones_like(scores, dtype=torch.bool)
+        norm = torch.zeros_like(scores)  # dropped rows: no reward, no token counts, not in the moments
+        norm[keep] = normalize_rewards(
+            scores[keep],
             mode=cfg.reward_norm,
-            lengths=mask.sum(-1).clamp(min=1),
+            lengths=mask[keep].sum(-1).clamp(min=1),
             clip=cfg.reward_clip,
             stats=self.moments,
         )
@@ -336,17 +422,22 @@ class PPOTrainer:
         )
         batch.returns = ret
         batch.advantages = self._whiten(adv, mask) if cfg.whiten_advantages else adv
+        tis = {}
+        if cfg.rollout_correction == "tis":  # loss_t * w_t, folded into A_t (see rollout/correction.py)
+            w, tis = tis_weights(batch.old_logprobs, batch.sampler_logprobs, mask, cap=cfg.tis_cap)
+            batch.advantages = apply_tis(batch.advantages, w)
         # KL to the reference, per sequence: sum over the response of log pi - log ref (k1), mean over rows
-        seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).mean()
+        seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).sum() / keep.sum().clamp(min=1)
         kl = self.runtime.all_reduce_mean(seq_kl)
         return {
             "kl": kl,
             "kl_coef": torch.tensor(self.kl_ctl.value),
-            "reward_normalized": norm.mean(),
+            "reward_normalized": norm.sum() / keep.sum().clamp(min=1),
             "advantage_mean": masked_mean(adv, mask),
             "advantage_std": masked_var(adv, mask).sqrt(),
             "return_mean": masked_mean(ret, mask),
             "value_mean": masked_mean(batch.old_values, mask),
+            **tis,
         }
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -417,6 +508,7 @@ class PPOTrainer:
             clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip,
             loss_agg=cfg.loss_agg,
+            log_ratio_clip=cfg.log_ratio_clip,
         )
         if self.critic is not None:
             values = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1 : -1]
@@ -457,16 +549,12 @@ class PPOTrainer:
             self.tokenizer.decode(r[m], skip_special_tokens=True)
             for r, m in zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)
         ]
+        rows = [rows[g] for g in batch.group.tolist()]  # rollout.n responses per prompt
         gold = [self.gold_fn(self.prompt_texts[i], resp) for i, resp in zip(rows, responses, strict=True)]
         return {"gold_reward": torch.tensor(sum(gold) / len(gold))}
 
     def _log(self, it: int, metrics: dict, batch: PPOBatch | None = None) -> dict:
-        names = sorted(metrics)
-        values = torch.stack(
-            [torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names]
-        )
-        values = self.runtime.all_reduce_mean(values.to(self.runtime.device)).cpu().tolist()
-        row = dict(zip(names, values, strict=True))
+        row = reduce_metrics(metrics, self.runtime.device)
         phases = self.runtime.scheduler.pop_stats()
         row.update(phases)
         if batch is not None:
@@ -482,13 +570,20 @@ class PPOTrainer:
         row["iteration"] = it + 1
         return self.logger.log(it + 1, row, stage="ppo")
 
-    def _check_early_stop(self, it: int, metrics: dict) -> None:
-        rule = early_stop_rule(self.config.early_stop, self.config.kl.target, self.stop_state, metrics)
-        if rule is not None:
-            self.stop_state["stopped"] = rule
-            self.logger.log(it + 1, {"early_stop": rule}, stage="ppo")
-            if self.runtime.is_main:
-                print(f"[ppo] early stop at iteration {it + 1}: {rule}", flush=True)
+    def _check_early_stop(self, it: int, score_stats: dict, kl_stats: dict) -> bool:
+        """Evaluate-first: the rules see this rollout's KL, length and RM score (of the current policy,
+        all ranks) before its update; when one fires, the update is not applied, so the saved policy is
+        the one that was measured, never one update past the limit."""
+        keys = ("rm_score", "rm_score_sq", "rm_score_n", "response_length")
+        pre = reduce_metrics({**{k: score_stats[k] for k in keys}, "kl": kl_stats["kl"]}, self.runtime.device)
+        rule = early_stop_rule(self.config.early_stop, self.config.kl.target, self.stop_state, pre)
+        if rule is None:
+            return False
+        self.stop_state["stopped"] = rule
+        self.logger.log(it + 1, {"early_stop": rule}, stage="ppo")
+        if self.runtime.is_main:
+            print(f"[ppo] early stop at iteration {it + 1} (its update not applied): {rule}", flush=True)
+        return True
 
     # -------------------------------------------------------------------------------------- resume
     def bookkeeping_state(self) -> dict:
@@ -512,6 +607,7 @@ class PPOTrainer:
         step = load_ppo_checkpoint(self, ckpt)
         if self.runtime.is_main:
             drop_rows_after(self.logger.path, step)
+            drop_rows_after(self.output_dir / "eval_samples.jsonl", step)
             print(f"[ppo] resumed from {ckpt} (iteration {step})", flush=True)
         return step
 

@@ -10,22 +10,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fastrlhf.config import ConfigError
+
 KL_CONTROLLERS = ("adaptive", "step", "fixed")
 REWARD_NORMS = ("none", "batch", "running", "length")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+ROLLOUT_CORRECTIONS = ("none", "tis")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling and the rollout engine. ``bucket_mb`` / ``gpu_memory_utilization`` are for vLLM."""
+    """Sampling and the rollout engine (checked against the model by ``fastrlhf.rollout.budget``).
+
+    ``n`` responses per prompt (rows of a prompt adjacent, ``PPOBatch.group`` its index). ``top_p`` /
+    ``top_k`` truncate the sampling distribution in both backends, and both report the log-prob of the
+    truncated distribution the token was drawn from. vLLM only: ``max_model_len`` (None:
+    ``max_prompt_length + max_new_tokens``), ``tensor_parallel_size``, ``gpu_memory_utilization`` (the
+    engine's share of the whole GPU: weights + KV cache), ``enforce_eager`` (None: eager on CPU, CUDA
+    graphs on GPU), ``max_num_seqs`` (None: vLLM's default), ``sleep_level`` (0: never sleep; 1: weights
+    to host during SCORE/TRAIN; 2: weights discarded, the SYNC refills them), ``dtype`` (auto: bf16 on
+    CUDA, fp32 on CPU), ``bucket_mb`` (weight-sync bucket).
+    """
 
     backend: str = "hf"
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    n: int = 1
     bucket_mb: int = 256
     gpu_memory_utilization: float = 0.3
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool | None = None
+    max_num_seqs: int | None = None
+    sleep_level: int = 2
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        from fastrlhf.rollout.budget import check_rollout_config
+
+        check_rollout_config(self)
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,10 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     dtype: str = "float32"
     max_prompt_length: int = 512
+    drop_overlong: bool = True  # prompts over max_prompt_length: dropped with a count (False: an error)
+    eval_data: str | None = None  # held-out prompts ({"prompt"} rows) for eval_every
+    eval_every: int = 0  # iterations between evaluations on eval_data (0: none); also at the end
+    eval_samples: int = 4  # sample generations per evaluation written to eval_samples.jsonl
     chat_template: bool = False  # prompts as one user turn of the chat template: keep equal to sft/rm
     seed: int = 0
     # schedule
@@ -92,6 +121,7 @@ class PPOConfig:
     clip: float = 0.2
     clip_high: float | None = None
     dual_clip: float | None = None
+    log_ratio_clip: float | None = 20.0  # log pi - log pi_old clamped to +-this before exp (veRL); None: off
     value_clip: float | None = 0.2
     vf_coef: float = 0.5  # weight of the value loss when the value head sits on the actor
     entropy_coef: float = 0.0
@@ -106,11 +136,22 @@ class PPOConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     shared_critic: bool = False
+    # rows with a non-finite reward score are dropped; the run stops when more than this share of the
+    # rows of the last ``nonfinite_window`` iterations was lost
+    max_nonfinite_share: float = 0.5
+    nonfinite_window: int = 10
     # bookkeeping
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     kernel_backend: str = "auto"
     progress: bool = True  # a progress bar over iterations on rank 0
+    tensorboard: bool = True  # output_dir/tensorboard (when tensorboard is installed), as sft / rm
+    wandb: bool = False  # also log to Weights & Biases (when wandb is installed)
+    num_threads: int = 1  # torch threads of a CPU run (0: torch's default); see README
+    # off-policy and truncation corrections of the rollout (see fastrlhf.rollout.correction)
+    rollout_correction: str = "none"  # none | tis: per-token loss x min(exp(old - sampler lp), tis_cap)
+    tis_cap: float = 2.0
+    missing_eos_penalty: float = 0.0  # subtracted from the RM score of responses cut at max_new_tokens
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -123,15 +164,37 @@ class PPOConfig:
             (self.iterations >= 0, "iterations must be >= 0"),
             (self.rollout_batch_size >= 1, "rollout_batch_size must be >= 1"),
             (
-                1 <= self.minibatch_size <= self.rollout_batch_size,
-                "minibatch_size must be in [1, rollout_batch_size]",
+                1 <= self.minibatch_size <= self.rollout_batch_size * self.rollout.n,
+                "minibatch_size must be in [1, rollout_batch_size * rollout.n] (it counts responses)",
             ),
             (self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.kl.target > 0, "kl.target must be > 0"),
             (self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+            (self.rollout_correction in ROLLOUT_CORRECTIONS,
+             f"rollout_correction must be one of {ROLLOUT_CORRECTIONS}, got {self.rollout_correction!r}"),
+            (self.tis_cap > 0, f"tis_cap must be > 0, got {self.tis_cap}"),
+            (self.missing_eos_penalty >= 0,
+             f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}"),
+            (0.0 <= self.max_nonfinite_share <= 1.0, "max_nonfinite_share must be in [0, 1]"),
+            (self.nonfinite_window >= 1, "nonfinite_window must be >= 1"),
+            (self.log_ratio_clip is None or self.log_ratio_clip > 0, "log_ratio_clip must be > 0 (or null)"),
+        ]
+        checks += [
+            (self.dtype in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),
+             f"dtype must be float32|bfloat16|float16|auto, got {self.dtype!r}"),
+            (self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
+            (self.eval_every >= 0 and self.eval_samples >= 0, "eval_every and eval_samples must be >= 0"),
+            (self.num_threads >= 0, "num_threads must be >= 0"),
+            (self.kernel_backend in ("auto", "triton", "torch"), "kernel_backend must be auto|triton|torch"),
+            (0.0 <= self.lam <= 1.0 and 0.0 <= self.gamma <= 1.0, "gamma and lam must be in [0, 1]"),
+            (self.actor_lr > 0 and self.critic_lr > 0, "actor_lr and critic_lr must be > 0"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"PPOConfig: {message}")
+                raise ConfigError(f"PPOConfig: {message}")
+        from fastrlhf.rollout.budget import check_lengths
+
+        check_lengths(self.max_prompt_length, self.rollout)  # max_model_len vs prompt + response

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf.config import ConfigError, load_config
+from fastrlhf.config import ConfigError
 from fastrlhf.data import IGNORE_INDEX, chat_sft_features, pad_batch, sft_features
 from fastrlhf.kernels import linear_token_logprobs, token_logprobs
 from fastrlhf.models.heads import position_ids_from_mask
@@ -128,11 +128,18 @@ def sft_row_features(row: dict, tokenizer, max_length: int, *, chat_template: bo
 
     ``messages`` rows always go through the tokenizer's chat template; a prompt/response row's prompt
     does when ``chat_template`` (see :func:`fastrlhf.trainers.common.format_prompt`).
+    A row longer than ``max_length`` is never cut (a cut response teaches a wrong ending): it raises
+    ``ValueError`` naming ``max_length``, which the trainer turns into a drop with a count or an error
+    (``drop_overlong``).
     """
     if row.get("messages") is not None:
-        return chat_sft_features(row["messages"], tokenizer, max_length=max_length)
-    prompt = common.format_prompt(tokenizer, row["prompt"], chat_template=chat_template)
-    return sft_features(prompt, row["response"], tokenizer, max_length=max_length)
+        f = chat_sft_features(row["messages"], tokenizer)
+    else:
+        prompt = common.format_prompt(tokenizer, row["prompt"], chat_template=chat_template)
+        f = sft_features(prompt, row["response"], tokenizer)
+    if max_length is not None and len(f["input_ids"]) > max_length:
+        raise ValueError(f"the row has {len(f['input_ids'])} tokens, more than max_length={max_length}")
+    return f
 
 
 def pack_features(features: list[dict], max_length: int) -> list[dict]:
@@ -261,10 +268,9 @@ class SFTTrainer(common.StepTrainer):
 
 def cli_main(config_path: str, overrides: list[str]) -> int:
     """``fastrlhf sft --config FILE.yaml [key=value ...]``."""
-    cfg = load_config(SFTConfig, config_path, overrides)
-    result = SFTTrainer(cfg).train()
-    print(f"[fastrlhf] sft done: {Path(cfg.output_dir) / 'final'}  {result}")
-    return 0
+    from fastrlhf.trainers.guard import stage_cli
+
+    return stage_cli(SFTConfig, SFTTrainer, config_path, overrides)
 
 
 __all__ = ["SFTConfig", "SFTTrainer", "accumulate_sft_gradients", "cli_main", "evaluate_sft", "pack_features",

@@ -47,6 +47,7 @@ def test_leading_bos_kept_trailing_eos_not_doubled():
 
 
 def test_truncation_cuts_response_end_and_keeps_eos():
+    """API.md: the function itself cuts the response end and keeps EOS (the trainers never call it so)."""
     tok = build_test_tokenizer()
     f = sft_features("hello cat", "the big red dog is good", tok, max_length=5)
     assert f["input_ids"] == ids(tok, "hello cat the big") + [tok.eos_token_id]
@@ -124,6 +125,20 @@ def test_chat_truncation_keeps_whole_assistant_turns():
         chat_sft_features(CONVERSATION, tok, max_length=first_end - 1)
 
 
+def test_sft_rows_are_never_cut_by_the_trainer():
+    """The trainer's row features refuse (never cut) an over-long row, prompt/response and messages alike."""
+    from fastrlhf.trainers.sft import sft_row_features
+    tok = build_test_tokenizer()
+    with pytest.raises(ValueError, match="7 tokens, more than max_length=5"):
+        sft_row_features({"prompt": "hello cat", "response": "the big red dog"}, tok, 5)
+    fits = sft_row_features({"prompt": "hello cat", "response": "the big"}, tok, 5)
+    assert fits["input_ids"] == ids(tok, "hello cat the big") + [tok.eos_token_id]
+    input_ids, labels = expected_chat(tok)
+    with pytest.raises(ValueError, match=f"{len(input_ids)} tokens, more than max_length"):
+        sft_row_features({"messages": CONVERSATION}, tok, len(input_ids) - 1)
+    assert sft_row_features({"messages": CONVERSATION}, tok, len(input_ids))["labels"] == labels
+
+
 @pytest.mark.parametrize("messages,match", [
     ([], "non-empty list"),
     ([{"role": "user", "content": "hi"}], "no assistant turn"),
@@ -154,8 +169,10 @@ def test_prompt_features_and_preference_features():
     assert prompt_features("hello cat", tok) == expected
     with pytest.raises(ValueError, match="3 tokens, more than max_length=2"):
         prompt_features("hello cat", tok, max_length=2)
-    f = preference_features("hello", "big red dog", "no", tok, max_length=5, margin=2)
-    assert f["chosen_input_ids"] == [bos] + ids(tok, "hello big red") + [eos]  # cut, EOS kept
+    with pytest.raises(ValueError, match="more than max_length=5"):  # never cut
+        preference_features("hello", "big red dog", "no", tok, max_length=5)
+    f = preference_features("hello", "big red", "no", tok, max_length=5, margin=2)
+    assert f["chosen_input_ids"] == [bos] + ids(tok, "hello big red") + [eos]
     assert f["rejected_input_ids"] == [bos] + ids(tok, "hello no") + [eos]
     assert f["chosen_attention_mask"] == [1] * 5 and f["rejected_attention_mask"] == [1] * 4
     assert f["margin"] == 2.0
