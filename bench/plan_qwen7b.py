@@ -8,7 +8,7 @@ import dataclasses
 
 from fastrlhf.engine.planner import GiB, plan_ppo, read_plan_spec
 
-CONFIG = "examples/plan/qwen2.5-7b-ppo.yaml"
+CONFIG = "examples/configs/qwen2.5-7b/ppo_plan.yaml"
 VARIANTS = {
     "four models, full fine-tuning": {},
     "LoRA r=16 (three models)": {"lora_rank": 16},

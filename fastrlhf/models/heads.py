@@ -163,7 +163,13 @@ class RewardModel(ScalarHeadModel):
         self.reward_mean = reward_mean
         self.reward_std = reward_std
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    supports_packing = True
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                packing: bool = False) -> torch.Tensor:
+        if packing:  # valid tokens only, attention confined to each row (fastrlhf.models.packing)
+            from .packing import last_token_outputs_packed
+            return last_token_outputs_packed(self, input_ids, attention_mask)[:, 0]
         return self.last_token_outputs(input_ids, attention_mask)[:, 0]
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
@@ -195,7 +201,13 @@ class ValueModel(ScalarHeadModel):
     def __init__(self, backbone: nn.Module, *, head_init_std: float | None = 0.0):
         super().__init__(backbone, num_heads=1, head_init_std=head_init_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    supports_packing = True
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                packing: bool = False) -> torch.Tensor:
+        if packing:  # valid tokens only, attention confined to each row (fastrlhf.models.packing)
+            from .packing import head_outputs_packed
+            return head_outputs_packed(self, input_ids, attention_mask)[..., 0]
         values = self.head_outputs(input_ids, attention_mask)[..., 0]
         return torch.where(attention_mask.bool(), values, torch.zeros_like(values))
 
