@@ -21,6 +21,7 @@ from fastrlhf.data import IGNORE_INDEX, chat_sft_features, pad_batch, sft_featur
 from fastrlhf.kernels import linear_token_logprobs, token_logprobs
 from fastrlhf.models.heads import position_ids_from_mask
 from fastrlhf.models.loading import load_causal_lm, load_tokenizer
+from fastrlhf.models.packing import block_causal_mask
 from fastrlhf.models.policy import effective_temperature
 from fastrlhf.trainers import common
 
@@ -166,23 +167,9 @@ def pack_features(features: list[dict], max_length: int) -> list[dict]:
 
 def packed_attention_mask(segment_ids: torch.Tensor, attn_implementation: str,
                           dtype: torch.dtype) -> torch.Tensor:
-    """``[B, 1, T, T]`` block-diagonal causal mask from ``segment_ids [B, T]`` (-1 = padding).
-
-    Token i attends to j iff same segment and j <= i; a padding token attends to itself only (a fully
-    masked query row would give NaN in SDPA). bool (True = attend) for "sdpa", additive float for "eager".
-    """
-    t = segment_ids.shape[1]
-    pos = torch.arange(t, device=segment_ids.device)
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
-    allowed = (same & (pos[None, None, :] <= pos[None, :, None])) | torch.eye(t, dtype=torch.bool,
-                                                                           device=segment_ids.device)
-    if attn_implementation == "sdpa":
-        return allowed[:, None]
-    if attn_implementation == "eager":
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-    raise ValueError(f"packing needs attn_implementation 'sdpa' or 'eager', the model uses "
-                     f"{attn_implementation!r}; set packing=false")
+    """``[B, 1, T, T]`` block-diagonal causal mask from ``segment_ids [B, T]`` (-1 = padding): the one
+    :func:`fastrlhf.models.packing.block_causal_mask` that PPO's packed micro-batches use too."""
+    return block_causal_mask(segment_ids, attn_implementation, dtype)
 
 
 def collate(features: list[dict], pad_id: int, model_config=None, dtype=torch.float32) -> dict:
