@@ -205,3 +205,17 @@ def test_eager_attention_packs_too():
         plp, pent, _ = policy_forward_packed(policy, ids, attn, mode="logprobs", prompt_len=p)
     m = attn[:, p:].bool()
     torch.testing.assert_close(torch.where(m, plp, 0.0), torch.where(m, lp, 0.0), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batch_with_no_valid_response_token(loss_agg):
+    """Every response masked out (rows dropped upstream): zero loss and zero stats, as the padded path."""
+    policy = PolicyWithLoss(tiny_llama(V, seed=10), shared_critic=True, backend="torch")
+    ids, attn, p = _ppo_batch("left", seed=11)
+    mask = torch.zeros_like(attn[:, p:], dtype=torch.bool)
+    kw = dict(old_logprobs=torch.zeros(mask.shape), advantages=torch.ones(mask.shape), mask=mask, loss_agg=loss_agg)
+    loss, stats, _ = policy(ids, attn, mode="loss", prompt_len=p, **kw)
+    ploss, pstats, pvalues = policy_forward_packed(policy, ids, attn, mode="loss", prompt_len=p, **kw)
+    assert float(ploss) == float(loss) == 0.0
+    assert all(float(pstats[k]) == float(stats[k]) for k in stats)
+    (ploss + pvalues.sum()).backward()  # no error on an empty selection
