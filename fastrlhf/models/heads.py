@@ -120,7 +120,11 @@ class ScalarHeadModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = self.state_dict()
+        if any(".lora_" in k for k in state):  # LoRA (fastrlhf.models.lora): save the merged weights
+            from .lora import merged_state_dict
+            state = merged_state_dict(self)
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {"class": type(self).__name__, "num_heads": self.head.out_features, **self._head_meta()}
         (directory / HEAD_FILE).write_text(json.dumps(meta, indent=2) + "\n")

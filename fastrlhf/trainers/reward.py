@@ -178,7 +178,7 @@ class RewardTrainer(common.StepTrainer):
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("rm", train_rows, eval_rows)
-        self.model = self._build_model(model).to(self.device)
+        self.model = common.maybe_apply_lora(cfg, self._build_model(model)).to(self.device)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.setup_loop()
@@ -254,9 +254,16 @@ class RewardTrainer(common.StepTrainer):
         return metrics
 
     def save_model(self, directory: Path) -> None:
-        self.model.save_pretrained(directory, tokenizer=self.tokenizer)
+        self.model.save_pretrained(directory, tokenizer=self.tokenizer)  # adapters merged (heads.py)
+        if self.cfg.lora_rank:
+            common.save_adapters(self.model, directory)
 
     def load_model(self, directory: Path) -> None:
+        if self.cfg.lora_rank:
+            common.load_adapters(self.model, directory)
+            loaded = load_head_model(directory, dtype=next(self.model.parameters()).dtype)
+            self.model.reward_mean, self.model.reward_std = loaded.reward_mean, loaded.reward_std
+            return
         loaded = load_head_model(directory, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(loaded.state_dict())
         self.model.reward_mean, self.model.reward_std = loaded.reward_mean, loaded.reward_std

@@ -209,7 +209,7 @@ class SFTTrainer(common.StepTrainer):
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("sft", train_rows, eval_rows)
         model = model if model is not None else load_causal_lm(cfg.model, dtype=cfg.dtype)
-        self.model = model.to(self.device)
+        self.model = common.maybe_apply_lora(cfg, model).to(self.device)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.pad_id = self.tokenizer.pad_token_id
@@ -240,10 +240,18 @@ class SFTTrainer(common.StepTrainer):
                             bf16=self.cfg.bf16, loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend)
 
     def save_model(self, directory: Path) -> None:
+        if self.cfg.lora_rank:  # a plain HF checkpoint (adapters merged) + the adapters for resume
+            from fastrlhf.models.lora import save_merged_pretrained
+            save_merged_pretrained(self.model, directory, tokenizer=self.tokenizer)
+            common.save_adapters(self.model, directory)
+            return
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
     def load_model(self, directory: Path) -> None:
+        if self.cfg.lora_rank:
+            common.load_adapters(self.model, directory)
+            return
         loaded = load_causal_lm(directory, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(loaded.state_dict())
 
