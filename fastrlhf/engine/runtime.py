@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastrlhf.utils import set_seed
+
 from .distributed import init_distributed
 from .memory import ModelSize, model_size, plan_memory
 from .scheduler import PhaseScheduler
@@ -77,7 +79,6 @@ def init_runtime(device: str | None = None, *, seed: int | None = None) -> Runti
     given, Python/NumPy/torch are seeded with ``seed + rank`` (distinct sampling streams per rank)."""
     info = init_distributed(device)
     if seed is not None:
-        from fastrlhf.trainers.common import set_seed
         set_seed(seed + info.rank)
     return Runtime(device=info.device, rank=info.rank, world_size=info.world_size,
                    local_rank=info.local_rank)

@@ -31,6 +31,7 @@ from transformers import get_scheduler
 from fastrlhf.config import ConfigError
 from fastrlhf.data import DataError, read_rows, validate_rows
 from fastrlhf.telemetry.metrics import MetricsLogger, truncate_metrics
+from fastrlhf.utils import set_seed  # noqa: F401  (re-exported: trainers call common.set_seed)
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -128,13 +129,6 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 
 # ------------------------------------------------------------------------------------------------- seed
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rng_state() -> dict[str, Any]:
     """Snapshot of every RNG a trainer touches (restore with :func:`set_rng_state`)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -163,7 +157,8 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    from fastrlhf.engine.precision import adamw
+    return adamw(groups, lr=lr, betas=betas, eps=eps)  # fused (plain tensors) or foreach (FSDP2 shards)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, num_training_steps: int,
