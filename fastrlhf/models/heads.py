@@ -94,7 +94,8 @@ class ScalarHeadModel(nn.Module):
     def head_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T, K]`` fp32 head outputs at every position."""
         h = self.hidden_states(input_ids, attention_mask)
-        return self.head(h.to(self.head.weight.dtype)).float()
+        with torch.autocast(h.device.type, enabled=False):  # fp32 head under bf16 autocast too
+            return self.head(h.to(self.head.weight.dtype)).float()
 
     def last_token_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, K]`` fp32 head outputs at each row's last valid token (0 for rows with none).
@@ -104,7 +105,8 @@ class ScalarHeadModel(nn.Module):
         h = self.hidden_states(input_ids, attention_mask)
         idx = last_token_index(attention_mask)
         last = h[torch.arange(h.shape[0], device=h.device), idx]
-        out = self.head(last.to(self.head.weight.dtype)).float()
+        with torch.autocast(h.device.type, enabled=False):
+            out = self.head(last.to(self.head.weight.dtype)).float()
         has_any = attention_mask.bool().any(-1, keepdim=True)
         return torch.where(has_any, out, torch.zeros_like(out))
 
