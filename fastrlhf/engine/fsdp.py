@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 # Methods of our model classes that run a forward outside ``forward``: FSDP2 must unshard around them.
-_FORWARD_METHODS = ("hidden_states", "head_outputs", "last_token_outputs")
+_FORWARD_METHODS = ("hidden_states", "head_outputs", "last_token_outputs", "head_scores")
 
 
 def hf_model_prefix(model: nn.Module) -> tuple[str, nn.Module]:

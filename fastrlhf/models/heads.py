@@ -117,12 +117,15 @@ class ScalarHeadModel(nn.Module):
     def _head_meta(self) -> dict[str, Any]:
         return {}
 
-    def save_pretrained(self, directory: str | Path, *, tokenizer=None) -> None:
-        """Backbone config, safetensors weights and head metadata into ``directory`` (+ tokenizer)."""
+    def save_pretrained(self, directory: str | Path, *, tokenizer=None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Backbone config, safetensors weights and head metadata into ``directory`` (+ tokenizer).
+        ``state_dict``: the full weights when the module itself holds shards (FSDP2)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu()
+                 for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {"class": type(self).__name__, "num_heads": self.head.out_features, **self._head_meta()}
         (directory / HEAD_FILE).write_text(json.dumps(meta, indent=2) + "\n")
