@@ -48,6 +48,26 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _quiet_single_process():
+    """DCP warns that it "assumes" a single process when there is no process group: that is the intent."""
+    import warnings
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    return _Exit(ctx)
+
+
+class _Exit:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
 def _app_state(models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items() if m is not None}
@@ -69,7 +89,8 @@ def save_checkpoint(directory: str | Path, *, models: dict[str, nn.Module],
         tmp.mkdir(parents=True)
     _barrier()
     writer = FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1)
-    dcp.save(_app_state(models, optimizers), storage_writer=writer)
+    with _quiet_single_process():
+        dcp.save(_app_state(models, optimizers), storage_writer=writer)
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_state_json()))
     _barrier()
     if rank == 0:
@@ -114,7 +135,8 @@ def load_checkpoint(directory: str | Path, *, models: dict[str, nn.Module],
         raise RuntimeError(f"{directory} was written by {state['world_size']} ranks and this run has {world}; "
                            f"resume with --nproc_per_node {state['world_size']} or start a new output_dir")
     app = _app_state(models, optimizers)
-    dcp.load(app, checkpoint_id=str(directory))
+    with _quiet_single_process():
+        dcp.load(app, checkpoint_id=str(directory))
     for name, model in models.items():
         if model is not None:
             set_model_state_dict(model, app[f"model.{name}"])

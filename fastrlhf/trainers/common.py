@@ -121,7 +121,8 @@ def validate_scale_keys(cfg) -> None:
     name = type(cfg).__name__
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"{name}: precision must be one of {'|'.join(PRECISIONS)}, got {cfg.precision!r}")
-    object.__setattr__(cfg, "precision", legacy_precision(name, cfg.precision, bf16=cfg.bf16, dtype=cfg.dtype))
+    object.__setattr__(cfg, "precision", legacy_precision(name, cfg.precision, bf16=getattr(cfg, "bf16", None),
+                                                         dtype=cfg.dtype))
     if cfg.offload not in OFFLOADS:
         raise ConfigError(f"{name}: offload must be one of {'|'.join(OFFLOADS)}, got {cfg.offload!r}")
     betas = tuple(cfg.adam_betas)

@@ -17,6 +17,7 @@ Each rank samples its own prompt shard; metrics are all-reduced means; only rank
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -39,15 +40,12 @@ from fastrlhf.kernels import gae, masked_mean, masked_var, masked_whiten, ppo_va
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
 from fastrlhf.telemetry.metrics import MetricsLogger
-from fastrlhf.trainers import common
+from fastrlhf.trainers import common, ppo_checkpoint
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch, count_units, loss_weight, split_rows
 from fastrlhf.trainers.ppo_config import EarlyStopConfig, KLConfig, PPOConfig, RolloutConfig  # noqa: F401
 from fastrlhf.trainers.ppo_state import (
     drop_rows_after,
     early_stop_rule,
-    load_ppo_checkpoint,
-    save_policy,
-    save_ppo_checkpoint,
 )
 
 __all__ = ["PPOTrainer", "PPOConfig", "RolloutConfig", "KLConfig", "EarlyStopConfig", "cli_main"]
@@ -78,6 +76,18 @@ def build_kl_controller(cfg: KLConfig):
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2's global grad norm) as a plain tensor; other tensors unchanged."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model.eval()`` inside (HF generate keeps its KV cache only outside checkpointed train mode);
+    the previous mode after. Dropout is 0 either way, so the function computed is the same."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 class PPOTrainer:
@@ -122,14 +132,13 @@ class PPOTrainer:
             else PolicyWithLoss(actor, shared_critic=cfg.shared_critic, **wrap)
         )
         ref = ref if isinstance(ref, PolicyWithLoss) else PolicyWithLoss(ref, **wrap)
+        # Actor and critic stay in train mode (HF gradient checkpointing runs only there) with every dropout
+        # probability at 0: old log-probs, values and the first epoch's new ones come from the same
+        # function, so the PPO ratio starts at exactly 1.
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
-            self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model
+            self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model,
+            precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing, offload=cfg.offload,
         )
-        # Dropout off in every model, training included: old log-probs, values and the first epoch's
-        # new ones must come from the same function, or the PPO ratio starts away from 1.
-        for model in (self.actor, self.critic):
-            if model is not None:
-                model.eval()
         self.rollout = rollout or rt.make_rollout(
             self.runtime,
             cfg.rollout.backend,
@@ -174,13 +183,10 @@ class PPOTrainer:
     def _setup_optim(self):
         cfg = self.config
         steps = cfg.iterations * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.minibatch_size)
-        self.optimizers = {
-            "actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
-        }
+        adam = dict(weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+        self.optimizers = {"actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, **adam)}
         if self.critic is not None:
-            self.optimizers["critic"] = common.build_optimizer(
-                self.critic, lr=cfg.critic_lr, weight_decay=cfg.weight_decay
-            )
+            self.optimizers["critic"] = common.build_optimizer(self.critic, lr=cfg.critic_lr, **adam)
         self.schedulers = {
             k: common.build_scheduler(
                 o, cfg.lr_scheduler, num_training_steps=max(steps, 1), warmup_ratio=cfg.warmup_ratio
@@ -199,7 +205,7 @@ class PPOTrainer:
 
     def save_final(self, directory: str | Path | None = None) -> Path:
         """The trained policy in HF format (default ``output_dir/final``)."""
-        return save_policy(self, directory or self.output_dir / "final")
+        return ppo_checkpoint.export_policy(self, directory or self.output_dir / "final")
 
     # ---------------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
@@ -219,7 +225,7 @@ class PPOTrainer:
                             refresh=False)
             last = it + 1 == cfg.iterations or self.stop_state["stopped"] is not None
             if (it + 1) % cfg.checkpoint_every == 0 or last:
-                save_ppo_checkpoint(self, it + 1)
+                ppo_checkpoint.save_sharded(self, it + 1)
         self.logger.close()
         return self.history
 
@@ -228,7 +234,7 @@ class PPOTrainer:
         prompt_rows = self._prompt_rows(it)
         prompts = [self.prompt_ids[i] for i in prompt_rows]
         # 1. generate
-        with sched.phase("generate"):
+        with sched.phase("generate"), _eval_mode(self.actor):  # KV cache on, no checkpointing
             gen = self.rollout.generate(prompts, self._sampling_params(it))
         batch = build_batch(
             prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device
@@ -304,6 +310,10 @@ class PPOTrainer:
 
     def _score_rows(self, ids, attn, p_len: int):
         """Actor log-probs and entropy, values, RM scores and reference log-probs of some rows."""
+        with common.autocast(self.runtime.device, self.runtime.autocast_bf16):
+            return self._score_rows_fwd(ids, attn, p_len)
+
+    def _score_rows_fwd(self, ids, attn, p_len: int):
         old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len)
         ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
         if self.critic is not None:
@@ -375,6 +385,8 @@ class PPOTrainer:
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 n += 1
+        for opt in self.optimizers.values():  # free the grads before SYNC / GENERATE / the next SCORE
+            opt.zero_grad(set_to_none=True)
         out = {k: v / n for k, v in totals.items()}
         out["skipped_steps"] = torch.tensor(float(self.counters["skipped_steps"]))
         out["lr_actor"] = torch.tensor(self.schedulers["actor"].get_last_lr()[0])
@@ -391,7 +403,8 @@ class PPOTrainer:
         for rows in split_rows(torch.arange(mb.size, device=mb.mask.device), cfg.micro_batch_size):
             micro = mb.select(rows)
             w = loss_weight(micro.mask, total, cfg.loss_agg)
-            loss, st = self._micro_loss(micro)
+            with common.autocast(self.runtime.device, self.runtime.autocast_bf16):
+                loss, st = self._micro_loss(micro)
             if backward:
                 (w * loss).backward()
             loss_sum = loss_sum + w * loss.detach()
@@ -506,10 +519,10 @@ class PPOTrainer:
         self.stop_state = dict(extra["stop_state"])
 
     def _resume(self) -> int:
-        ckpt = common.latest_checkpoint(self.output_dir)
+        ckpt = ppo_checkpoint.latest(self.output_dir)
         if ckpt is None:
             return 0
-        step = load_ppo_checkpoint(self, ckpt)
+        step = ppo_checkpoint.load_sharded(self, ckpt)
         if self.runtime.is_main:
             drop_rows_after(self.logger.path, step)
             print(f"[ppo] resumed from {ckpt} (iteration {step})", flush=True)

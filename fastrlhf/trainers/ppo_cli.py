@@ -17,7 +17,7 @@ from fastrlhf.config import load_config
 def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     from fastrlhf.data import prompt_features, read_rows
     from fastrlhf.engine import runtime as rt
-    from fastrlhf.models import RewardModel, ValueModel, load_causal_lm, load_tokenizer
+    from fastrlhf.models import load_tokenizer
     from fastrlhf.trainers import common
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -37,14 +37,7 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
             raise ValueError(f"{cfg.data}, row {i + 1}: the prompt has {len(ids)} tokens, more than "
                              f"max_prompt_length={cfg.max_prompt_length}")
         prompts.append(ids)
-    actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
-    ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
-    reward_model = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype)
-    critic = (
-        None
-        if cfg.shared_critic
-        else ValueModel.from_pretrained(cfg.critic_model or cfg.reward_model, dtype=cfg.dtype)
-    )
+    actor, critic, ref, reward_model = load_ppo_models(cfg, runtime)
     trainer = PPOTrainer(
         cfg,
         actor=actor,
@@ -58,3 +51,28 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     trainer.train()
     trainer.save_final()
     return 0
+
+
+def load_ppo_models(cfg, runtime):
+    """Actor, critic (None with ``shared_critic``), reference and reward model, loaded one after another:
+    rank 0 reads each checkpoint, the other ranks build on the meta device and receive their FSDP2
+    shards (``fastrlhf.engine.loading``); frozen models arrive in the compute dtype."""
+    from fastrlhf.engine.loading import causal_lm_source, head_model_source, materialize
+    from fastrlhf.engine.precision import resolve_precision
+    from fastrlhf.models import RewardModel, ValueModel
+    from fastrlhf.models.policy import PolicyWithLoss
+
+    precision = resolve_precision(cfg.precision, runtime.device)
+    wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
+    offload = cfg.offload in ("params", "all")
+    actor = materialize(runtime, causal_lm_source(
+        cfg.model, wrap=lambda m: PolicyWithLoss(m, shared_critic=cfg.shared_critic, **wrap)),
+        train=True, precision=precision, offload_params=offload)
+    critic = None if cfg.shared_critic else materialize(
+        runtime, head_model_source(cfg.critic_model or cfg.reward_model, ValueModel), train=True,
+        precision=precision, offload_params=offload)
+    ref = materialize(runtime, causal_lm_source(cfg.model, wrap=lambda m: PolicyWithLoss(m, **wrap)),
+                      train=False, precision=precision)
+    reward = materialize(runtime, head_model_source(cfg.reward_model, RewardModel), train=False,
+                         precision=precision)
+    return actor, critic, ref, reward

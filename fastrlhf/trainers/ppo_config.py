@@ -75,7 +75,12 @@ class PPOConfig:
     critic_model: str | None = None  # None: initialise the critic from the reward model
     data: str = ""
     output_dir: str = "runs/ppo"
-    dtype: str = "float32"
+    dtype: str | None = None  # deprecated alias of precision (bfloat16 / float32), removed in 0.3
+    precision: str = "auto"  # auto | bf16 | fp32 (fastrlhf.engine.precision)
+    gradient_checkpointing: bool = False  # actor and critic (kept in train mode with dropout 0)
+    offload: str = "auto"  # auto | none | optimizer | params | all
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
     max_prompt_length: int = 512
     chat_template: bool = False  # prompts as one user turn of the chat template: keep equal to sft/rm
     seed: int = 0
@@ -135,3 +140,5 @@ class PPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"PPOConfig: {message}")
+        from fastrlhf.trainers.common import validate_scale_keys
+        validate_scale_keys(self)
