@@ -361,14 +361,8 @@ class PPOTrainer:
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Advantage whitening over the valid tokens of the global batch (all ranks)."""
-        if self.runtime.world_size == 1:
-            return masked_whiten(adv, mask)
-        m = mask.float()
-        moments = torch.stack([m.sum(), (adv * m).sum(), (adv * adv * m).sum()]) * self.runtime.world_size
-        n, s, ss = self.runtime.all_reduce_mean(moments).tolist()
-        mean = s / max(n, 1.0)
-        var = (ss - n * mean * mean) / max(n - 1.0, 1.0)
-        return torch.where(mask, (adv - mean) / math.sqrt(var + 1e-8), torch.zeros_like(adv))
+        group = torch.distributed.group.WORLD if self.runtime.world_size > 1 else None
+        return masked_whiten(adv, mask, group=group)
 
     # ----------------------------------------------------------------------------------------- 3. train
     def train_epochs(self, batch: PPOBatch, it: int) -> dict:

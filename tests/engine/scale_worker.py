@@ -19,6 +19,7 @@ from fastrlhf.engine.fsdp import full_state_dict, is_fsdp
 from fastrlhf.engine.loading import causal_lm_source, head_model_source, materialize
 from fastrlhf.engine.precision import adamw
 from fastrlhf.engine.runtime import init_runtime
+from fastrlhf.kernels import masked_whiten
 from fastrlhf.models import RewardModel, tiny_llama
 from fastrlhf.models.policy import PolicyWithLoss
 
@@ -88,6 +89,15 @@ def main(out_dir: str) -> None:
     again = [step(actor, opt, ids, mask) for _ in range(2)] + [torch.rand(()).item()]
     res["resume_equal"] = after == again
     res["state"] = state
+    res["foreach_on_shards"] = opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
+    # masked_whiten over the process group == one process whitening the concatenation
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3, 7, generator=g) for _ in range(2)]
+    ms = [torch.rand(3, 7, generator=g) > 0.3 for _ in range(2)]
+    mine = masked_whiten(xs[rt.rank], ms[rt.rank], group=dist.group.WORLD)
+    both = [torch.zeros_like(mine) for _ in range(2)]
+    dist.all_gather(both, mine)
+    res["whiten_diff"] = (torch.cat(both) - masked_whiten(torch.cat(xs), torch.cat(ms))).abs().max().item()
     wrote = export_hf(actor, out / "export", bucket_mb=0.01)
     final_sd = full_state_dict(actor)
     rt.barrier()

@@ -47,3 +47,9 @@ def test_streamed_hf_export_loads_with_from_pretrained(result):
     assert result["wrote"]
     assert result["export_files"] > 1  # several buckets: never the whole model at once
     assert result["export_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_adamw_foreach_on_shards_and_whitening_over_the_group(result):
+    assert result["foreach_on_shards"]  # DTensor shards: the multi-tensor AdamW
+    assert result["whiten_diff"] < 1e-6
