@@ -32,6 +32,33 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class AnonPeak:
+    """Peak of RssAnon (heap, not file pages mapped from safetensors), sampled every 5 ms in a thread."""
+
+    def __init__(self):
+        import threading
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.now())
+
+    def take(self) -> float:
+        """The peak since the last take (and reset)."""
+        peak, self.peak = max(self.peak, self.now()), self.now()
+        return peak
+
+
 def save_models(root: Path) -> int:
     import torch
     from transformers import AutoModel, Qwen2Config, Qwen2ForCausalLM
@@ -63,7 +90,9 @@ def worker(root: Path, out: Path, precision: str) -> None:
     from fastrlhf.engine.runtime import init_runtime
     from fastrlhf.trainers.ppo_config import PPOConfig
     from fastrlhf.trainers.ppo_cli import load_ppo_models
-    rows = [{"step": "start", "rss_mb": _rss_mb(), "peak_mb": _peak_mb()}]
+    anon = AnonPeak()
+    rows = [{"step": "start", "rss_mb": _rss_mb(), "peak_mb": _peak_mb(), "anon_mb": anon.now(),
+             "anon_peak_mb": anon.take()}]
     rt = init_runtime("cpu")
     cfg = PPOConfig(model=str(root / "sft"), reward_model=str(root / "rm"), data="unused", precision=precision)
     import fastrlhf.engine.loading as loading
@@ -71,7 +100,8 @@ def worker(root: Path, out: Path, precision: str) -> None:
 
     def traced(*args, **kwargs):  # one row per model, in loading order
         model = original(*args, **kwargs)
-        rows.append({"step": f"model {len(rows)}", "rss_mb": _rss_mb(), "peak_mb": _peak_mb()})
+        rows.append({"step": f"model {len(rows)}", "rss_mb": _rss_mb(), "peak_mb": _peak_mb(),
+                     "anon_mb": anon.now(), "anon_peak_mb": anon.take()})
         return model
 
     loading.materialize = traced
@@ -118,6 +148,14 @@ def main(argv=None) -> int:
                                         for row in rows))
         print(f"rank {r}: peak {peak:.0f} MB = {peak / full_mb:.2f} x full fp32; held after loading "
               f"{rows[-1]['rss_mb']:.0f} MB; transient above that {peak - rows[-1]['rss_mb']:.0f} MB")
+        held = 0.0
+        for row in rows[1:]:  # anonymous memory: what each load added on top of what was held before it
+            row["anon_transient_mb"] = round(row["anon_peak_mb"] - held, 1)
+            held = row["anon_mb"]
+        result["ranks"][-1]["anon_peak_mb"] = round(max(row["anon_peak_mb"] for row in rows), 1)
+        print(f"rank {r}: heap (RssAnon) per model: " + ", ".join(
+            f"{row['step']} held {row['anon_mb']:.0f} peak {row['anon_peak_mb']:.0f} (load transient "
+            f"{row['anon_transient_mb']:.0f} = {row['anon_transient_mb'] / full_mb:.2f} x full)" for row in rows[1:]))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

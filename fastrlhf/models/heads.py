@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
@@ -142,14 +142,39 @@ class ScalarHeadModel(nn.Module):
         config = AutoConfig.from_pretrained(directory)
         body = AutoModel.from_config(config, dtype=resolve_dtype(dtype) or torch.float32)
         meta = json.loads((directory / HEAD_FILE).read_text())
-        return body, meta, load_file(str(directory / WEIGHTS_FILE))
+        return body, meta, _LazyWeights(directory / WEIGHTS_FILE)
 
-    def _load_weights(self, state: dict[str, torch.Tensor], directory) -> None:
+    def _load_weights(self, state, directory) -> None:
+        """Copy ``state`` (a dict, or the file's tensors read one at a time) into the parameters."""
+        if isinstance(state, _LazyWeights):
+            return state.copy_into(self, directory)
         missing, unexpected = self.load_state_dict(state, strict=False)
         # Non-persistent buffers (rotary inv_freq) are rebuilt by the config; anything else must match.
         if missing or unexpected:
             raise ValueError(f"{directory}: weights do not match {type(self).__name__}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+class _LazyWeights:
+    """A safetensors file copied into a model one tensor at a time: loading holds the model plus one
+    tensor, not the model plus a second full copy of its weights."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def copy_into(self, model: nn.Module, directory) -> None:
+        from safetensors import safe_open
+        targets = dict(model.state_dict(keep_vars=True))
+        with safe_open(str(self.path), framework="pt") as f:
+            keys = list(f.keys())
+            missing = sorted(set(targets) - set(keys))
+            unexpected = sorted(set(keys) - set(targets))
+            if missing or unexpected:  # non-persistent buffers are not in state_dict(): never "missing"
+                raise ValueError(f"{directory}: weights do not match {type(model).__name__}: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            with torch.no_grad():
+                for key in keys:
+                    targets[key].copy_(f.get_tensor(key))
 
 
 class RewardModel(ScalarHeadModel):
