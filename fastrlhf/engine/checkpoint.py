@@ -132,7 +132,8 @@ def load_checkpoint(directory: str | Path, *, models: dict[str, nn.Module],
     rank, world = _rank_world()
     state = read_state(directory)
     if state["world_size"] != world:
-        raise RuntimeError(f"{directory} was written by {state['world_size']} ranks and this run has {world}; "
+        raise RuntimeError(f"{directory} was written by {state['world_size']} ranks and this run has "
+                           f"{world}; "
                            f"resume with --nproc_per_node {state['world_size']} or start a new output_dir")
     app = _app_state(models, optimizers)
     with _quiet_single_process():

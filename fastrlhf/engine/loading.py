@@ -32,8 +32,8 @@ class ModelSource:
     load: Callable[[], nn.Module]
 
 
-def materialize(runtime, source: ModelSource, *, train: bool, precision: str = "fp32", fsdp: bool | None = None,
-                offload_params: bool = False) -> nn.Module:
+def materialize(runtime, source: ModelSource, *, train: bool, precision: str = "fp32",
+                fsdp: bool | None = None, offload_params: bool = False) -> nn.Module:
     """The model of ``source`` on ``runtime.device``: FSDP2-sharded when there is a process group (or
     ``fsdp=True``), a plain module otherwise. Frozen models (``train=False``) are stored in the compute
     dtype of ``precision`` with fp32 heads."""

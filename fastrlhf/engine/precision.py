@@ -72,7 +72,8 @@ def legacy_precision(name: str, precision: str, *, bf16: bool | None, dtype: str
     return value
 
 
-def autocast(precision: str, device: torch.device | str, *, fsdp: bool = False) -> contextlib.AbstractContextManager:
+def autocast(precision: str, device: torch.device | str, *,
+             fsdp: bool = False) -> contextlib.AbstractContextManager:
     """bf16 autocast for a plain module under ``precision="bf16"`` (CPU or CUDA); a no-op for fp32 and
     for FSDP2 modules, whose ``MixedPrecisionPolicy`` already casts the parameters."""
     if precision == "bf16" and not fsdp:

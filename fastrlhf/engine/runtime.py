@@ -88,8 +88,8 @@ def init_runtime(device: str | None = None, *, seed: int | None = None) -> Runti
 
 
 def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: bool | None = None,
-                   activation_reserve: float = 0.1, precision: str = "auto", gradient_checkpointing: bool = False,
-                   offload: str = "auto"):
+                   activation_reserve: float = 0.1, precision: str = "auto",
+                   gradient_checkpointing: bool = False, offload: str = "auto"):
     """Move / wrap the four PPO models for this runtime; critic may be None.
 
     ``fsdp`` (default: ``world_size > 1``): FSDP2 over all ranks (``fsdp.shard_model``), actor and critic

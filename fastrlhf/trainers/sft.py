@@ -35,7 +35,8 @@ class SFTConfig(common.StageConfig):
     ``eval_every`` / ``save_every``: in optimizer steps, 0 = only at the end. ``max_steps`` > 0 caps
     the run (smoke tests). ``precision`` (auto | bf16 | fp32): bf16 compute with fp32 master weights and
     AdamW state (``fastrlhf.engine.precision``). Under ``torchrun`` the model is FSDP2-sharded, each rank
-    trains on its share of every global batch of ``batch_size`` sequences and rank 0 writes the files. ``loss_impl="fused"`` computes log-probs from hidden states and
+    trains on its share of every global batch of ``batch_size`` sequences and rank 0 writes the files.
+    ``loss_impl="fused"`` computes log-probs from hidden states and
     the LM head chunk by chunk (``linear_token_logprobs``: no ``[B, T, V]`` logits); ``"logits"`` uses
     the model's logits. ``kernel_backend``: "auto" | "triton" | "torch" for that op.
     """
@@ -267,8 +268,8 @@ class SFTTrainer(common.StepTrainer):
         if self.world_size > 1:
             local = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in batch if "dummy" not in mb)
             total = int(self.all_reduce_sum(torch.tensor(float(local), dtype=torch.float64)))
-        loss, tokens = accumulate_sft_gradients(self.model, batch, device=self.device, bf16=self.autocast_bf16,
-                                                loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend,
+        loss, tokens = accumulate_sft_gradients(self.model, batch, device=self.device,
+                                                bf16=self.autocast_bf16, loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend,
                                                 total=total, grad_scale=float(self.world_size))
         return {"loss": self.all_reduce_sum(loss), "tokens": tokens, **self.optimizer_step()}
 

@@ -14,8 +14,8 @@ WORDS = "a big red cat saw the small dog and ran to one two three four five six"
 
 
 def sft_rows(n: int) -> list[dict]:
-    return [{"prompt": " ".join(WORDS[i % 7:i % 7 + 3]), "response": " ".join(WORDS[(i * 3) % 11:(i * 3) % 11 + 1 + i % 5])}
-            for i in range(n)]
+    return [{"prompt": " ".join(WORDS[i % 7:i % 7 + 3]),
+             "response": " ".join(WORDS[(i * 3) % 11:(i * 3) % 11 + 1 + i % 5])} for i in range(n)]
 
 
 def rm_rows(n: int) -> list[dict]:

@@ -24,7 +24,8 @@ def _single(stage: str, out: Path) -> None:
 
 
 def _losses(out: Path, stage: str) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r and r.get("stage") == stage]
+    rows = read_metrics(out / "metrics.jsonl")
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r and r.get("stage") == stage]
 
 
 @pytest.mark.slow
