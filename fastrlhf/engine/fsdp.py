@@ -137,11 +137,14 @@ def move_optimizer(optimizer: torch.optim.Optimizer, device: torch.device | str)
 
 
 def offload_to_cpu(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Offload parameters (and grads) and/or optimizer state to host memory."""
+    """Offload parameters (and grads) and/or optimizer state to host memory; on CUDA the freed blocks go
+    back to the driver (``empty_cache``) so that vLLM or the next model can use them."""
     if model is not None:
         move_model(model, "cpu")
     if optimizer is not None:
         move_optimizer(optimizer, "cpu")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def onload(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,

@@ -140,3 +140,17 @@ def test_adamw_fused_for_plain_tensors_foreach_otherwise():
         o.step()
     for (n, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=n)  # an update is 1e-3
+
+
+def test_memory_plan_states_precision_and_checkpointing():
+    from fastrlhf.engine.memory import ModelSize, plan_memory
+    n = 7_000_000_000
+    sizes = {"actor": ModelSize(n, 4, True), "critic": ModelSize(n, 4, True), "ref": ModelSize(n, 2),
+             "reward": ModelSize(n, 2)}
+    plan = plan_memory(sizes, budget_bytes=80 * 2**30, device="cuda:0", world_size=8, precision="bf16",
+                       gradient_checkpointing=True)
+    text = plan.format()
+    assert "bf16 compute, fp32 masters" in text and "activations checkpointed" in text
+    assert plan.bytes["actor.params"] + plan.bytes["actor.optim"] == -(-n * 16 // 8)  # 16 B/param trained
+    assert plan.bytes["ref.params"] == -(-n * 2 // 8)  # frozen in bf16
+    assert "no checkpointing" in plan_memory(sizes, budget_bytes=None).format()
