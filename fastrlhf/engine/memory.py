@@ -137,13 +137,16 @@ def item_bytes(sizes: dict[str, ModelSize | None], *, world_size: int = 1, tp: i
 def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None, device: str = "cpu",
                 world_size: int = 1, tp: int = 1, vllm_param_bytes: int = 2, vllm_kv_bytes: int = 0,
                 has_vllm: bool = False, activation_reserve: float = 0.1, precision: str = "fp32",
-                gradient_checkpointing: bool = False) -> MemoryPlan:
+                gradient_checkpointing: bool = False, offload: str = "auto") -> MemoryPlan:
     """Place every item for every phase.
 
     ``sizes``: {"actor", "critic", "ref", "reward"} -> ModelSize or None (absent model).
     ``budget_bytes``: free accelerator memory per rank (None: CPU, everything resident).
     ``activation_reserve``: fraction of the budget kept free for activations and transient buffers.
     Raises MemoryPlanError naming the phase when a working set alone exceeds the budget.
+    ``offload`` (the config key) overrides the plan's choice: "none" keeps all training state resident,
+    "optimizer" / "all" offload the AdamW state outside TRAIN; "params" / "all" also note that the trained
+    shards live on the host (FSDP2 ``CPUOffloadPolicy``, applied when the models are sharded).
     """
     nbytes = item_bytes(sizes, world_size=world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
                         vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm)
@@ -181,7 +184,22 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
                 phase_plan[item] = "resident" if fits else "offloaded"
                 used += nbytes[item] if fits else 0
         placement[phase] = {k: phase_plan[k] for k in nbytes}
+    _force_offload(placement, notes, offload)
     return MemoryPlan(device, budget_bytes, nbytes, placement, notes, precision, gradient_checkpointing)
+
+
+def _force_offload(placement: dict[str, dict[str, str]], notes: list[str], offload: str) -> None:
+    if offload == "auto":
+        return
+    for phase, items in placement.items():
+        for item in items:
+            if offload == "none" and item.split(".")[0] in ("actor", "critic", "ref", "reward"):
+                items[item] = "resident"
+            elif offload in ("optimizer", "all") and item.endswith(".optim") and phase != "train":
+                items[item] = "offloaded"
+    if offload in ("params", "all"):
+        notes.append("offload=params: actor/critic shards, grads and the AdamW step on the host (CPUOffloadPolicy)")
+    notes.append(f"offload={offload} set by the config (not chosen by the plan)")
 
 
 def _sequential_score_bytes(nbytes: dict[str, int]) -> int:

@@ -42,6 +42,7 @@ class Runtime:
     precision: str = "fp32"  # resolved: "bf16" | "fp32" (prepare_models)
     gradient_checkpointing: bool = False
     autocast_bf16: bool = False  # plain modules under bf16 compute by autocast (FSDP2 casts by policy)
+    offload: str = "auto"  # the config's offload key, applied to the memory plan
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -108,6 +109,7 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
         raise RuntimeError("prepare_models(fsdp=True) needs a process group; start with torchrun")
     runtime.precision = resolve_precision(precision, runtime.device)
     runtime.gradient_checkpointing = gradient_checkpointing
+    runtime.offload = offload
     runtime.autocast_bf16 = runtime.precision == "bf16" and not use_fsdp
     models = dict(zip(_NAMES, (actor, critic, ref, reward_model), strict=True))
     # Sizes before sharding (global numel either way); frozen models at the compute dtype they are kept in.
@@ -161,7 +163,8 @@ def _replan(runtime: Runtime, *, has_vllm: bool, tp: int = 1, vllm_param_bytes: 
     plan = plan_memory(runtime.sizes, budget_bytes=_free_device_bytes(runtime), device=str(runtime.device),
                        world_size=runtime.world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
                        vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve,
-                       precision=runtime.precision, gradient_checkpointing=runtime.gradient_checkpointing)
+                       precision=runtime.precision, gradient_checkpointing=runtime.gradient_checkpointing,
+                       offload=runtime.offload)
     runtime.scheduler.bind(plan=plan)
     runtime.print(plan.format())
 

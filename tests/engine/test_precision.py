@@ -154,3 +154,17 @@ def test_memory_plan_states_precision_and_checkpointing():
     assert plan.bytes["actor.params"] + plan.bytes["actor.optim"] == -(-n * 16 // 8)  # 16 B/param trained
     assert plan.bytes["ref.params"] == -(-n * 2 // 8)  # frozen in bf16
     assert "no checkpointing" in plan_memory(sizes, budget_bytes=None).format()
+
+
+def test_offload_key_overrides_the_plan():
+    from fastrlhf.engine.memory import ModelSize, plan_memory
+    n = 10_000_000
+    sizes = {"actor": ModelSize(n, 4, True), "critic": None, "ref": ModelSize(n, 2), "reward": ModelSize(n, 2)}
+    roomy = dict(budget_bytes=2**34, device="cuda:0", has_vllm=True, vllm_kv_bytes=2**20)
+    assert plan_memory(sizes, **roomy).where("generate", "actor.optim") == "resident"  # it fits: kept
+    forced = plan_memory(sizes, **roomy, offload="optimizer")
+    assert forced.where("generate", "actor.optim") == "offloaded"
+    assert forced.where("train", "actor.optim") == "resident"
+    tight = dict(budget_bytes=190 * 2**20, device="cuda:0")  # train fits (160 MB), score + optim does not
+    assert plan_memory(sizes, **tight).where("score", "actor.optim") == "offloaded"
+    assert plan_memory(sizes, **tight, offload="none").where("score", "actor.optim") == "resident"
