@@ -392,11 +392,13 @@ class StepTrainer:
         """FSDP2 over the process group when there is one (``precision`` as its mixed-precision policy,
         ``offload: params|all`` as CPU offload), a plain module on the device otherwise (bf16 then by
         autocast); gradient checkpointing when configured."""
-        from fastrlhf.engine.fsdp import shard_model
+        from fastrlhf.engine.fsdp import is_fsdp, shard_model
         from fastrlhf.engine.precision import enable_gradient_checkpointing
         cfg = self.cfg
         self.fsdp = self.world_size > 1
-        if self.fsdp:
+        if is_fsdp(model):  # already sharded by engine.loading (rank 0 read it)
+            pass
+        elif self.fsdp:
             model = shard_model(model, device=self.device, train=True, precision=self.precision,
                                 offload_params=cfg.offload in ("params", "all"))
         else:
@@ -405,6 +407,15 @@ class StepTrainer:
             enable_gradient_checkpointing(model)
         self.autocast_bf16 = self.precision == "bf16" and not self.fsdp
         return model
+
+    def load_sharded(self, source) -> torch.nn.Module | None:
+        """Under a process group: the model of ``source`` (``engine.loading.ModelSource``) read by rank 0
+        and sent to every rank as FSDP2 shards; None in one process (the caller loads it plainly)."""
+        if self.world_size == 1:
+            return None
+        from fastrlhf.engine.loading import materialize
+        return materialize(self.runtime, source, train=True, precision=self.precision,
+                           offload_params=self.cfg.offload in ("params", "all"))
 
     def local_rows(self, indices: list[int]) -> tuple[list[int], bool]:
         """This rank's share of a global batch (every ``world_size``-th row) and whether it is real: a rank

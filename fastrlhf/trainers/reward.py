@@ -184,6 +184,9 @@ class RewardTrainer(common.StepTrainer):
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("rm", train_rows, eval_rows)
+        if model is None and self.world_size > 1:  # rank 0 reads, the others receive their shards
+            from fastrlhf.engine.loading import ModelSource
+            model = self.load_sharded(ModelSource(build=self._build_empty, load=lambda: self._build_model(None)))
         self.model = self.place_model(self._build_model(model))
         self.setup_loop()
 
@@ -203,6 +206,23 @@ class RewardTrainer(common.StepTrainer):
         if heads:
             return MultiHeadRewardModel(model, heads, self.cfg.head_weights or None)
         return RewardModel(model)
+
+    def _build_empty(self):
+        """The model's structure from the configs alone (built on the meta device by engine.loading)."""
+        import json
+
+        from transformers import AutoConfig
+        path = Path(self.cfg.model)
+        config = AutoConfig.from_pretrained(self.cfg.model)
+        body = AutoModel.from_config(config, dtype=torch.float32)
+        if (path / HEAD_FILE).is_file():
+            meta = json.loads((path / HEAD_FILE).read_text())
+            if meta.get("class") == "MultiHeadRewardModel":
+                return MultiHeadRewardModel(body, meta["heads"])
+            return RewardModel(body, reward_mean=meta.get("reward_mean"), reward_std=meta.get("reward_std"))
+        if self.cfg.heads:
+            return MultiHeadRewardModel(body, self.cfg.heads, self.cfg.head_weights or None)
+        return RewardModel(body)
 
     def _features(self, rows: list[dict], source: str) -> list[dict]:
         return common.featurize(rows, lambda r: pair_features(r, self.tokenizer, self.cfg.max_length,

@@ -240,7 +240,9 @@ class SFTTrainer(common.StepTrainer):
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("sft", train_rows, eval_rows)
-        model = model if model is not None else load_causal_lm(cfg.model)  # fp32 masters
+        if model is None:  # fp32 masters; under torchrun rank 0 reads, the others receive shards
+            from fastrlhf.engine.loading import causal_lm_source
+            model = self.load_sharded(causal_lm_source(cfg.model)) or load_causal_lm(cfg.model)
         self.model = self.place_model(model)
         if self.fsdp:
             register_nll_forward(self.model)

@@ -3,7 +3,9 @@ STAGE OUT_DIR``: trains the SFT or reward stage on fixed data and global batch, 
 over 2 gloo ranks (same script), fp32 on CPU."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from fastrlhf.data import build_test_tokenizer
 from fastrlhf.models import tiny_llama
@@ -24,16 +26,24 @@ def rm_rows(n: int) -> list[dict]:
 
 
 def main(stage: str, out: str) -> None:
+    """The model comes from a folder (``model=None``): under torchrun rank 0 reads it and the other rank
+    receives its shards (``engine.loading``); one process loads it whole."""
+    import torch.distributed as dist
     tok = build_test_tokenizer(padding_side="right")
-    lm = tiny_llama(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, seed=0)
-    common = dict(model="unused", data="unused", output_dir=out, lr=3e-3, epochs=1, batch_size=4,
+    lm_dir = Path(out).parent / f"{Path(out).name}-lm"
+    if int(os.environ.get("RANK", "0")) == 0:
+        lm = tiny_llama(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, seed=0)
+        lm.save_pretrained(lm_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        dist.barrier()
+    common = dict(model=str(lm_dir), data="unused", output_dir=out, lr=3e-3, epochs=1, batch_size=4,
                   micro_batch_size=1, max_length=48, progress=False, tensorboard=False, warmup_ratio=0.0,
                   save_every=2, precision="fp32", device="cpu")
     if stage == "sft":
-        SFTTrainer(SFTConfig(**common), model=lm, tokenizer=tok, train_rows=sft_rows(11)).train()
+        SFTTrainer(SFTConfig(**common), tokenizer=tok, train_rows=sft_rows(11)).train()
     else:
-        RewardTrainer(RewardConfig(**common), model=lm, tokenizer=tok, train_rows=rm_rows(9),
-                      eval_rows=rm_rows(4)).train()
+        RewardTrainer(RewardConfig(**common), tokenizer=tok, train_rows=rm_rows(9), eval_rows=rm_rows(4)).train()
 
 
 if __name__ == "__main__":
