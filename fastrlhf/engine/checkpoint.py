@@ -95,7 +95,7 @@ def save_checkpoint(directory: str | Path, *, models: dict[str, nn.Module],
     _barrier()
     if rank == 0:
         payload = {"world_size": world, **state}
-        _write_json_atomic(tmp / STATE_FILE, payload)
+        _write_json_atomic(tmp / STATE_FILE, _to_json(payload))
         old = None
         if final.exists():
             old = final.parent / f".old-{final.name}"
@@ -118,7 +118,28 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def read_state(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / STATE_FILE).read_text())
+    return _from_json(json.loads((Path(directory) / STATE_FILE).read_text()))
+
+
+def _to_json(value):
+    """Small tensors in the trainer state (a 0-dim moment, a step count) as tagged JSON lists."""
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value):
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__", "dtype"}:
+            return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
 
 
 def load_checkpoint(directory: str | Path, *, models: dict[str, nn.Module],
