@@ -305,8 +305,10 @@ class RewardTrainer(common.StepTrainer):
 def cli_main(config_path: str, overrides: list[str]) -> int:
     """``fastrlhf rm --config FILE.yaml [key=value ...]``."""
     cfg = load_config(RewardConfig, config_path, overrides)
-    result = RewardTrainer(cfg).train()
-    print(f"[fastrlhf] rm done: {Path(cfg.output_dir) / 'final'}  {result}")
+    trainer = RewardTrainer(cfg)
+    result = trainer.train()
+    if trainer.is_main:
+        print(f"[fastrlhf] rm done: {Path(cfg.output_dir) / 'final'}  {result}")
     return 0
 
 

@@ -303,8 +303,10 @@ class SFTTrainer(common.StepTrainer):
 def cli_main(config_path: str, overrides: list[str]) -> int:
     """``fastrlhf sft --config FILE.yaml [key=value ...]``."""
     cfg = load_config(SFTConfig, config_path, overrides)
-    result = SFTTrainer(cfg).train()
-    print(f"[fastrlhf] sft done: {Path(cfg.output_dir) / 'final'}  {result}")
+    trainer = SFTTrainer(cfg)
+    result = trainer.train()
+    if trainer.is_main:
+        print(f"[fastrlhf] sft done: {Path(cfg.output_dir) / 'final'}  {result}")
     return 0
 
 
