@@ -90,7 +90,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return (centered * centered).sum() / denom.clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, *,
                   group=None) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over valid positions (unbiased var); mean added back when
     ``shift_mean=False``. 0 at masked-out positions. Same shape as ``x``, float32.
