@@ -39,6 +39,12 @@ from fastrlhf.data import demo_task as task
 from fastrlhf.trainers.ppo import derive_seed
 
 
+def _local(runtime):
+    """A one-process runtime on this rank's device: the demo trains SFT and RM on rank 0 alone."""
+    from fastrlhf.engine.runtime import Runtime
+    return Runtime(device=runtime.device)
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     n_demos: int
@@ -136,7 +142,7 @@ def stage_sft(out: Path, s: DemoSettings, tok, runtime, seed: int) -> Path:
             micro_batch_size=s.sft_batch,
             max_length=32,
             seed=seed,
-            bf16=False,
+            precision="fp32",
             device=str(runtime.device),
             lr_scheduler="cosine",
             warmup_ratio=0.05,
@@ -144,7 +150,7 @@ def stage_sft(out: Path, s: DemoSettings, tok, runtime, seed: int) -> Path:
             tensorboard=False,
             loss_impl="fused",
         )
-        result = SFTTrainer(cfg, model=model, tokenizer=tok, train_rows=rows).train()
+        result = SFTTrainer(cfg, model=model, tokenizer=tok, train_rows=rows, runtime=_local(runtime)).train()
         _say(runtime, f"SFT done: {result}")
     runtime.barrier()
     return final
@@ -258,7 +264,7 @@ def stage_rm(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path)
             warmup_ratio=0.05,
             use_margin=False,
             seed=seed,
-            bf16=False,
+            precision="fp32",
             device=str(runtime.device),
             progress=False,
             tensorboard=False,
@@ -269,6 +275,7 @@ def stage_rm(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path)
             tokenizer=tok,
             train_rows=_rows(train_pairs),
             eval_rows=_rows(held),
+            runtime=_local(runtime),
         ).train()
         result = {
             **evaluate_reward_model(RewardModel.from_pretrained(final).eval(), tok, held),

@@ -18,10 +18,11 @@ from torch import nn
 
 from fastrlhf.kernels import fused_ppo_loss, linear_token_logprobs
 
+from .heads import position_ids_from_mask
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` 0/1 mask -> position ids ``[B, T]`` int64: 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+# one position-id helper for every model class (kept under its old name here for callers)
+positions_from_mask = position_ids_from_mask
 
 
 def effective_temperature(config, temperature: float) -> float:
@@ -70,7 +71,7 @@ class PolicyWithLoss(nn.Module):
         self.value_head = nn.Linear(hidden, 1, bias=False) if shared_critic else None
         if self.value_head is not None:
             nn.init.zeros_(self.value_head.weight)  # start from V = 0: no bias in the first advantages
-            self.value_head.to(lm.get_output_embeddings().weight.dtype)
+            self.value_head.to(torch.float32)  # fp32 even on a bf16 body (as the reward / value heads)
 
     @property
     def config(self):
@@ -93,7 +94,8 @@ class PolicyWithLoss(nn.Module):
     def _values(self, hidden: torch.Tensor):
         if self.value_head is None:
             return None
-        return self.value_head(hidden).squeeze(-1).float()
+        with torch.autocast(hidden.device.type, enabled=False):  # the value head computes in fp32
+            return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def forward(
         self, input_ids, attention_mask=None, *, mode: str = "lm", prompt_len: int | None = None, **kwargs

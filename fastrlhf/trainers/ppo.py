@@ -20,6 +20,7 @@ its update; evaluation on held-out prompts and the end of a run live in ``ppo_ev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ from fastrlhf.rollout.base import SamplingParams
 from fastrlhf.rollout.budget import check_rollout_against_model, config_dict
 from fastrlhf.rollout.correction import apply_tis, missing_eos_penalty, tis_weights
 from fastrlhf.telemetry.metrics import MetricsLogger
-from fastrlhf.trainers import common, ppo_eval
+from fastrlhf.trainers import common, ppo_checkpoint, ppo_eval
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch, count_units, loss_weight, split_rows
 from fastrlhf.trainers.ppo_checks import (  # noqa: F401  (re-exported)
     PPO_BOOKKEEPING,
@@ -59,9 +60,6 @@ from fastrlhf.trainers.ppo_config import EarlyStopConfig, KLConfig, PPOConfig, R
 from fastrlhf.trainers.ppo_state import (
     drop_rows_after,
     early_stop_rule,
-    load_ppo_checkpoint,
-    save_policy,
-    save_ppo_checkpoint,
 )
 
 __all__ = ["PPOTrainer", "PPOConfig", "RolloutConfig", "KLConfig", "EarlyStopConfig", "cli_main"]
@@ -87,6 +85,18 @@ def build_kl_controller(cfg: KLConfig):
             max_coef=cfg.max_coef,
         )
     return FixedKLController(cfg.init_coef)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model.eval()`` inside (HF generate keeps its KV cache only outside checkpointed train mode);
+    the previous mode after. Dropout is 0 either way, so the function computed is the same."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 class PPOTrainer:
@@ -138,14 +148,13 @@ class PPOTrainer:
             else PolicyWithLoss(actor, shared_critic=cfg.shared_critic, **wrap)
         )
         ref = ref if isinstance(ref, PolicyWithLoss) else PolicyWithLoss(ref, **wrap)
+        # Actor and critic stay in train mode (HF gradient checkpointing runs only there) with every dropout
+        # probability at 0: old log-probs, values and the first epoch's new ones come from the same
+        # function, so the PPO ratio starts at exactly 1.
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
-            self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model
+            self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model,
+            precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing, offload=cfg.offload,
         )
-        # Dropout off in every model, training included: old log-probs, values and the first epoch's
-        # new ones must come from the same function, or the PPO ratio starts away from 1.
-        for model in (self.actor, self.critic):
-            if model is not None:
-                model.eval()
         self._setup_prompts(prompts, prompt_texts)
         self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)
         engine_kwargs = self._rollout_kwargs()  # checked even when an engine is passed in
@@ -204,13 +213,10 @@ class PPOTrainer:
         cfg = self.config
         rows = cfg.rollout_batch_size * cfg.rollout.n  # minibatch_size counts responses
         steps = cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size)
-        self.optimizers = {
-            "actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
-        }
+        adam = dict(weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+        self.optimizers = {"actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, **adam)}
         if self.critic is not None:
-            self.optimizers["critic"] = common.build_optimizer(
-                self.critic, lr=cfg.critic_lr, weight_decay=cfg.weight_decay
-            )
+            self.optimizers["critic"] = common.build_optimizer(self.critic, lr=cfg.critic_lr, **adam)
         self.schedulers = {
             k: common.build_scheduler(
                 o, cfg.lr_scheduler, num_training_steps=max(steps, 1), warmup_ratio=cfg.warmup_ratio
@@ -237,7 +243,7 @@ class PPOTrainer:
 
     def save_final(self, directory: str | Path | None = None) -> Path:
         """The trained policy in HF format (default ``output_dir/final``)."""
-        return save_policy(self, directory or self.output_dir / "final")
+        return ppo_checkpoint.export_policy(self, directory or self.output_dir / "final")
 
     # ---------------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
@@ -264,7 +270,7 @@ class PPOTrainer:
             if self.eval_prompt_ids and cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or last):
                 self.evaluate(it + 1)
             if (it + 1) % cfg.checkpoint_every == 0 or last:
-                save_ppo_checkpoint(self, it + 1)
+                ppo_checkpoint.save_sharded(self, it + 1)
         self.logger.close()
         return self.history
 
@@ -274,7 +280,7 @@ class PPOTrainer:
         prompts = [self.prompt_ids[i] for i in prompt_rows]
         self._refill_engine()
         # 1. generate
-        with sched.phase("generate"):
+        with sched.phase("generate"), _eval_mode(self.actor):  # KV cache on, no checkpointing
             gen = self.rollout.generate(prompts, self._sampling_params(it))
         batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id,
                             device=self.runtime.device, eos_token_ids=self.eos_token_ids)
@@ -362,6 +368,10 @@ class PPOTrainer:
 
     def _score_rows(self, ids, attn, p_len: int):
         """Actor log-probs and entropy, values, RM scores and reference log-probs of some rows."""
+        with common.autocast(self.runtime.device, self.runtime.autocast_bf16):
+            return self._score_rows_fwd(ids, attn, p_len)
+
+    def _score_rows_fwd(self, ids, attn, p_len: int):
         old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len)
         ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
         if self.critic is not None:
@@ -442,14 +452,8 @@ class PPOTrainer:
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Advantage whitening over the valid tokens of the global batch (all ranks)."""
-        if self.runtime.world_size == 1:
-            return masked_whiten(adv, mask)
-        m = mask.float()
-        moments = torch.stack([m.sum(), (adv * m).sum(), (adv * adv * m).sum()]) * self.runtime.world_size
-        n, s, ss = self.runtime.all_reduce_mean(moments).tolist()
-        mean = s / max(n, 1.0)
-        var = (ss - n * mean * mean) / max(n - 1.0, 1.0)
-        return torch.where(mask, (adv - mean) / math.sqrt(var + 1e-8), torch.zeros_like(adv))
+        group = torch.distributed.group.WORLD if self.runtime.world_size > 1 else None
+        return masked_whiten(adv, mask, group=group)
 
     # ----------------------------------------------------------------------------------------- 3. train
     def train_epochs(self, batch: PPOBatch, it: int) -> dict:
@@ -466,6 +470,8 @@ class PPOTrainer:
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 n += 1
+        for opt in self.optimizers.values():  # free the grads before SYNC / GENERATE / the next SCORE
+            opt.zero_grad(set_to_none=True)
         out = {k: v / n for k, v in totals.items()}
         out["skipped_steps"] = torch.tensor(float(self.counters["skipped_steps"]))
         out["lr_actor"] = torch.tensor(self.schedulers["actor"].get_last_lr()[0])
@@ -482,7 +488,8 @@ class PPOTrainer:
         for rows in split_rows(torch.arange(mb.size, device=mb.mask.device), cfg.micro_batch_size):
             micro = mb.select(rows)
             w = loss_weight(micro.mask, total, cfg.loss_agg)
-            loss, st = self._micro_loss(micro)
+            with common.autocast(self.runtime.device, self.runtime.autocast_bf16):
+                loss, st = self._micro_loss(micro)
             if backward:
                 (w * loss).backward()
             loss_sum = loss_sum + w * loss.detach()
@@ -601,10 +608,10 @@ class PPOTrainer:
         self.stop_state = dict(extra["stop_state"])
 
     def _resume(self) -> int:
-        ckpt = common.latest_checkpoint(self.output_dir)
+        ckpt = ppo_checkpoint.latest(self.output_dir)
         if ckpt is None:
             return 0
-        step = load_ppo_checkpoint(self, ckpt)
+        step = ppo_checkpoint.load_sharded(self, ckpt)
         if self.runtime.is_main:
             drop_rows_after(self.logger.path, step)
             drop_rows_after(self.output_dir / "eval_samples.jsonl", step)

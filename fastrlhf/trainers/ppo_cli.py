@@ -72,7 +72,7 @@ def check_ppo_cli_config(cfg, config_path: str) -> None:
 def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     from fastrlhf.data import read_rows
     from fastrlhf.engine import runtime as rt
-    from fastrlhf.models import RewardModel, ValueModel, load_causal_lm, load_tokenizer
+    from fastrlhf.models import load_tokenizer
     from fastrlhf.trainers import guard
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -87,11 +87,7 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     with guard.output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         runtime = rt.init_runtime()
         guard.pin_threads(cfg.num_threads, runtime.device)
-        actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
-        ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
-        reward_model = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype)
-        critic = (None if cfg.shared_critic
-                  else ValueModel.from_pretrained(cfg.critic_model or cfg.reward_model, dtype=cfg.dtype))
+        actor, critic, ref, reward_model = load_ppo_models(cfg, runtime)  # one after another, sharded
         trainer = PPOTrainer(cfg, actor=actor, ref=ref, reward_model=reward_model, critic=critic,
                              tokenizer=tokenizer, prompts=prompts, runtime=runtime,
                              eval_prompts=eval_prompts, eval_texts=eval_texts)
@@ -100,3 +96,28 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     if runtime.is_main:
         print(f"[fastrlhf] ppo done: {Path(cfg.output_dir) / 'final'}  {result}", flush=True)
     return 0
+
+
+def load_ppo_models(cfg, runtime):
+    """Actor, critic (None with ``shared_critic``), reference and reward model, loaded one after another:
+    rank 0 reads each checkpoint, the other ranks build on the meta device and receive their FSDP2
+    shards (``fastrlhf.engine.loading``); frozen models arrive in the compute dtype."""
+    from fastrlhf.engine.loading import causal_lm_source, head_model_source, materialize
+    from fastrlhf.engine.precision import resolve_precision
+    from fastrlhf.models import RewardModel, ValueModel
+    from fastrlhf.models.policy import PolicyWithLoss
+
+    precision = resolve_precision(cfg.precision, runtime.device)
+    wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
+    offload = cfg.offload in ("params", "all")
+    actor = materialize(runtime, causal_lm_source(
+        cfg.model, wrap=lambda m: PolicyWithLoss(m, shared_critic=cfg.shared_critic, **wrap)),
+        train=True, precision=precision, offload_params=offload)
+    critic = None if cfg.shared_critic else materialize(
+        runtime, head_model_source(cfg.critic_model or cfg.reward_model, ValueModel), train=True,
+        precision=precision, offload_params=offload)
+    ref = materialize(runtime, causal_lm_source(cfg.model, wrap=lambda m: PolicyWithLoss(m, **wrap)),
+                      train=False, precision=precision)
+    reward = materialize(runtime, head_model_source(cfg.reward_model, RewardModel), train=False,
+                         precision=precision)
+    return actor, critic, ref, reward

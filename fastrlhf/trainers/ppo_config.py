@@ -100,7 +100,12 @@ class PPOConfig:
     critic_model: str | None = None  # None: initialise the critic from the reward model
     data: str = ""
     output_dir: str = "runs/ppo"
-    dtype: str = "float32"
+    dtype: str | None = None  # deprecated alias of precision (bfloat16 / float32), removed in 0.3
+    precision: str = "auto"  # auto | bf16 | fp32 (fastrlhf.engine.precision)
+    gradient_checkpointing: bool = False  # actor and critic (kept in train mode with dropout 0)
+    offload: str = "auto"  # auto | none | optimizer | params | all
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
     max_prompt_length: int = 512
     drop_overlong: bool = True  # prompts over max_prompt_length: dropped with a count (False: an error)
     eval_data: str | None = None  # held-out prompts ({"prompt"} rows) for eval_every
@@ -182,7 +187,7 @@ class PPOConfig:
             (self.log_ratio_clip is None or self.log_ratio_clip > 0, "log_ratio_clip must be > 0 (or null)"),
         ]
         checks += [
-            (self.dtype in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),
+            (self.dtype is None or self.dtype in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),
              f"dtype must be float32|bfloat16|float16|auto, got {self.dtype!r}"),
             (self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
             (self.eval_every >= 0 and self.eval_samples >= 0, "eval_every and eval_samples must be >= 0"),
@@ -196,5 +201,7 @@ class PPOConfig:
             if not ok:
                 raise ConfigError(f"PPOConfig: {message}")
         from fastrlhf.rollout.budget import check_lengths
+        from fastrlhf.trainers.common import validate_scale_keys
 
         check_lengths(self.max_prompt_length, self.rollout)  # max_model_len vs prompt + response
+        validate_scale_keys(self)
