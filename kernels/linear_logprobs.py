@@ -35,7 +35,7 @@ import torch
 from . import reference
 from ._parity import ensure_parity
 from ._backend import (autocast_linear_inputs, check_chunk_size, check_labels_in_range, check_linear_inputs,
-                       check_temperature, resolve_backend)
+                       check_temperature, resolve_backend, scatter_rows, valid_row_index)
 from ._triton_utils import CURRENT, Variant, autocast_inputs, check_launchable, reject_float64, rows_3d
 from .logprobs import logprobs_backward, logprobs_forward
 
@@ -239,10 +239,15 @@ def _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ign
     rows = resolve_chunk_rows(chunk_size, weight, variant)
     labels1d = labels.reshape(-1).long().contiguous()
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    n = hidden2d.shape[0]
+    idx = valid_row_index(labels1d != ignore_index)  # padding skip: the one host sync of the call
+    if idx is not None:  # only valid rows reach the GEMMs; their gradient scatters back (0 elsewhere)
+        hidden2d, labels1d = hidden2d.index_select(0, idx), labels1d.index_select(0, idx)
     variant = backward_mode(variant, hidden2d.shape[0], weight.shape[0], chunk_size)
     with torch.autocast(hidden.device.type, enabled=False):
         lp, ent = LinearTokenLogprobsFunction.apply(hidden2d, weight, bias, labels1d, float(temperature),
                                                     int(ignore_index), return_entropy, rows, variant)
+    lp, ent = scatter_rows(lp, idx, n), scatter_rows(ent, idx, n)
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import (autocast_linear_inputs, check_chunk_size, check_gae_inputs, check_labels_in_range,
-                       check_linear_inputs, check_logits_labels, check_ppo_inputs, check_temperature)
+                       check_linear_inputs, check_logits_labels, check_ppo_inputs, check_temperature,
+                       scatter_rows, valid_row_index)
 from .losses import aggregate, kl_estimate, masked_mean, ppo_policy_loss
 
 # A chunk holds at most this many logits (128 MB in float32); a few fp32 temporaries of that size live at once.
@@ -219,8 +220,14 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     labels1d = labels.reshape(-1).long()
     valid = labels1d != ignore_index
     rows = chunk_size or default_chunk_rows(vocab)
-    lp, ent = _LinearTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels1d, valid,
-                                         float(temperature), return_entropy, rows)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    n = hidden2d.shape[0]
+    idx = valid_row_index(valid)  # padding skip (see _backend.valid_row_index): one host sync per call
+    if idx is not None:  # only valid rows reach the matmuls; their gradient scatters back (0 elsewhere)
+        hidden2d, labels1d, valid = hidden2d.index_select(0, idx), labels1d.index_select(0, idx), valid[idx]
+    lp, ent = _LinearTokenLogprobs.apply(hidden2d, weight, bias, labels1d, valid, float(temperature),
+                                         return_entropy, rows)
+    lp, ent = scatter_rows(lp, idx, n), scatter_rows(ent, idx, n)
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp
 
