@@ -16,6 +16,13 @@ writes dlogits (3 N V e of traffic in all: read, read, write).
 The aggregation weights w_t of ``loss_agg`` are known from the mask alone, so each token's coefficient is
 local: L = sum_t w_t l_t(lp_t, H_t). Stats come from the public ``losses`` functions on the detached
 ``[B, T]`` log-probs, so they are those of the PyTorch path by construction.
+
+Padding skip (issue 11): ``fused_ppo_loss`` multiplies valid tokens only (mask true). One ``nonzero`` over
+the mask per call (the only host sync: it sizes the compacted batch; the chunk loop's bounds are then
+Python ints), hidden / labels / the token terms (old, adv, ref, mask, weights) compacted with
+``index_select``, the chunked forward-with-gradient over the n_valid rows, lp / entropy scattered back into
+zeros; grad_hidden comes back through ``index_select``'s backward (exactly 0 at masked rows). See
+``linear_logprobs.py``. ``fused_ppo_loss_from_logits`` has no GEMM (its row kernels already skip masked rows).
 """
 from __future__ import annotations
 
@@ -299,6 +306,12 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     in the forward pass over chunks of ``chunk_size`` tokens (default ``linear_logprobs.chunk_rows``); no
     ``[B, T, V]`` logits. ``backend="auto"``: Triton on CUDA (and CPU under ``TRITON_INTERPRET=1``),
     except float64 inputs (PyTorch path).
+
+    Padding is skipped (both paths): only tokens with ``mask`` true reach the GEMMs (compacted before
+    chunking, results scattered back), so fwd + bwd cost ``6 * n_valid * H * V`` FLOPs; loss, stats,
+    logprobs and gradients are those of the full computation (0 at masked positions, grad_hidden exactly 0
+    on masked rows, whatever they hold). Cost: one host sync per call (the valid count; none per chunk)
+    and one ``[n_valid, H]`` copy of hidden when some token is masked.
     """
     kw = dict(ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
               clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,

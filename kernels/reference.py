@@ -210,7 +210,9 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` (fp32 outputs), differentiable w.r.t.
     hidden, weight and bias, holding logits for at most ``chunk_size`` tokens at once
     (default ``default_chunk_rows(V)``). Under ``torch.autocast`` the inputs are cast to the autocast dtype
-    first, as ``F.linear`` would do.
+    first, as ``F.linear`` would do. Only rows with ``label != ignore_index`` are multiplied (compacted with
+    ``index_select`` before chunking after one ``nonzero``, the call's only host sync; results scattered
+    back, grad_hidden exactly 0 on ignored rows).
     """
     hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)
     _, vocab = check_linear_inputs(hidden, weight, labels, bias)
@@ -297,7 +299,8 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     = ppo_policy_loss(lp) + kl_coef * agg(kl_estimate(lp, ref, kl_kind)) - entropy_coef * agg(entropy),
     ``lp, entropy = linear_token_logprobs(hidden, weight, labels, return_entropy=True)`` at valid tokens.
     Returns ``(loss, stats)`` or ``(loss, stats, logprobs.detach())``; stats: clipfrac, approx_kl,
-    ratio_mean, kl (0 without ref_logprobs), entropy.
+    ratio_mean, kl (0 without ref_logprobs), entropy. Masked tokens never reach the matmuls (the padding
+    skip of ``linear_token_logprobs``).
     """
     hidden, weight, _ = autocast_linear_inputs(hidden, weight)
     _, vocab = check_linear_inputs(hidden, weight, labels)
