@@ -56,8 +56,8 @@ def main() -> None:
     old = torch.randn(b, t, generator=g) * 0.1 - 9.0
     ref = old + 0.1 * torch.randn(b, t, generator=g)
     adv = torch.randn(b, generator=g)[:, None].expand(b, t)
-    loss_kw = dict(ref_logprobs=ref, kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
-                   backend="torch")
+    loss_kw = dict(ref_logprobs=ref, kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_low=0.2,
+                   clip_high=0.28, backend="torch")
     times = []
     for i in range(args.iters + 1):  # the first: warm-up
         hidden.grad = weight.grad = None

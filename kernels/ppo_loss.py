@@ -340,7 +340,8 @@ def _fused_ppo_loss_triton(hidden, weight, labels, old_logprobs, advantages, mas
     n = hidden2d.shape[0]
     idx = valid_row_index(labels_eff != _MASKED)  # padding skip: the one host sync of the call
     if idx is not None:  # only valid rows reach the GEMMs; grad_hidden scatters back (0 at masked rows)
-        hidden2d, labels_eff, terms = hidden2d.index_select(0, idx), labels_eff.index_select(0, idx), terms.take(idx)
+        hidden2d, labels_eff = hidden2d.index_select(0, idx), labels_eff.index_select(0, idx)
+        terms = terms.take(idx)
     with torch.autocast(hidden.device.type, enabled=False):  # matmuls in the (cast) inputs' dtype
         loss, lp, ent = FusedPPOFunction.apply(hidden2d, weight, labels_eff, terms, float(kw["temperature"]),
                                                rows, torch.is_grad_enabled(), variant)

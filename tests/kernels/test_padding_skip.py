@@ -1,10 +1,10 @@
 """Padding skip of the linear ops (issue 11, item 2): ``linear_token_logprobs`` and ``fused_ppo_loss`` run
 their GEMMs over the valid rows only, and scatter the results back.
 
-Checked on both backends (Triton under the interpreter) against a float64 oracle written here (full
-logits, ``log_softmax``, the public loss functions): ragged / left-padded / holed masks with a fully padded
-row, NaN / inf in every padded input, non-unit upstream gradients, an all-padding batch, and a count of the
-rows that reach a matmul (a dispatch mode recording every mm / addmm).
+Checked on both backends (Triton under the interpreter) against a float64 oracle over the full logits
+(``token_logprobs``'s PyTorch path on ``h @ W.T + b``, the public loss functions): ragged / left-padded /
+holed masks with a fully padded row, NaN / inf in every padded input, non-unit upstream gradients, an
+all-padding batch, and a count of the rows that reach a matmul (a dispatch mode recording every mm / addmm).
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastrlhf.kernels import aggregate, fused_ppo_loss, kl_estimate, linear_token_logprobs, ppo_policy_loss
+from fastrlhf.kernels import (aggregate, fused_ppo_loss, kl_estimate, linear_token_logprobs, ppo_policy_loss,
+                              token_logprobs)
 
 B, T, H, V = 3, 11, 24, 40  # N = 33; chunk 7: token counts per matmul never equal H or V
 CHUNK = 7
@@ -38,14 +39,11 @@ def _inputs(mask, garbage, seed=0):
 
 
 def _oracle_lp_ent(hidden, weight, bias, labels, mask):
-    """float64, full logits: (lp, ent) with 0 at padded positions; padded rows never touch the math."""
+    """float64 oracle over the full ``[B, T, V]`` logits (no compaction anywhere): the library's PyTorch
+    ``token_logprobs`` on ``h @ W.T + b`` with padded hidden rows zeroed; (lp, ent), 0 at padded positions."""
     h = torch.where(mask[..., None], hidden, torch.zeros((), dtype=hidden.dtype))
     z = h @ weight.t() + (0 if bias is None else bias)
-    logp = torch.log_softmax(z, -1)
-    lp = logp.gather(-1, torch.where(mask, labels, 0)[..., None]).squeeze(-1)
-    ent = -(logp.exp() * logp).sum(-1)
-    zero = torch.zeros((), dtype=z.dtype)
-    return torch.where(mask, lp, zero), torch.where(mask, ent, zero)
+    return token_logprobs(z, torch.where(mask, labels, IGNORE), return_entropy=True, backend="torch")
 
 
 def _leaves(*ts):
@@ -69,7 +67,7 @@ def test_linear_logprobs_skips_padding_matches_float64(backend, kind, chunk_size
     assert lp.shape == ent.shape == (B, T) and lp.dtype == torch.float32
     torch.testing.assert_close(lp.double(), lp64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), ent64, rtol=1e-5, atol=1e-5)
-    assert torch.equal(lp[~mask], torch.zeros_like(lp[~mask])) and torch.equal(ent[~mask], torch.zeros_like(ent[~mask]))
+    assert not lp[~mask].any() and not ent[~mask].any()  # exactly 0 at padded positions
     assert torch.equal(h.grad[~mask], torch.zeros_like(h.grad[~mask]))  # padded hidden rows: exactly 0
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
@@ -89,7 +87,8 @@ def _ppo_inputs(mask, garbage, g):
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
 @pytest.mark.parametrize("chunk_size", [None, CHUNK])
 @pytest.mark.parametrize("kind", MASKS)
-def test_fused_ppo_loss_skips_padding_matches_float64(backend, kind, chunk_size, loss_agg, make_mask, garbage):
+def test_fused_ppo_loss_skips_padding_matches_float64(backend, kind, chunk_size, loss_agg, make_mask,
+                                                       garbage):
     mask = make_mask(B, T, kind)
     hidden, weight, _, labels, g = _inputs(mask, garbage)
     labels = garbage(labels, mask)  # out-of-range junk at masked labels
@@ -101,19 +100,20 @@ def test_fused_ppo_loss_skips_padding_matches_float64(backend, kind, chunk_size,
     h64, w64 = _leaves(hidden.double(), weight.double())
     lp64, ent64 = _oracle_lp_ent(h64, w64, None, torch.where(mask, labels, 0), mask)
     zero = torch.zeros((), dtype=torch.float64)
-    pol, _ = ppo_policy_loss(lp64, torch.where(mask, old.double(), zero), torch.where(mask, adv.double(), zero),
-                             mask, clip_low=0.2, clip_high=0.28, loss_agg=loss_agg)
+    old64, adv64 = (torch.where(mask, x.double(), zero) for x in (old, adv))
+    pol, _ = ppo_policy_loss(lp64, old64, adv64, mask, clip_low=0.2, clip_high=0.28, loss_agg=loss_agg)
     kl = torch.where(mask, kl_estimate(lp64, torch.where(mask, ref.double(), zero), "k3"), zero)
     loss64 = pol + 0.05 * aggregate(kl, mask, loss_agg) - 0.01 * aggregate(ent64, mask, loss_agg)
     (loss64 * 2.5).backward()
     assert loss.dim() == 0 and torch.isfinite(loss)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp.double(), lp64, rtol=1e-5, atol=1e-5)
-    assert torch.equal(lp[~mask], torch.zeros_like(lp[~mask]))
+    assert not lp[~mask].any()
     assert torch.equal(h.grad[~mask], torch.zeros_like(h.grad[~mask]))
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(stats["entropy"].double(), (ent64 * mask).sum() / mask.sum(), rtol=1e-5, atol=1e-6)
+    ent_mean = (ent64 * mask).sum() / mask.sum()
+    torch.testing.assert_close(stats["entropy"].double(), ent_mean, rtol=1e-5, atol=1e-6)
 
 
 def test_all_padding_batch(backend, garbage):
@@ -171,13 +171,14 @@ def test_padded_rows_never_reach_a_matmul(backend, op, make_mask, garbage):
                                                 chunk_size=CHUNK, backend=backend)
                 (lp.sum() + ent.sum()).backward()
             else:
-                loss, _ = fused_ppo_loss(h, w, lab, o, a, m, ref_logprobs=r, chunk_size=CHUNK, backend=backend,
-                                         **LOSS)
+                loss, _ = fused_ppo_loss(h, w, lab, o, a, m, ref_logprobs=r, chunk_size=CHUNK,
+                                         backend=backend, **LOSS)
                 loss.backward()
         return rec
 
     padded = run(mask, hidden, labels, old, adv, ref)
-    packed = run(torch.ones(1, n_valid, dtype=torch.bool), *(t[mask][None] for t in (hidden, labels, old, adv, ref)))
+    packed = run(torch.ones(1, n_valid, dtype=torch.bool),
+                 *(t[mask][None] for t in (hidden, labels, old, adv, ref)))
     assert padded.rows and sorted(padded.rows) == sorted(packed.rows)
     assert sum(padded.rows) % n_valid == 0 and max(padded.rows) <= CHUNK
     assert B * T not in padded.dims
