@@ -1,4 +1,4 @@
-"""`fastrlhf demo | sft | rm | ppo | report` (also `python -m fastrlhf`).
+"""`fastrlhf demo | sft | rm | ppo | dpo | report` (also `python -m fastrlhf`).
 
 Each subcommand imports its module only when run, so `fastrlhf --help` stays fast.
 """
@@ -14,6 +14,7 @@ _COMMANDS = {
     "sft": ("fastrlhf.trainers.sft", "cli_main", "supervised fine-tuning (loss on response tokens only)"),
     "rm": ("fastrlhf.trainers.reward", "cli_main", "reward model training (Bradley-Terry)"),
     "ppo": ("fastrlhf.trainers.ppo", "cli_main", "PPO against a reward model"),
+    "dpo": ("fastrlhf.trainers.dpo", "cli_main", "direct preference optimization (DPO / IPO / SimPO)"),
 }
 
 
