@@ -17,6 +17,7 @@ Each rank samples its own prompt shard; metrics are all-reduced means; only rank
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -30,12 +31,15 @@ from fastrlhf.algo import (
     FixedKLController,
     RunningMoments,
     StepKLController,
+    compute_advantages,
+    filter_groups,
+    needs_critic,
     normalize_rewards,
     token_rewards,
 )
 from fastrlhf.data import prompt_features
 from fastrlhf.engine import runtime as rt
-from fastrlhf.kernels import gae, masked_mean, masked_var, masked_whiten, ppo_value_loss
+from fastrlhf.kernels import masked_mean, masked_var, masked_whiten, ppo_value_loss
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
 from fastrlhf.telemetry.metrics import MetricsLogger
@@ -88,6 +92,10 @@ class PPOTrainer:
     ``critic``: ``forward(ids, mask) -> [B, T]`` (``ValueModel``), None with ``shared_critic``.
     ``prompts``: strings or token-id lists. ``gold_fn(prompt, response) -> float`` (optional) is a hidden
     scorer logged as ``gold_reward``; it never feeds the rewards.
+    ``reward_fns`` (a ``fastrlhf.algo.RewardFunctions``): Python reward functions added to the reward
+    model's score (``reward_model`` may then be None); ``prompt_fields``: one dict per prompt (the other
+    fields of its data row, e.g. ``answer``) handed to them. With a critic-free ``advantage_estimator``
+    pass ``critic=None``: no critic, no value head, no value loss.
     """
 
     def __init__(
@@ -105,14 +113,22 @@ class PPOTrainer:
         gold_fn: Callable | None = None,
         output_dir: str | Path | None = None,
         prompt_texts: Sequence[str] | None = None,
+        reward_fns: Callable | None = None,
+        prompt_fields: Sequence[dict] | None = None,
     ):
         self.config = cfg = config
         self.runtime = runtime or rt.init_runtime()
         self.tokenizer = tokenizer
         self.gold_fn = gold_fn
         self.output_dir = Path(output_dir or cfg.output_dir)
-        if cfg.shared_critic == (critic is not None):
+        self.critic_free = not needs_critic(cfg.advantage_estimator)
+        if self.critic_free and critic is not None:
+            raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} is critic-free: pass critic=None")
+        if not self.critic_free and cfg.shared_critic == (critic is not None):
             raise ValueError("pass critic=None exactly when config.shared_critic is True")
+        if reward_model is None and reward_fns is None:
+            raise ValueError("PPOTrainer needs a reward_model, reward_fns, or both")
+        self.reward_fns = reward_fns
         common.set_seed(cfg.seed)
         # log-probs under the sampling temperature (greedy sampling reports temperature-1 log-probs)
         wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
@@ -139,10 +155,14 @@ class PPOTrainer:
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         )
         self._setup_prompts(prompts, prompt_texts)
+        fields = list(prompt_fields) if prompt_fields is not None else [{} for _ in prompts]
+        if len(fields) != len(prompts):
+            raise ValueError(f"{len(fields)} prompt_fields for {len(prompts)} prompts")
+        self.prompt_fields = fields[self.runtime.rank :: self.runtime.world_size]
         self._setup_optim()
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.moments = RunningMoments()
-        self.counters = {"skipped_rollouts": 0, "skipped_steps": 0}
+        self.counters = {"skipped_rollouts": 0, "skipped_steps": 0, "reward_errors": 0}
         self.stop_state = {
             "base_length": None,
             "score_ema": None,
@@ -173,7 +193,8 @@ class PPOTrainer:
 
     def _setup_optim(self):
         cfg = self.config
-        steps = cfg.iterations * cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.minibatch_size)
+        rows = cfg.rollout_batch_size * cfg.rollout.n  # minibatch_size counts responses
+        steps = cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size)
         self.optimizers = {
             "actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
         }
@@ -225,7 +246,8 @@ class PPOTrainer:
 
     def iteration(self, it: int) -> dict:
         _cfg, sched = self.config, self.runtime.scheduler
-        prompt_rows = self._prompt_rows(it)
+        # rollout.n responses per prompt, rows of a prompt adjacent (each row sampled independently)
+        prompt_rows = [i for i in self._prompt_rows(it) for _ in range(self.config.rollout.n)]
         prompts = [self.prompt_ids[i] for i in prompt_rows]
         # 1. generate
         with sched.phase("generate"):
@@ -235,16 +257,17 @@ class PPOTrainer:
         )
         # 2. score
         with sched.phase("score"):
-            scores, score_stats = self.score(batch)
+            scores, score_stats = self.score(batch, prompt_rows)
             ok = self._all_finite(scores, batch.old_logprobs, batch.ref_logprobs, batch.old_values)
             if ok:
                 kl_stats = self.advantages(batch, scores)
         if not ok:
             self.counters["skipped_rollouts"] += 1
-            return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"]})
+            return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"],
+                                  "reward_errors": self.counters["reward_errors"]})
         # 3. train
         with sched.phase("train"):
-            train_stats = self.train_epochs(batch, it)
+            train_stats = self.train_epochs(self._filtered(batch, scores), it)
         kl_now = float(kl_stats["kl"])
         self.kl_ctl.update(kl_now, n_steps=batch.size * self.runtime.world_size)
         # 4. sync
@@ -280,17 +303,23 @@ class PPOTrainer:
         )
 
     @torch.no_grad()
-    def score(self, batch: PPOBatch) -> tuple[torch.Tensor, dict]:
-        """Fill old / ref log-probs and values of ``batch``; return RM scores ``[B]`` and score stats."""
+    def score(self, batch: PPOBatch, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
+        """Fill old / ref log-probs and values of ``batch``; return scores ``[B]`` (reward model plus reward
+        functions of the prompts ``rows``) and score stats."""
         ids, attn, p_len, mask = batch.input_ids, batch.attention_mask, batch.prompt_len, batch.mask
         # micro-batches of micro_batch_size rows, as in training: activations here must fit the same budget
         parts = [self._score_rows(ids[r], attn[r], p_len)
                  for r in split_rows(torch.arange(batch.size, device=ids.device), self.config.micro_batch_size)]
-        old_lp, entropy, values, scores, ref_lp = (torch.cat(x) for x in zip(*parts, strict=True))
+        old_lp, entropy, values, scores, ref_lp = (
+            torch.cat(x) if x[0] is not None else None for x in zip(*parts, strict=True))
         zero = torch.zeros((), device=ids.device)
         batch.old_logprobs = torch.where(mask, old_lp, zero)
         batch.ref_logprobs = torch.where(mask, ref_lp, zero)
-        batch.old_values = torch.where(mask, values, zero)
+        batch.old_values = torch.where(mask, values, zero) if values is not None else torch.zeros_like(old_lp)
+        if scores is None:
+            scores = torch.zeros(batch.size, device=ids.device)
+        if self.reward_fns is not None:
+            scores = scores + self._function_rewards(batch, rows).to(scores.device)
         diff = (batch.sampler_logprobs - batch.old_logprobs).abs()
         stats = {
             "rm_score": scores.mean(),
@@ -308,7 +337,21 @@ class PPOTrainer:
         ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
         if self.critic is not None:
             values = self.critic(ids, attn)[:, p_len - 1 : -1].float()
-        return old_lp, entropy, values, self.reward_model(ids, attn).float(), ref_lp
+        scores = self.reward_model(ids, attn).float() if self.reward_model is not None else None
+        return old_lp, entropy, values, scores, ref_lp
+
+    def _responses(self, batch: PPOBatch) -> list[str]:
+        return [self.tokenizer.decode(r[m], skip_special_tokens=True)
+                for r, m in zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)]
+
+    def _function_rewards(self, batch: PPOBatch, rows: Sequence[int] | None) -> torch.Tensor:
+        """The reward functions' scores ``[B]`` (NaN for the whole batch when one fails: skipped, counted)."""
+        rows = list(rows) if rows is not None else list(range(batch.size))
+        fields = [{"prompt": self.prompt_texts[i], **self.prompt_fields[i]} for i in rows]
+        before = self.reward_fns.errors
+        scores = self.reward_fns([self.prompt_texts[i] for i in rows], self._responses(batch), fields)
+        self.counters["reward_errors"] += self.reward_fns.errors - before
+        return scores
 
     def _all_finite(self, *tensors) -> bool:
         dev = self.runtime.device
@@ -319,7 +362,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def advantages(self, batch: PPOBatch, scores: torch.Tensor) -> dict:
-        """normalize_rewards -> token_rewards -> gae -> whitening; fills batch.advantages / returns."""
+        """normalize_rewards -> token_rewards -> the advantage estimator (``gae`` then whitening, or a
+        critic-free one) -> DAPO's group filter; fills batch.advantages / returns."""
         cfg, mask = self.config, batch.mask
         norm = normalize_rewards(
             scores,
@@ -331,11 +375,17 @@ class PPOTrainer:
         rewards, _ = token_rewards(
             norm, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef=self.kl_ctl.value, kl_kind=cfg.kl.kind
         )
-        adv, ret = gae(
-            rewards, batch.old_values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.kernel_backend
+        adv, ret = compute_advantages(
+            cfg.advantage_estimator, scores=norm, rewards=rewards, values=batch.old_values, mask=mask,
+            group_size=cfg.rollout.n, gamma=cfg.gamma, lam=cfg.lam, norm_std=cfg.grpo_norm_std,
+            whiten=self._whiten, backend=cfg.kernel_backend,
         )
         batch.returns = ret
-        batch.advantages = self._whiten(adv, mask) if cfg.whiten_advantages else adv
+        whiten = cfg.whiten_advantages and not self.critic_free  # critic-free estimators normalise themselves
+        batch.advantages = self._whiten(adv, mask) if whiten else adv
+        extra = {}
+        if cfg.filter_groups:
+            extra["filtered_fraction"] = 1.0 - filter_groups(scores, cfg.rollout.n).float().mean()
         # KL to the reference, per sequence: sum over the response of log pi - log ref (k1), mean over rows
         seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).mean()
         kl = self.runtime.all_reduce_mean(seq_kl)
@@ -347,7 +397,16 @@ class PPOTrainer:
             "advantage_std": masked_var(adv, mask).sqrt(),
             "return_mean": masked_mean(ret, mask),
             "value_mean": masked_mean(batch.old_values, mask),
+            **extra,
         }
+
+    def _filtered(self, batch: PPOBatch, scores: torch.Tensor) -> PPOBatch:
+        """DAPO dynamic sampling (``filter_groups``): rows of groups whose scores are all equal leave the
+        loss (mask cleared). They keep their place, so every rank takes the same number of steps."""
+        if not self.config.filter_groups:
+            return batch
+        keep = filter_groups(scores, self.config.rollout.n)
+        return dataclasses.replace(batch, mask=batch.mask & keep[:, None])
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Advantage whitening over the valid tokens of the global batch (all ranks)."""
@@ -417,7 +476,11 @@ class PPOTrainer:
             clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip,
             loss_agg=cfg.loss_agg,
+            policy_loss=cfg.policy_loss,
         )
+        if self.critic_free:
+            stats = {("policy_" + k if k in ("kl", "entropy") else k): v for k, v in stats.items()}
+            return pg_loss, {"pg_loss": pg_loss.detach(), **stats}
         if self.critic is not None:
             values = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1 : -1]
         vf_loss, vf_stats = ppo_value_loss(
@@ -453,10 +516,7 @@ class PPOTrainer:
     def _gold(self, rows: list[int], batch: PPOBatch) -> dict:
         if self.gold_fn is None:
             return {}
-        responses = [
-            self.tokenizer.decode(r[m], skip_special_tokens=True)
-            for r, m in zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)
-        ]
+        responses = self._responses(batch)
         gold = [self.gold_fn(self.prompt_texts[i], resp) for i, resp in zip(rows, responses, strict=True)]
         return {"gold_reward": torch.tensor(sum(gold) / len(gold))}
 
