@@ -17,12 +17,15 @@ from fastrlhf.config import load_config
 def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     from fastrlhf.data import prompt_features, read_rows
     from fastrlhf.engine import runtime as rt
-    from fastrlhf.models import RewardModel, ValueModel, load_causal_lm, load_tokenizer
+    from fastrlhf.models import ValueModel, load_causal_lm, load_tokenizer
     from fastrlhf.trainers import common
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
 
+    from fastrlhf.algo import needs_critic
+    from fastrlhf.trainers.ppo_rewards import build_rewards
+
     cfg = load_config(PPOConfig, config_path, overrides)
-    for key in ("model", "reward_model", "data"):
+    for key in ("model", "data"):
         if not getattr(cfg, key):
             raise ValueError(f"{config_path}: `{key}` is required for `fastrlhf ppo`")
     rows = read_rows(cfg.data, kind="ppo")  # validates every row before any model is loaded
@@ -37,13 +40,17 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
             raise ValueError(f"{cfg.data}, row {i + 1}: the prompt has {len(ids)} tokens, more than "
                              f"max_prompt_length={cfg.max_prompt_length}")
         prompts.append(ids)
+    reward_model, reward_fns = build_rewards(cfg, dtype=cfg.dtype, source=config_path)  # functions first
     actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
     ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
-    reward_model = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype)
+    critic_from = cfg.critic_model or cfg.reward_model
+    if needs_critic(cfg.advantage_estimator) and not cfg.shared_critic and not critic_from:
+        raise ValueError(f"{config_path}: advantage_estimator={cfg.advantage_estimator} needs a critic: set "
+                         "critic_model (or reward_model), or shared_critic: true")
     critic = (
         None
-        if cfg.shared_critic
-        else ValueModel.from_pretrained(cfg.critic_model or cfg.reward_model, dtype=cfg.dtype)
+        if cfg.shared_critic or not needs_critic(cfg.advantage_estimator)
+        else ValueModel.from_pretrained(critic_from, dtype=cfg.dtype)
     )
     trainer = PPOTrainer(
         cfg,
@@ -54,6 +61,8 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
         tokenizer=tokenizer,
         prompts=prompts,
         runtime=runtime,
+        reward_fns=reward_fns,
+        prompt_fields=[{k: v for k, v in r.items() if k != "prompt"} for r in rows],
     )
     trainer.train()
     trainer.save_final()
