@@ -119,3 +119,8 @@ def exact_answer_reward(prompts: list[str], responses: list[str], answer: list |
 
 def accuracy(prompts: list[str], responses: list[str]) -> float:
     return sum(is_correct(p, r) for p, r in zip(prompts, responses, strict=True)) / max(len(prompts), 1)
+
+
+def exact_answer_gold(prompt: str, response: str) -> float:
+    """``gold_fn`` form of the reward (logged as ``gold_reward``): 1.0 for an exactly right answer."""
+    return float(is_correct(prompt, response))
