@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the dataclass."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on for a reason the user must act on (e.g. a reward model giving NaN for most
+    rows): the command line prints it as one line and exits 1, without a traceback."""
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree

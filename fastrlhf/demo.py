@@ -441,6 +441,7 @@ def build_summary(
         "world_size": runtime.world_size,
         "rollout": rollout,
         "quick": quick,
+        "seed": cfg.seed,
         "seconds": seconds,
         "memory_plan": runtime.scheduler.plan_dict(),
     }
@@ -470,6 +471,32 @@ def print_summary(summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- entry
+RUN_FILE = "demo_run.json"
+
+
+def check_demo_run(out: Path, *, seed: int, quick: bool, rollout: str, write: bool = True) -> None:
+    """``out`` resumes only the run it holds: ``out/demo_run.json`` records ``--seed``, ``--quick`` and
+    ``--rollout`` when a run starts; a re-run with other values is refused (``ConfigError`` naming the
+    flags), as is a folder with stage outputs but no record. Use another ``--out`` for another run."""
+    from fastrlhf.config import ConfigError
+
+    mine = {"seed": seed, "quick": quick, "rollout": rollout}
+    path = out / RUN_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = sorted(k for k in mine if saved.get(k) != mine[k])
+        if diff:
+            held = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
+            raise ConfigError(f"{out} holds a demo run with {held} (flags {diff} differ from this run); "
+                              "use another --out, or the same flags to resume it")
+    elif any((out / part).exists() for part in ("sft", "rm", "ppo")):
+        raise ConfigError(f"{out} holds demo stages but no {RUN_FILE} recording their --seed/--quick; "
+                          "use another --out")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, mine)
+
+
 def run_demo(
     out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf"
 ) -> dict:
@@ -478,7 +505,11 @@ def run_demo(
 
     start, out = time.time(), Path(out)
     s = QUICK if quick else FULL
+    check_demo_run(out, seed=seed, quick=quick, rollout=rollout, write=False)
     runtime = rt.init_runtime()
+    if runtime.is_main:
+        check_demo_run(out, seed=seed, quick=quick, rollout=rollout)
+    runtime.barrier()
     with _single_thread():
         tok = task.build_tokenizer()
         sft_dir = stage_sft(out, s, tok, runtime, seed)

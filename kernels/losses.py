@@ -139,12 +139,14 @@ def _check_tokens(ref_name: str, ref: torch.Tensor, mask, **others: torch.Tensor
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float | None = None,
-                    dual_clip: float | None = None, loss_agg: str = "token-mean"):
+                    dual_clip: float | None = None, loss_agg: str = "token-mean",
+                    log_ratio_clip: float | None = 20.0):
     """Clipped PPO surrogate (Schulman et al., 2017), clip-higher (DAPO, Yu et al., 2025) and dual clip
     (Ye et al., 2020). All ``[B, T]``; returns ``(loss 0-dim fp32, stats)``.
 
     ratio = exp(lp - old); l = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high));
-    dual clip c: where A < 0, l = min(l, -A c). Gradient flows through ratio only where the chosen
+    dual clip c: where A < 0, l = min(l, -A c). ``log_ratio_clip``: lp - old clamped to +-that before exp
+    (veRL's 20: one token far off would give an inf ratio and a NaN gradient; no gradient past it). Gradient flows through ratio only where the chosen
     branch is the unclipped one (ties go to the unclipped branch). stats: clipfrac, approx_kl
     (masked mean of (lp - old)^2 / 2), ratio_mean.
     """
@@ -153,6 +155,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     dtype = _compute_dtype(logprobs)  # as the Triton path: fp32 unless logprobs are fp64
     log_ratio = _masked(logprobs, mask, dtype) - _masked(old_logprobs, mask, dtype)
     adv = _masked(advantages, mask, dtype)
+    if log_ratio_clip is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)
     ratio = torch.exp(log_ratio)
     surr = -adv * ratio
     surr_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)

@@ -37,7 +37,7 @@ def _ppo_token_kernel(
     w_ptr,  # [N] fp32 aggregation weight of each token (see agg_weights)
     loss_ptr,  # [N] fp32 out: w_t * l_t
     g_lp_ptr, g_ent_ptr,  # [N] fp32 out: dL/dlp_t, dL/dH_t
-    N, clip_lo, clip_hi, dual_clip, kl_coef, entropy_coef,
+    N, clip_lo, clip_hi, dual_clip, kl_coef, entropy_coef, log_ratio_clip,
     HAS_DUAL: tl.constexpr, KL_KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per valid token, with r = exp(lp - old) and A the advantage (Schulman et al., 2017):
@@ -58,12 +58,14 @@ def _ppo_token_kernel(
     old = tl.load(old_ptr + offs, mask=valid, other=0.0)
     adv = tl.load(adv_ptr + offs, mask=valid, other=0.0)
     w = tl.load(w_ptr + offs, mask=valid, other=0.0)
-    ratio = tl.exp(lp - old)
+    log_ratio = lp - old  # clamped to +-log_ratio_clip before exp: no gradient past it (as the torch path)
+    bounded = tl.minimum(tl.maximum(log_ratio, -log_ratio_clip), log_ratio_clip)
+    ratio = tl.exp(bounded)
     surr = -adv * ratio
     surr_c = -adv * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
     clipped = surr_c > surr
     loss = tl.where(clipped, surr_c, surr)
-    dloss = tl.where(clipped, 0.0, surr)
+    dloss = tl.where(clipped | (bounded != log_ratio), 0.0, surr)
     if HAS_DUAL:
         floor = -adv * dual_clip
         dual = (adv < 0) & (floor < loss)
@@ -115,7 +117,7 @@ class TokenTerms:
     """Per-token inputs of the token kernel, flattened to ``[N]`` (fp32; mask uint8), and its scalars."""
 
     def __init__(self, old_logprobs, advantages, ref_logprobs, mask, *, loss_agg, clip_low, clip_high,
-                 dual_clip, kl_coef, kl_kind, entropy_coef):
+                 dual_clip, kl_coef, kl_kind, entropy_coef, log_ratio_clip=20.0):
         self.old, self.adv = _flat32(old_logprobs), _flat32(advantages)
         use_kl = ref_logprobs is not None and kl_coef != 0
         self.ref = _flat32(ref_logprobs) if use_kl else self.old  # not read without a KL term
@@ -125,6 +127,7 @@ class TokenTerms:
         self.dual_clip = dual_clip
         self.kl_coef, self.kl_kind = float(kl_coef), (_KL_KINDS[kl_kind] if use_kl else 0)
         self.entropy_coef = float(entropy_coef)
+        self.log_ratio_clip = 1e30 if log_ratio_clip is None else float(log_ratio_clip)  # None: no clamp
 
     def grads(self, lp: torch.Tensor, ent: torch.Tensor, sl: slice = slice(None)):
         """Launch the token kernel on tokens ``sl``: returns fp32 ``(w_t l_t, dL/dlp_t, dL/dH_t)``."""
@@ -136,6 +139,7 @@ class TokenTerms:
         _ppo_token_kernel[(triton.cdiv(n, block),)](
             lp, ent, self.old[sl], self.adv[sl], self.ref[sl], self.mask8[sl], self.w[sl], loss, g_lp, g_ent,
             n, self.clip_lo, self.clip_hi, float(self.dual_clip or 0.0), self.kl_coef, self.entropy_coef,
+            self.log_ratio_clip,
             HAS_DUAL=self.dual_clip is not None, KL_KIND=self.kl_kind, BLOCK=block, num_warps=4)
         return loss, g_lp, g_ent
 
@@ -202,11 +206,12 @@ class FusedPPOFunction(torch.autograd.Function):
         return _scale_saved(ctx, grad_loss, 7)
 
 
-def _stats(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip, kl_kind):
+def _stats(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip, kl_kind,
+           log_ratio_clip=20.0):
     """The stats of the PyTorch path, from the public ``losses`` functions on detached ``[B, T]`` tensors."""
     with torch.no_grad():
         _, stats = ppo_policy_loss(lp, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                   dual_clip=dual_clip)
+                                   dual_clip=dual_clip, log_ratio_clip=log_ratio_clip)
         if ref_logprobs is not None:
             ref = torch.where(mask, ref_logprobs.to(lp.dtype), 0)
             kl = torch.where(mask, kl_estimate(lp, ref, kl_kind), 0)
@@ -218,7 +223,7 @@ def _stats(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip
 
 
 def _prepare(op, labels, vocab, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef, kl_kind,
-             entropy_coef, clip_low, clip_high, dual_clip, temperature, loss_agg, **_):
+             entropy_coef, clip_low, clip_high, dual_clip, temperature, loss_agg, log_ratio_clip=20.0, **_):
     """Validate the PPO inputs; returns ``(mask, labels [N] with masked tokens = _MASKED, TokenTerms)``."""
     mask = check_ppo_inputs(labels.shape, "labels", old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                             kl_coef=kl_coef, kl_kind=kl_kind, loss_agg=loss_agg, clip_low=clip_low,
@@ -231,22 +236,23 @@ def _prepare(op, labels, vocab, old_logprobs, advantages, mask, *, ref_logprobs,
     labels_eff = torch.where(mask, labels, _MASKED).reshape(-1).long().contiguous()
     terms = TokenTerms(old_logprobs, advantages, ref_logprobs, mask, loss_agg=loss_agg, clip_low=clip_low,
                        clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_kind=kl_kind,
-                       entropy_coef=entropy_coef)
+                       entropy_coef=entropy_coef, log_ratio_clip=log_ratio_clip)
     return mask, labels_eff, terms
 
 
 def _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, *, ref_logprobs, clip_low, clip_high,
-            dual_clip, kl_kind, return_logprobs, **_):
+            dual_clip, kl_kind, return_logprobs, log_ratio_clip=20.0, **_):
     """``[N]`` outputs of the Functions -> the API's ``(loss, stats[, logprobs])``."""
     lp, ent = lp.view(labels.shape), ent.view(labels.shape)
     stats = _stats(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip,
-                   kl_kind)
+                   kl_kind, log_ratio_clip)
     return (loss, stats, lp) if return_logprobs else (loss, stats)
 
 
 def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None, temperature=1.0,
-                   loss_agg="token-mean", chunk_size=None, return_logprobs=False, backend="auto"):
+                   loss_agg="token-mean", chunk_size=None, return_logprobs=False, backend="auto",
+                   log_ratio_clip=20.0):
     """PPO actor loss from ``hidden [B, T, H]`` and ``weight [V, H]`` (see ../shared/API.md):
 
     ppo_policy_loss(lp) + kl_coef * agg(kl_estimate(lp, ref_logprobs, kl_kind)) - entropy_coef * agg(H)
@@ -259,7 +265,7 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     """
     kw = dict(ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
               clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
-              loss_agg=loss_agg, return_logprobs=return_logprobs)
+              loss_agg=loss_agg, return_logprobs=return_logprobs, log_ratio_clip=log_ratio_clip)
     hidden, weight, _ = autocast_linear_inputs(hidden, weight)  # as F.linear: bf16 h, fp32 W is fine
     _, vocab = check_linear_inputs(hidden, weight, labels)
     check_chunk_size(chunk_size)
@@ -282,14 +288,14 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
 def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                                kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                                temperature=1.0, loss_agg="token-mean", chunk_size=None, return_logprobs=False,
-                               backend="auto"):
+                               backend="auto", log_ratio_clip=20.0):
     """Same as ``fused_ppo_loss`` with ``logits [B, T, V]`` given (fp32/bf16/fp16). Triton path: one pass
     over the logits for lp and entropy, one that writes dlogits (in the logits dtype) during forward.
     ``chunk_size`` bounds the PyTorch path's float32 temporaries (rows per chunk); the Triton path works
     row by row and ignores it."""
     kw = dict(ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
               clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
-              loss_agg=loss_agg, return_logprobs=return_logprobs)
+              loss_agg=loss_agg, return_logprobs=return_logprobs, log_ratio_clip=log_ratio_clip)
     vocab = check_logits_labels(logits, labels)
     check_chunk_size(chunk_size)
     chosen = resolve_backend(backend, logits)

@@ -257,10 +257,10 @@ _MASKED_LABEL = -100
 
 
 def _ppo_objective(lp, ent, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef, kl_kind, entropy_coef,
-                   clip_low, clip_high, dual_clip, loss_agg, return_logprobs):
+                   clip_low, clip_high, dual_clip, loss_agg, return_logprobs, log_ratio_clip=20.0):
     """policy loss + kl_coef * agg(KL estimate) - entropy_coef * agg(entropy), with their stats."""
     loss, stats = ppo_policy_loss(lp, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                  dual_clip=dual_clip, loss_agg=loss_agg)
+                                  dual_clip=dual_clip, loss_agg=loss_agg, log_ratio_clip=log_ratio_clip)
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     if ref_logprobs is not None:
         ref = torch.where(mask, ref_logprobs.to(lp.dtype), zero)  # lp is 0 there too: d = 0, no garbage
@@ -284,7 +284,7 @@ def _masked_labels(labels, mask, vocab):
 
 def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None, temperature=1.0,
-                   loss_agg="token-mean", chunk_size=None, return_logprobs=False):
+                   loss_agg="token-mean", chunk_size=None, return_logprobs=False, log_ratio_clip=20.0):
     """PPO actor loss from ``hidden [B, T, H]`` and ``weight [V, H]`` (see API.md), chunked over tokens.
 
     = ppo_policy_loss(lp) + kl_coef * agg(kl_estimate(lp, ref, kl_kind)) - entropy_coef * agg(entropy),
@@ -301,12 +301,14 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
                                     ignore_index=_MASKED_LABEL, return_entropy=True, chunk_size=chunk_size)
     return _ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                           kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-                          dual_clip=dual_clip, loss_agg=loss_agg, return_logprobs=return_logprobs)
+                          dual_clip=dual_clip, loss_agg=loss_agg, return_logprobs=return_logprobs,
+                          log_ratio_clip=log_ratio_clip)
 
 
 def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                                kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
-                               temperature=1.0, loss_agg="token-mean", return_logprobs=False, chunk_size=None):
+                               temperature=1.0, loss_agg="token-mean", return_logprobs=False, chunk_size=None,
+                               log_ratio_clip=20.0):
     """Same as ``fused_ppo_loss`` with ``logits [B, T, V]`` given; processed in chunks of ``chunk_size`` rows."""
     vocab = check_logits_labels(logits, labels)
     mask = check_ppo_inputs(labels.shape, "labels", old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
@@ -316,4 +318,5 @@ def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *
                              ignore_index=_MASKED_LABEL, return_entropy=True, chunk_size=chunk_size)
     return _ppo_objective(lp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                           kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-                          dual_clip=dual_clip, loss_agg=loss_agg, return_logprobs=return_logprobs)
+                          dual_clip=dual_clip, loss_agg=loss_agg, return_logprobs=return_logprobs,
+                          log_ratio_clip=log_ratio_clip)

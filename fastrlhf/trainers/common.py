@@ -242,16 +242,58 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _plain_rng_state() -> dict[str, Any]:
+    """:func:`rng_state` as tensors, lists and numbers only (what ``torch.load(weights_only=True)`` reads)."""
+    state = rng_state()
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    plain = {"python": [int(version), torch.tensor(internal, dtype=torch.int64),
+                        None if gauss is None else float(gauss)],
+             "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
+             "torch": state["torch"]}
+    if "cuda" in state:
+        plain["cuda"] = list(state["cuda"])
+    return plain
+
+
+def _rng_from_plain(plain: dict[str, Any]) -> dict[str, Any]:
+    version, internal, gauss = plain["python"]
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    state = {"python": (int(version), tuple(int(x) for x in internal.tolist()), gauss),
+             "numpy": (name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)),
+             "torch": plain["torch"]}
+    if "cuda" in plain:
+        state["cuda"] = plain["cuda"]
+    return state
+
+
 def save_trainer_state(directory: str | Path, *, step: int, optimizer: torch.optim.Optimizer | None = None,
                        scheduler: Any = None, extra: dict | None = None) -> None:
     """Optimizer, scheduler, step, every RNG and ``extra`` into ``directory/trainer_state.pt``.
 
-    Write this last inside :func:`atomic_save_dir`: its presence marks the checkpoint complete.
+    Only tensors, lists, dicts, strings and numbers are written (RNG states converted), so
+    :func:`read_trainer_state` reads it with ``torch.load(weights_only=True)``: a checkpoint from a
+    shared or downloaded run can never execute code. Write this last inside :func:`atomic_save_dir`:
+    its presence marks the checkpoint complete.
     """
-    state = {"step": int(step), "rng": rng_state(), "extra": extra or {},
+    state = {"step": int(step), "rng": _plain_rng_state(), "extra": extra or {},
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "scheduler": scheduler.state_dict() if scheduler is not None else None}
     torch.save(state, Path(directory) / TRAINER_STATE)
+
+
+def read_trainer_state(directory: str | Path) -> dict:
+    """``directory/trainer_state.pt`` read with ``weights_only=True`` (tensors and plain containers only);
+    a file holding anything else (a pickled object, possibly one that would run code) is refused."""
+    path = Path(directory) / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, or a truncated/foreign file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: refusing to load a trainer state that is not plain tensors/numbers "
+                          f"(torch.load weights_only=True failed: {first}); delete that checkpoint or use "
+                          "another output_dir") from None
 
 
 def load_trainer_state(directory: str | Path, *, optimizer: torch.optim.Optimizer | None = None,
@@ -259,13 +301,13 @@ def load_trainer_state(directory: str | Path, *, optimizer: torch.optim.Optimize
     """Inverse of :func:`save_trainer_state`; returns ``{"step", "extra", ...}``. ``state``: an already
     read ``trainer_state.pt`` (to avoid reading a large optimizer state twice)."""
     if state is None:
-        state = torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = read_trainer_state(directory)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        set_rng_state(state["rng"])
+        set_rng_state(_rng_from_plain(state["rng"]))
     return state
 
 
@@ -331,6 +373,49 @@ def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> li
 # Config keys that may change between a crashed run and its resumption (they do not change the math).
 RESUMABLE_KEYS = frozenset({"progress", "tensorboard", "log_every", "eval_every", "save_every",
                             "keep_checkpoints", "resume", "device"})
+
+
+def config_snapshot(cfg, bookkeeping: frozenset[str] | set[str]) -> dict:
+    """``cfg`` as a JSON-ready dict without the ``bookkeeping`` keys (those that may change between a
+    crashed run and its resumption); sections stay nested. Through JSON, so a dict read back from a
+    ``{stage}_config.json`` compares equal (tuples become lists)."""
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in bookkeeping}
+    return json.loads(json.dumps(data, default=str))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_config(path: str | Path, mine: dict, *, stage: str, hint: str) -> None:
+    """The one config-drift check of every stage: ``path`` (``output_dir/{stage}_config.json``, written
+    when the run started) must equal ``mine`` (a :func:`config_snapshot`); otherwise ``ConfigError``
+    naming the keys that differ (dotted for sections). A missing file is a fresh run: nothing to check."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable {stage} config ({err}); {hint}") from None
+    a, b = _flat(saved), _flat(mine)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise ConfigError(f"{path.parent} holds a {stage} run with a different config (keys {diff}); {hint}")
+
+
+def write_config(path: str | Path, mine: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(mine, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 class StepTrainer:
@@ -444,9 +529,7 @@ class StepTrainer:
         return result
 
     def _config_dict(self) -> dict:
-        # through JSON, so a dict read back from config_path compares equal (tuples become lists)
-        cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE_KEYS}
-        return json.loads(json.dumps(cfg, default=str))
+        return config_snapshot(self.cfg, RESUMABLE_KEYS)
 
     @property
     def config_path(self) -> Path:
@@ -454,13 +537,8 @@ class StepTrainer:
 
     def _check_same_config(self) -> None:
         """``output_dir`` holding a run (``{stage}_config.json``) started under another config is an error."""
-        if not self.config_path.is_file():
-            return
-        saved, mine = json.loads(self.config_path.read_text()), self._config_dict()
-        if saved != mine:
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-            raise ConfigError(f"{self.out} holds a {self.stage} run with a different config (keys {diff}); "
-                              "use another output_dir or resume=false")
+        check_same_config(self.config_path, self._config_dict(), stage=self.stage,
+                          hint="use another output_dir or resume=false")
 
     def _checkpoint(self, step: int) -> None:
         with atomic_save_dir(checkpoint_dir(self.out, step)) as tmp:
@@ -470,15 +548,14 @@ class StepTrainer:
 
     def _fresh(self) -> int:
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=0)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self._config_dict(), indent=2) + "\n")
+        write_config(self.config_path, self._config_dict())
         return 0
 
     def _resume(self) -> int:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return self._fresh()
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = read_trainer_state(ckpt)
         self.load_model(ckpt)
         load_trainer_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
         truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=state["step"])

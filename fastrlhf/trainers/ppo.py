@@ -37,6 +37,7 @@ from fastrlhf.algo import (
     normalize_rewards,
     token_rewards,
 )
+from fastrlhf.config import RunError
 from fastrlhf.data import prompt_features
 from fastrlhf.engine import runtime as rt
 from fastrlhf.kernels import masked_mean, masked_var, masked_whiten, ppo_value_loss
@@ -62,6 +63,84 @@ def derive_seed(*parts) -> int:
     iterations / ranks / purposes are unrelated, and small structured seeds (0, 1, 2, ...) are avoided."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+# PPOConfig keys that may differ between a run and its resumption (they do not change the math)
+PPO_BOOKKEEPING = frozenset({"output_dir", "progress", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                             "wandb", "num_threads", "eval_every", "eval_samples", "drop_overlong"})
+
+
+def check_ppo_config(cfg: PPOConfig, output_dir: str | Path) -> None:
+    """``output_dir/ppo_config.json`` (written when a run starts) must match ``cfg``: a run never resumes
+    another experiment's checkpoint (the same check as sft / rm, ``common.check_same_config``)."""
+    common.check_same_config(Path(output_dir) / "ppo_config.json", common.config_snapshot(cfg, PPO_BOOKKEEPING),
+                             stage="ppo", hint="use another output_dir (or delete this one)")
+
+
+def drop_non_finite_rows(mask: torch.Tensor, scores: torch.Tensor, *per_token: torch.Tensor) -> torch.Tensor:
+    """``keep [B]`` bool: rows whose score ``[B]`` and every ``per_token [B, R]`` value on the valid
+    tokens of ``mask [B, R]`` are finite. One bad reward-model score drops its row, not the rollout."""
+    keep = torch.isfinite(scores)
+    for t in per_token:
+        if t is not None:
+            keep &= ~(mask & ~torch.isfinite(t)).any(-1)
+    return keep
+
+
+SUMMED_METRICS = ("dropped_rows",)
+
+
+def reduce_metrics(metrics: dict, device: torch.device) -> dict[str, float]:
+    """This rank's metrics -> global values, the same on every rank (one process: unchanged).
+
+    Keys ending in ``_max``: max over ranks. ``dropped_rows``: summed. ``rm_score`` / ``rm_score_std``:
+    mean and unbiased std of the pooled scores, from each rank's ``rm_score_n`` rows, ``rm_score``
+    (mean) and ``rm_score_sq`` (mean square); those two helper keys are not returned. Everything else:
+    mean over ranks (per-rank means of equal-size shards).
+    """
+    import torch.distributed as dist
+
+    metrics = dict(metrics)
+    n = metrics.pop("rm_score_n", None)
+    sq = metrics.pop("rm_score_sq", None)
+    if n is not None:  # pooled sums: n, sum, sum of squares
+        metrics["_pool_n"], metrics["_pool_s"] = n, metrics["rm_score"] * n
+        metrics["_pool_ss"] = sq * n
+    names = sorted(metrics)
+    values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names])
+    values = values.double().to(device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        is_max = torch.tensor([k.endswith("_max") for k in names], device=device)
+        is_sum = torch.tensor([k in SUMMED_METRICS or k.startswith("_pool") for k in names], device=device)
+        summed = torch.where(is_max, torch.zeros_like(values), values)
+        dist.all_reduce(summed)
+        peak = torch.where(is_max, values, torch.full_like(values, -math.inf))
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        values = torch.where(is_max, peak, torch.where(is_sum, summed, summed / world))
+    row = dict(zip(names, values.cpu().tolist(), strict=True))
+    if n is not None:
+        pn, ps, pss = row.pop("_pool_n"), row.pop("_pool_s"), row.pop("_pool_ss")
+        mean = ps / max(pn, 1.0)
+        row["rm_score"] = mean
+        row["rm_score_std"] = math.sqrt(max(pss - pn * mean * mean, 0.0) / (pn - 1)) if pn > 1 else 0.0
+    return row
+
+
+@torch.no_grad()
+def init_critic_head(critic, reward_model) -> bool:
+    """PPO scores with the reward model's saved mean/std (``RewardModel.normalize``); a critic initialised
+    from that reward model (head weights equal to the RM's) would predict raw scores, so its head is
+    divided by ``reward_std`` to start on the normalized scale. (The head has no bias to take the mean
+    shift; the RM's normalized scores have mean 0 on its eval pairs.) Returns whether it rescaled."""
+    std = getattr(reward_model, "reward_std", None)
+    c_head, r_head = getattr(critic, "head", None), getattr(reward_model, "head", None)
+    if not std or c_head is None or r_head is None or c_head.weight.shape != r_head.weight.shape:
+        return False
+    if not torch.equal(c_head.weight, r_head.weight.to(c_head.weight)):
+        return False
+    c_head.weight.div_(max(float(std), 1e-8))
+    return True
 
 
 def build_kl_controller(cfg: KLConfig):
@@ -129,6 +208,9 @@ class PPOTrainer:
         if reward_model is None and reward_fns is None:
             raise ValueError("PPOTrainer needs a reward_model, reward_fns, or both")
         self.reward_fns = reward_fns
+        check_ppo_config(cfg, self.output_dir)  # before any model is touched
+        if critic is not None:
+            init_critic_head(critic, reward_model)
         common.set_seed(cfg.seed)
         # log-probs under the sampling temperature (greedy sampling reports temperature-1 log-probs)
         wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
@@ -163,6 +245,7 @@ class PPOTrainer:
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.moments = RunningMoments()
         self.counters = {"skipped_rollouts": 0, "skipped_steps": 0, "reward_errors": 0}
+        self.warned_non_finite = False
         self.stop_state = {
             "base_length": None,
             "score_ema": None,
@@ -226,6 +309,11 @@ class PPOTrainer:
     def train(self) -> list[dict]:
         """Run (or resume) ``config.iterations`` iterations; returns this process's logged metric rows."""
         cfg = self.config
+        check_ppo_config(cfg, self.output_dir)
+        if self.runtime.is_main:
+            common.write_config(self.output_dir / "ppo_config.json",
+                                common.config_snapshot(cfg, PPO_BOOKKEEPING))
+        self.runtime.barrier()
         start = self._resume()
         # an engine with its own weights (vLLM) starts from dummy or stale ones: fill it before generating
         rt.sync_weights(self.runtime, self.actor, self.rollout)
@@ -255,16 +343,15 @@ class PPOTrainer:
         batch = build_batch(
             prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device
         )
-        # 2. score
+        # 2. score (rows with a non-finite score, log-prob or value are dropped, the rest trains)
         with sched.phase("score"):
             scores, score_stats = self.score(batch, prompt_rows)
-            ok = self._all_finite(scores, batch.old_logprobs, batch.ref_logprobs, batch.old_values)
-            if ok:
-                kl_stats = self.advantages(batch, scores)
-        if not ok:
-            self.counters["skipped_rollouts"] += 1
-            return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"],
-                                  "reward_errors": self.counters["reward_errors"]})
+            if self._reward_functions_failed(score_stats):  # a reward function raised: skip the rollout
+                self.counters["skipped_rollouts"] += 1
+                return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"],
+                                      "reward_errors": self.counters["reward_errors"]})
+            self._check_dropped(it, score_stats)
+            kl_stats = self.advantages(batch, scores)
         # 3. train
         with sched.phase("train"):
             train_stats = self.train_epochs(self._filtered(batch, scores), it)
@@ -313,22 +400,35 @@ class PPOTrainer:
         old_lp, entropy, values, scores, ref_lp = (
             torch.cat(x) if x[0] is not None else None for x in zip(*parts, strict=True))
         zero = torch.zeros((), device=ids.device)
+        if scores is None:  # no reward model: the reward functions alone
+            scores = torch.zeros(batch.size, device=ids.device)
+        fn_failed = None
+        if self.reward_fns is not None:
+            fn_scores = self._function_rewards(batch, rows)
+            fn_failed = torch.tensor(float(fn_scores is None))
+            if fn_scores is not None:
+                scores = scores + fn_scores.to(scores.device)
+        keep = drop_non_finite_rows(mask, scores, old_lp, ref_lp, values)
+        batch.mask = mask = mask & keep[:, None]
+        scores = torch.where(keep, scores, zero)
         batch.old_logprobs = torch.where(mask, old_lp, zero)
         batch.ref_logprobs = torch.where(mask, ref_lp, zero)
         batch.old_values = torch.where(mask, values, zero) if values is not None else torch.zeros_like(old_lp)
-        if scores is None:
-            scores = torch.zeros(batch.size, device=ids.device)
-        if self.reward_fns is not None:
-            scores = scores + self._function_rewards(batch, rows).to(scores.device)
+        batch.keep = keep
         diff = (batch.sampler_logprobs - batch.old_logprobs).abs()
+        n_keep = keep.sum().float()
         stats = {
-            "rm_score": scores.mean(),
-            "rm_score_std": scores.std() if scores.numel() > 1 else zero,
-            "response_length": mask.sum(-1).float().mean(),
-            "entropy": masked_mean(entropy, mask),
+            "rm_score": scores.sum() / n_keep.clamp(min=1),
+            "rm_score_sq": (scores * scores).sum() / n_keep.clamp(min=1),  # for the pooled std (_log)
+            "rm_score_n": n_keep,
+            "response_length": mask.sum(-1).float().sum() / n_keep.clamp(min=1),
+            "entropy": masked_mean(torch.where(mask, entropy, zero), mask),
             "logprob_mismatch_abs": masked_mean(diff, mask),
             "logprob_mismatch_max": torch.where(mask, diff, zero).max(),
+            "dropped_rows": (~keep).sum().float(),
         }
+        if fn_failed is not None:
+            stats["reward_fn_failed"] = fn_failed
         return scores, stats
 
     def _score_rows(self, ids, attn, p_len: int):
@@ -338,20 +438,50 @@ class PPOTrainer:
         if self.critic is not None:
             values = self.critic(ids, attn)[:, p_len - 1 : -1].float()
         scores = self.reward_model(ids, attn).float() if self.reward_model is not None else None
-        return old_lp, entropy, values, scores, ref_lp
+        normalize = getattr(self.reward_model, "normalize", None)  # the RM's saved mean/std (RewardModel)
+        return old_lp, entropy, values, normalize(scores) if normalize else scores, ref_lp
 
     def _responses(self, batch: PPOBatch) -> list[str]:
         return [self.tokenizer.decode(r[m], skip_special_tokens=True)
                 for r, m in zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)]
 
-    def _function_rewards(self, batch: PPOBatch, rows: Sequence[int] | None) -> torch.Tensor:
-        """The reward functions' scores ``[B]`` (NaN for the whole batch when one fails: skipped, counted)."""
+    def _function_rewards(self, batch: PPOBatch, rows: Sequence[int] | None) -> torch.Tensor | None:
+        """The reward functions' scores ``[B]``; None when one raised or returned a non-finite value
+        (``RewardFunctions`` logged the error once; the rollout is then skipped and counted)."""
         rows = list(rows) if rows is not None else list(range(batch.size))
         fields = [{"prompt": self.prompt_texts[i], **self.prompt_fields[i]} for i in rows]
         before = self.reward_fns.errors
         scores = self.reward_fns([self.prompt_texts[i] for i in rows], self._responses(batch), fields)
         self.counters["reward_errors"] += self.reward_fns.errors - before
-        return scores
+        return scores if self.reward_fns.errors == before else None
+
+    def _reward_functions_failed(self, stats: dict) -> bool:
+        """Whether a reward function failed on any rank (all ranks then skip the rollout together)."""
+        failed = stats.pop("reward_fn_failed", None)
+        if failed is None:
+            return False
+        return float(self.runtime.all_reduce_mean(failed.float().to(self.runtime.device))) > 0
+
+    def _check_dropped(self, it: int, stats: dict) -> None:
+        """Count the rows dropped for non-finite values (all ranks); warn once; stop the run with
+        ``RunError`` when more than ``max_nonfinite_share`` of the rows of the last ``nonfinite_window``
+        iterations were lost."""
+        cfg, world = self.config, self.runtime.world_size
+        counts = torch.stack([stats["dropped_rows"], stats["rm_score_n"] + stats["dropped_rows"]]).float()
+        dropped, total = (self.runtime.all_reduce_mean(counts.to(self.runtime.device)) * world).tolist()
+        window = self.stop_state.setdefault("dropped_window", [])
+        window.append([dropped, total])
+        del window[: -cfg.nonfinite_window]
+        if dropped and not self.warned_non_finite and self.runtime.is_main:
+            self.warned_non_finite = True
+            print(f"[ppo] warning: iteration {it + 1}: {dropped:.0f} of {total:.0f} rows have a non-finite reward "
+                  "score (or log-prob / value); they are dropped from the rollout (metric dropped_rows)",
+                  flush=True)
+        lost, seen = sum(d for d, _ in window), sum(n for _, n in window)
+        if seen and lost / seen > cfg.max_nonfinite_share:
+            raise RunError(f"non-finite reward scores: {lost:.0f} of {seen:.0f} rows of the last {len(window)} "
+                           f"iteration(s) were dropped (more than max_nonfinite_share={cfg.max_nonfinite_share}); "
+                           "check the reward model (its dtype, its inputs) before training on")
 
     def _all_finite(self, *tensors) -> bool:
         dev = self.runtime.device
@@ -365,10 +495,13 @@ class PPOTrainer:
         """normalize_rewards -> token_rewards -> the advantage estimator (``gae`` then whitening, or a
         critic-free one) -> DAPO's group filter; fills batch.advantages / returns."""
         cfg, mask = self.config, batch.mask
-        norm = normalize_rewards(
-            scores,
+        keep = getattr(batch, "keep", None)
+        keep = keep if keep is not None else torch.ones_like(scores, dtype=torch.bool)
+        norm = torch.zeros_like(scores)  # dropped rows: no reward, no token counts, not in the moments
+        norm[keep] = normalize_rewards(
+            scores[keep],
             mode=cfg.reward_norm,
-            lengths=mask.sum(-1).clamp(min=1),
+            lengths=mask[keep].sum(-1).clamp(min=1),
             clip=cfg.reward_clip,
             stats=self.moments,
         )
@@ -387,12 +520,12 @@ class PPOTrainer:
         if cfg.filter_groups:
             extra["filtered_fraction"] = 1.0 - filter_groups(scores, cfg.rollout.n).float().mean()
         # KL to the reference, per sequence: sum over the response of log pi - log ref (k1), mean over rows
-        seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).mean()
+        seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).sum() / keep.sum().clamp(min=1)
         kl = self.runtime.all_reduce_mean(seq_kl)
         return {
             "kl": kl,
             "kl_coef": torch.tensor(self.kl_ctl.value),
-            "reward_normalized": norm.mean(),
+            "reward_normalized": norm.sum() / keep.sum().clamp(min=1),
             "advantage_mean": masked_mean(adv, mask),
             "advantage_std": masked_var(adv, mask).sqrt(),
             "return_mean": masked_mean(ret, mask),
@@ -476,6 +609,7 @@ class PPOTrainer:
             clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip,
             loss_agg=cfg.loss_agg,
+            log_ratio_clip=cfg.log_ratio_clip,
             policy_loss=cfg.policy_loss,
         )
         if self.critic_free:
@@ -521,12 +655,7 @@ class PPOTrainer:
         return {"gold_reward": torch.tensor(sum(gold) / len(gold))}
 
     def _log(self, it: int, metrics: dict, batch: PPOBatch | None = None) -> dict:
-        names = sorted(metrics)
-        values = torch.stack(
-            [torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names]
-        )
-        values = self.runtime.all_reduce_mean(values.to(self.runtime.device)).cpu().tolist()
-        row = dict(zip(names, values, strict=True))
+        row = reduce_metrics(metrics, self.runtime.device)
         phases = self.runtime.scheduler.pop_stats()
         row.update(phases)
         if batch is not None:

@@ -106,6 +106,7 @@ class PPOConfig:
     clip: float = 0.2
     clip_high: float | None = None
     dual_clip: float | None = None
+    log_ratio_clip: float | None = 20.0  # log pi - log pi_old clamped to +-this before exp (veRL); None: off
     value_clip: float | None = 0.2
     vf_coef: float = 0.5  # weight of the value loss when the value head sits on the actor
     entropy_coef: float = 0.0
@@ -126,6 +127,10 @@ class PPOConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     shared_critic: bool = False
+    # rows with a non-finite reward score are dropped; the run stops when more than this share of the
+    # rows of the last ``nonfinite_window`` iterations was lost
+    max_nonfinite_share: float = 0.5
+    nonfinite_window: int = 10
     # bookkeeping
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
@@ -148,6 +153,9 @@ class PPOConfig:
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.kl.target > 0, "kl.target must be > 0"),
             (self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+            (0.0 <= self.max_nonfinite_share <= 1.0, "max_nonfinite_share must be in [0, 1]"),
+            (self.nonfinite_window >= 1, "nonfinite_window must be >= 1"),
+            (self.log_ratio_clip is None or self.log_ratio_clip > 0, "log_ratio_clip must be > 0 (or null)"),
         ]
         for ok, message in checks:
             if not ok:

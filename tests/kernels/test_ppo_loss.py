@@ -222,7 +222,7 @@ def test_token_kernel_compiles_for_sm90():
     sig = {k: "*fp32" for k in ("lp_ptr", "ent_ptr", "old_ptr", "adv_ptr", "ref_ptr", "w_ptr", "loss_ptr",
                                 "g_lp_ptr", "g_ent_ptr")}
     sig.update(mask_ptr="*u8", N="i32", clip_lo="fp32", clip_hi="fp32", dual_clip="fp32", kl_coef="fp32",
-               entropy_coef="fp32")
+               entropy_coef="fp32", log_ratio_clip="fp32")
     for kl_kind in range(5):
         compile_for_cuda(mod._ppo_token_kernel, sig, {"HAS_DUAL": kl_kind % 2 == 0, "KL_KIND": kl_kind,
                                                       "BLOCK": 1024})

@@ -202,15 +202,17 @@ def test_minibatch_loss_and_grads_do_not_depend_on_micro_batching(tmp_path, tok,
             torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
 
 
-def test_non_finite_reward_skips_the_iteration(tmp_path, tok):
+def test_all_non_finite_rewards_stop_the_run_with_a_message(tmp_path, tok):
+    from fastrlhf.config import RunError
+
     class NaNReward(torch.nn.Module):
         def forward(self, input_ids, attention_mask):
             return torch.full((input_ids.shape[0],), float("nan"))
 
     trainer = make_trainer(tmp_path, tok, reward_model=NaNReward(), iterations=1)
     before = {k: v.clone() for k, v in trainer.actor.state_dict().items()}
-    rows = trainer.train()
-    assert rows[0]["skipped_rollouts"] == 1
+    with pytest.raises(RunError, match="non-finite reward scores: 4 of 4 rows"):
+        trainer.train()
     assert all(torch.equal(v, before[k]) for k, v in trainer.actor.state_dict().items())
 
 
