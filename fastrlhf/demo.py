@@ -286,24 +286,28 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- PPO
-def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path, rm_dir: Path, rollout: str):
+def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path, rm_dir: Path, rollout: str,
+              algo: str = "ppo"):
+    from fastrlhf.demo_algos import rl_config, stage_dir, stage_dpo
     from fastrlhf.models import RewardModel, ValueModel
     from fastrlhf.trainers.ppo import PPOTrainer
 
-    cfg = ppo_config(s, seed, rollout, out / "ppo")
+    if algo == "dpo":  # offline: DPO on the reward model's labelled pairs replaces the RL stage
+        return stage_dpo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout)
+    cfg = rl_config(ppo_config(s, seed, rollout, stage_dir(out, algo)), algo)
     trainer = PPOTrainer(
         cfg,
         actor=load_policy(sft_dir),
         ref=load_policy(sft_dir),
         reward_model=RewardModel.from_pretrained(rm_dir),
-        critic=ValueModel.from_pretrained(rm_dir),
+        critic=ValueModel.from_pretrained(rm_dir) if cfg.advantage_estimator == "gae" else None,
         tokenizer=tok,
         prompts=task.make_prompts(2048, seed + 3),
         runtime=runtime,
         gold_fn=task.gold_reward,
     )
     trainer.train()
-    trainer.save_final(out / "ppo" / "final")
+    trainer.save_final(stage_dir(out, algo) / "final")
     return trainer
 
 
@@ -349,10 +353,10 @@ def evaluate_policies(trainer, tok, s: DemoSettings, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def collect_metrics(out: Path) -> None:
+def collect_metrics(out: Path, rl_stage: str = "ppo") -> None:
     """``out/metrics.jsonl``: the stages' rows (sft, rm, ppo) in order, rebuilt on every run."""
     lines = []
-    for part in ("sft", "rm", "ppo"):
+    for part in ("sft", "rm", rl_stage):
         path = out / part / "metrics.jsonl"
         if path.is_file():
             lines += [line for line in path.read_text().splitlines() if line.strip()]
@@ -361,7 +365,7 @@ def collect_metrics(out: Path) -> None:
     tmp.replace(out / "metrics.jsonl")
 
 
-def make_plots(out: Path, rm_result: dict, evals: dict) -> list[str]:
+def make_plots(out: Path, rm_result: dict, evals: dict, rl_stage: str = "ppo") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,7 +373,8 @@ def make_plots(out: Path, rm_result: dict, evals: dict) -> list[str]:
 
     from fastrlhf.telemetry.metrics import read_metrics
 
-    rows = [r for r in read_metrics(out / "ppo" / "metrics.jsonl") if r.get("stage") == "ppo" and "kl" in r]
+    path = out / rl_stage / "metrics.jsonl"  # DPO has no RL rows: empty curves
+    rows = [r for r in read_metrics(path) if r.get("stage") == "ppo" and "kl" in r] if path.is_file() else []
     written = []
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     panels = (
@@ -498,10 +503,17 @@ def check_demo_run(out: Path, *, seed: int, quick: bool, rollout: str, write: bo
 
 
 def run_demo(
-    out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf"
+    out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf",
+    task_name: str = "preference", algo: str = "ppo",
 ) -> dict:
-    """The whole pipeline; returns the summary dict (also written to ``out/summary.json``)."""
+    """The whole pipeline; returns the summary dict (also written to ``out/summary.json``).
+    ``task_name="arithmetic"`` runs ``fastrlhf.demo_algos.run_arithmetic``; ``algo`` other than ppo
+    trains in ``out/<algo>`` next to ``out/ppo`` (SFT and reward model are shared)."""
+    from fastrlhf.demo_algos import annotate_summary, run_arithmetic, stage_dir
     from fastrlhf.engine import runtime as rt
+
+    if task_name == "arithmetic":
+        return run_arithmetic(out, algo=algo, quick=quick, seed=seed, rollout=rollout)
 
     start, out = time.time(), Path(out)
     s = QUICK if quick else FULL
@@ -516,12 +528,13 @@ def run_demo(
         _say(runtime, "SFT policy ready")
         rm_dir, rm_result = stage_rm(out, s, tok, runtime, seed, sft_dir)
         _say(runtime, f"reward model ready: held-out accuracy {rm_result['heldout_accuracy']:.3f}")
-        trainer = stage_ppo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout)
+        trainer = stage_ppo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout, algo)
         evals = evaluate_policies(trainer, tok, s, seed)
     summary = build_summary(rm_result, evals, trainer.config, runtime, rollout, time.time() - start, quick)
+    summary = annotate_summary(summary, algo=algo, task_name=task_name, trainer=trainer)
     if runtime.is_main:
-        collect_metrics(out)
-        summary["plots"] = make_plots(out, rm_result, evals)
+        collect_metrics(out, stage_dir(out, algo).name)
+        summary["plots"] = make_plots(out, rm_result, evals, stage_dir(out, algo).name)
         _write_json(out / "summary.json", summary)
         print_summary(summary)
     runtime.barrier()
@@ -533,5 +546,6 @@ def run_demo_cli(args) -> int:
     # stage output (the command line owns its output, so it turns them off here, not run_demo).
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    run_demo(args.out, quick=args.quick, seed=args.seed, rollout=args.rollout)
+    run_demo(args.out, quick=args.quick, seed=args.seed, rollout=args.rollout,
+             task_name=getattr(args, "task", "preference"), algo=getattr(args, "algo", "ppo"))
     return 0

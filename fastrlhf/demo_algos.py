@@ -44,6 +44,63 @@ def rl_config(base, algo: str):
                                rollout_batch_size=max(1, base.rollout_batch_size // n))
 
 
+def stage_dir(out: Path, algo: str) -> Path:
+    """Where algorithm ``algo`` of the preference task trains: ``out/ppo`` (today's layout) or ``out/<algo>``."""
+    return Path(out) / algo
+
+
+@dataclasses.dataclass
+class OfflinePolicies:
+    """What ``fastrlhf.demo.evaluate_policies`` reads from a trainer, for an offline (DPO) run."""
+
+    actor: torch.nn.Module
+    ref: torch.nn.Module
+    reward_model: torch.nn.Module
+    runtime: object
+    config: object
+    result: dict
+
+
+def stage_dpo(out: Path, s, tok, runtime, seed: int, sft_dir: Path, rm_dir: Path, rollout: str):
+    """DPO on the same labelled pairs the reward model was trained on (regenerated from the seed), with the
+    SFT policy as reference; returns an :class:`OfflinePolicies` for the demo's evaluation."""
+    from fastrlhf.demo import load_policy, make_pairs, ppo_config
+    from fastrlhf.models import PolicyWithLoss, RewardModel
+    from fastrlhf.trainers.dpo import DPOConfig, DPOTrainer
+
+    out_dir = stage_dir(out, "dpo")
+    result_path = out_dir / "dpo_result.json"
+    if runtime.is_main and not result_path.is_file():
+        train_pairs, _ = make_pairs(load_policy(sft_dir).eval(), tok, s, seed)
+        rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in train_pairs]
+        cfg = DPOConfig(model="demo:sft-policy", data="demo:pairs", output_dir=str(out_dir), lr=3e-4, beta=0.1,
+                        epochs=1, batch_size=64, micro_batch_size=64, max_length=32, seed=seed, bf16=False,
+                        device=str(runtime.device), warmup_ratio=0.05, progress=False, tensorboard=False)
+        DPOTrainer(cfg, model=load_policy(sft_dir), tokenizer=tok, train_rows=rows).train()
+    runtime.barrier()
+    result = json.loads(result_path.read_text())
+    temperature = dict(temperature=1.0, backend="auto")
+    cfg = ppo_config(s, seed, rollout, out_dir)
+    return OfflinePolicies(
+        actor=PolicyWithLoss(load_policy(out_dir / "final"), **temperature).to(runtime.device),
+        ref=PolicyWithLoss(load_policy(sft_dir), **temperature).to(runtime.device),
+        reward_model=RewardModel.from_pretrained(rm_dir).to(runtime.device).eval(), runtime=runtime,
+        config=dataclasses.replace(cfg, iterations=0), result=result)
+
+
+def annotate_summary(summary: dict, *, algo: str, task_name: str, trainer) -> dict:
+    """The arena keys of ``summary.json``: ``algo``, ``task`` and ``rl`` (today's ``ppo`` section, which is
+    kept as an alias), with what the algorithm was (estimator, responses per prompt, DPO's result)."""
+    rl = dict(summary["ppo"])
+    if isinstance(trainer, OfflinePolicies):
+        rl.update(iterations=None, dpo={k: v for k, v in trainer.result.items() if isinstance(v, (int, float))})
+    else:
+        cfg = trainer.config
+        rl.update(advantage_estimator=cfg.advantage_estimator, policy_loss=cfg.policy_loss,
+                  responses_per_prompt=cfg.rollout.n, prompts_per_iteration=cfg.rollout_batch_size)
+    return {"algo": algo, "task": task_name, "rl": rl, **summary, "ppo": rl}
+
+
 # ------------------------------------------------------------------------------------------ arithmetic
 @dataclasses.dataclass(frozen=True)
 class ArithSettings:
@@ -57,11 +114,13 @@ class ArithSettings:
     n_eval: int = 512
     max_new_tokens: int = 7
     dpo_pairs: int = 1024
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
 
 
-ARITH_QUICK = ArithSettings(n_demos=2000, sft_epochs=4, iterations=25, n_eval=256, dpo_pairs=512)
-ARITH_FULL = ArithSettings()
+# measured (seed 0, 2-core CPU): see README "Algorithms"; SFT 8 epochs gets the train questions to ~50% sampled
+ARITH_QUICK = ArithSettings(n_demos=4000, sft_epochs=8, iterations=80, actor_lr=2e-4, kl_coef=0.1, n_eval=256,
+                            dpo_pairs=1024)
+ARITH_FULL = ArithSettings(n_demos=4000, sft_epochs=8, iterations=120, actor_lr=1e-4, kl_coef=0.1, n_eval=512)
 
 
 def _tiny_policy(tok, seed: int):
@@ -74,15 +133,15 @@ def _tiny_policy(tok, seed: int):
 def arith_sft(out: Path, s: ArithSettings, tok, runtime, seed: int) -> Path:
     from fastrlhf.trainers.sft import SFTConfig, SFTTrainer
 
-    if runtime.is_main and not (out / "sft" / "sft_result.json").is_file():
+    if runtime.is_main and not (out / "arith_sft" / "sft_result.json").is_file():
         rows = [{"prompt": r["prompt"], "response": r["response"]} for r in arith.make_demonstrations(s.n_demos, seed)]
-        cfg = SFTConfig(model="demo:tiny_llama", data="demo:arithmetic", output_dir=str(out / "sft"), lr=s.sft_lr,
+        cfg = SFTConfig(model="demo:tiny_llama", data="demo:arithmetic", output_dir=str(out / "arith_sft"), lr=s.sft_lr,
                         epochs=s.sft_epochs, batch_size=64, micro_batch_size=64, max_length=16, seed=seed,
                         bf16=False, device=str(runtime.device), lr_scheduler="cosine", warmup_ratio=0.05,
                         progress=False, tensorboard=False)
         SFTTrainer(cfg, model=_tiny_policy(tok, seed), tokenizer=tok, train_rows=rows).train()
     runtime.barrier()
-    return out / "sft" / "final"
+    return out / "arith_sft" / "final"
 
 
 def arith_rl_config(s: ArithSettings, algo: str, seed: int, rollout: str, output_dir: Path):
@@ -126,7 +185,7 @@ def arith_rl(out: Path, s: ArithSettings, tok, runtime, seed: int, sft_dir: Path
     from fastrlhf.models import ValueModel
     from fastrlhf.trainers.ppo import PPOTrainer
 
-    cfg = arith_rl_config(s, algo, seed, rollout, out / "rl")
+    cfg = arith_rl_config(s, algo, seed, rollout, out / f"arith_{algo}")
     rows = arith.make_prompt_rows(2048, seed + 3, "train")
     critic = None
     if algo == "ppo":  # the critic starts from the SFT body (there is no reward model to start from)
@@ -138,7 +197,7 @@ def arith_rl(out: Path, s: ArithSettings, tok, runtime, seed: int, sft_dir: Path
         prompt_fields=[{"answer": r["answer"]} for r in rows], gold_fn=arith.exact_answer_gold,
     )
     trainer.train()
-    trainer.save_final(out / "rl" / "final")
+    trainer.save_final(out / f"arith_{algo}" / "final")
     return trainer
 
 
@@ -157,11 +216,32 @@ def arith_dpo(out: Path, s: ArithSettings, tok, runtime, seed: int, sft_dir: Pat
         cx, cy = arith.is_correct(p, x), arith.is_correct(p, y)
         if cx != cy and x.strip() and y.strip():
             pairs.append({"prompt": p, "chosen": x if cx else y, "rejected": y if cx else x})
-    cfg = DPOConfig(model="demo:sft-policy", data="demo:pairs", output_dir=str(out / "dpo"), lr=1e-3, beta=0.1,
+    cfg = DPOConfig(model="demo:sft-policy", data="demo:pairs", output_dir=str(out / "arith_dpo"), lr=1e-3, beta=0.1,
                     epochs=2, batch_size=32, micro_batch_size=32, max_length=16, seed=seed, bf16=False,
                     device=str(runtime.device), warmup_ratio=0.05, progress=False, tensorboard=False)
     result = DPOTrainer(cfg, model=load_policy(sft_dir), tokenizer=tok, train_rows=pairs).train()
-    return load_policy(out / "dpo" / "final"), {"pairs": len(pairs), **result}
+    return load_policy(out / "arith_dpo" / "final"), {"pairs": len(pairs), **result}
+
+
+ARITH_RUN_FILE = "arith_run.json"
+
+
+def check_arith_run(out: Path, *, seed: int, quick: bool) -> None:
+    """``out`` resumes only the arithmetic run it holds (``arith_run.json`` records ``--seed`` / ``--quick``;
+    the SFT stage is shared by every ``--algo``); another run's flags are a ``ConfigError`` naming them."""
+    from fastrlhf.config import ConfigError
+
+    mine, path = {"seed": seed, "quick": quick}, out / ARITH_RUN_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = sorted(k for k in mine if saved.get(k) != mine[k])
+        if diff:
+            raise ConfigError(f"{out} holds an arithmetic demo run with "
+                              + ", ".join(f"--{k} {saved.get(k)}" for k in diff) + "; use another --out")
+    elif (out / "arith_sft").exists():
+        raise ConfigError(f"{out} holds an arithmetic SFT stage but no {ARITH_RUN_FILE}; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine) + "\n")
 
 
 def run_arithmetic(out: str | Path, *, algo: str = "grpo", quick: bool = False, seed: int = 0,
@@ -172,6 +252,7 @@ def run_arithmetic(out: str | Path, *, algo: str = "grpo", quick: bool = False, 
 
     start, out = time.time(), Path(out)
     s = ARITH_QUICK if quick else ARITH_FULL
+    check_arith_run(out, seed=seed, quick=quick)
     runtime = rt.init_runtime()
     heldout = [r["prompt"] for r in arith.make_prompt_rows(s.n_eval, seed + 4, "heldout")]
     with _single_thread():
