@@ -62,6 +62,7 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
         prompts=prompts,
         runtime=runtime,
         reward_fns=reward_fns,
+        prompt_texts=[r["prompt"] for r in rows],  # what reward functions and gold_fn read: the row's text
         prompt_fields=[{k: v for k, v in r.items() if k != "prompt"} for r in rows],
     )
     trainer.train()
