@@ -44,19 +44,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. A user error (config, data row, missing file) prints ``fastrlhf CMD: error:
-    MESSAGE`` and returns 2, as argparse does for bad flags; ``FASTRLHF_TRACEBACK=1`` re-raises it."""
-    from fastrlhf.config import ConfigError
-    from fastrlhf.data import DataError
-
+    """Run one subcommand. A user error (config, data row, path, device, I/O such as a full or read-only
+    disk) prints one line ``fastrlhf CMD: error: MESSAGE`` and returns 2, as argparse does for bad flags;
+    a run that cannot go on (``RunError``, e.g. non-finite rewards) returns 1 the same way; Ctrl-C prints
+    how to resume and returns 130. ``FASTRLHF_TRACEBACK=1`` re-raises instead. Nothing heavy is imported
+    before the subcommand runs, so ``fastrlhf --help`` is fast."""
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except KeyboardInterrupt:
         if os.environ.get("FASTRLHF_TRACEBACK"):
             raise
-        print(f"fastrlhf {args.command}: error: {err}", file=sys.stderr)
+        again = "the same command (same --out)" if args.command == "demo" else "the same command"
+        print(f"fastrlhf {args.command}: interrupted; run {again} again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        code = _exit_code(err)
+        if code is None or os.environ.get("FASTRLHF_TRACEBACK"):
+            raise
+        print(f"fastrlhf {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return code
+
+
+def _exit_code(err: Exception) -> int | None:
+    """2 for a user error, 1 for a run that cannot go on, None for a bug (the traceback is kept)."""
+    from fastrlhf.config import ConfigError, RunError
+    from fastrlhf.data.readers import DataError
+
+    if isinstance(err, RunError):
+        return 1
+    if isinstance(err, (ConfigError, DataError, OSError)):
         return 2
+    return None
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    else:
+        text = str(err)
+    return " ".join(text.split())
 
 
 def _run(args) -> int:

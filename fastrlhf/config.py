@@ -42,7 +42,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw  # not a YAML scalar: the string itself (type checks name the key if it is wrong)
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -105,7 +109,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
         data = loaded
@@ -113,6 +117,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
     _check_fields(cls, extra, "command line")  # a bad override is named as one, not as the file's
     where = str(path) if path is not None else "command line"
     return from_dict(cls, _merge(data, extra), f"{where} (with overrides)" if extra and path else where)
+
+
+def _read_yaml(path: Path):
+    """The YAML document in ``path``; a syntax error or undecodable bytes is a ConfigError naming the file
+    and line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}, line {raw[:err.start].count(bytes([10])) + 1}: "
+                          f"not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: YAML syntax error: {' '.join(str(problem).split())}") from None
 
 
 def _check_fields(cls, data: dict, where: str) -> None:

@@ -82,6 +82,7 @@ def ppo_config(settings: DemoSettings, seed: int, rollout: str, output_dir: Path
         reward_clip=5.0,
         entropy_coef=0.0,
         checkpoint_every=10,
+        tensorboard=False,
         rollout=RolloutConfig(backend=rollout, max_new_tokens=settings.max_new_tokens, temperature=1.0),
         kl=KLConfig(controller="adaptive", init_coef=0.1, target=6.0, horizon=500),
         early_stop=EarlyStopConfig(kl_factor=2.0, length_factor=2.0, score_falling_iters=20),
@@ -307,7 +308,7 @@ def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path
         gold_fn=task.gold_reward,
     )
     trainer.train()
-    trainer.save_final(stage_dir(out, algo) / "final")
+    trainer.finish()  # ppo/final, ppo/critic, ppo/ppo_result.json, ppo/plots
     return trainer
 
 
@@ -546,6 +547,13 @@ def run_demo_cli(args) -> int:
     # stage output (the command line owns its output, so it turns them off here, not run_demo).
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    run_demo(args.out, quick=args.quick, seed=args.seed, rollout=args.rollout,
-             task_name=getattr(args, "task", "preference"), algo=getattr(args, "algo", "ppo"))
+    import os
+
+    from fastrlhf.trainers.common import output_dir_lock
+
+    out = Path(args.out)
+    check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False)  # before the lock
+    with output_dir_lock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
+        run_demo(out, quick=args.quick, seed=args.seed, rollout=args.rollout,
+                 task_name=getattr(args, "task", "preference"), algo=getattr(args, "algo", "ppo"))
     return 0

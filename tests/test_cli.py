@@ -74,7 +74,7 @@ def test_sft_then_rm_then_report(base_model, tmp_path):
     (tmp_path / "rm.yaml").write_text(
         f"model: {final}\ndata: {rm_data}\neval_data: {rm_eval}\noutput_dir: {tmp_path / 'rm'}\n"
         "max_length: 32\nlr: 3.0e-3\nbatch_size: 16\nmicro_batch_size: 8\nepochs: 2\nprogress: false\n")
-    assert main(["rm", "--config", str(tmp_path / "rm.yaml")]) == 0
+    assert main(["rm", "--config", str(tmp_path / "rm.yaml"), "eval_every=1"]) == 0  # eval curves, not dots
     rm = RewardModel.from_pretrained(tmp_path / "rm" / "final")
     # The reward model's body starts from the SFT policy's body, not from the base model.
     assert rm.config.vocab_size == policy.config.vocab_size and rm.reward_std is not None

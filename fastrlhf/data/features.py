@@ -18,8 +18,12 @@ def _encode(tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids with the tokenizer's leading special tokens (e.g. Llama's BOS) but never a trailing EOS."""
+    """Prompt ids with the tokenizer's leading special tokens (e.g. Llama's BOS) but never a trailing EOS.
+    A prompt rendered by a chat template that already starts with BOS gets no second one."""
     bare = _encode(tokenizer, prompt, add_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and prompt.startswith(bos):
+        return bare
     full = _encode(tokenizer, prompt, add_special_tokens=True)
     if not bare:  # an empty prompt: keep only what the tokenizer puts in front (BOS)
         return [t for t in full if t != tokenizer.eos_token_id]
@@ -34,10 +38,10 @@ def sft_features(prompt: str, response: str, tokenizer, *, max_length: int | Non
 
     Prompt and response are tokenized separately (the prompt with the tokenizer's leading special
     tokens such as BOS, the response without any) and joined as they are: put any separator the model
-    expects (a space, a newline) into the text. When the result exceeds ``max_length``, the response
-    end is cut and EOS is kept after the last response token that fits: the example still teaches
-    stopping, and it is never silently left without its EOS label. The prompt is never cut: if the
-    prompt plus EOS leaves no room for a response token, ``ValueError`` says so.
+    expects (a space, a newline) into the text. Nothing is ever cut: when the result exceeds
+    ``max_length``, ``ValueError`` (naming ``max_length``) says so; the trainers drop such rows with a
+    count or stop at the first one (``drop_overlong``). A cut response would teach a wrong ending, and a
+    reward-model pair whose answers differ only after the cut would become two identical sequences.
     Returns lists of ints: ``{"input_ids", "labels", "attention_mask"}``.
     """
     eos = tokenizer.eos_token_id
@@ -52,7 +56,9 @@ def sft_features(prompt: str, response: str, tokenizer, *, max_length: int | Non
         if room < 1:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens: with EOS and at least one response token "
                              f"it needs max_length >= {len(prompt_ids) + 2}, got max_length={max_length}")
-        response_ids = response_ids[:room]
+        if len(response_ids) > room:
+            raise ValueError(f"prompt + response + EOS is {len(prompt_ids) + len(response_ids) + 1} tokens, "
+                             f"more than max_length={max_length}")
     input_ids = prompt_ids + response_ids + [eos]
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids + [eos]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
@@ -154,8 +160,7 @@ def chat_sft_features(messages, tokenizer, *, max_length: int | None = None) -> 
 
     Assistant tokens come from the template's ``{% generation %}`` markers when it has them
     (``return_assistant_tokens_mask``), else from rendering prefixes of the conversation.
-    With ``max_length``, the conversation is cut after the last assistant turn that fits whole (an
-    assistant turn is never kept without its end-of-turn token); ``ValueError`` if none fits.
+    A conversation longer than ``max_length`` is a ``ValueError`` (nothing is cut: see ``sft_features``).
     Returns lists of ints: ``{"input_ids", "labels", "attention_mask"}``.
     """
     check_messages(messages)
@@ -165,12 +170,8 @@ def chat_sft_features(messages, tokenizer, *, max_length: int | None = None) -> 
         ids, spans = _spans_from_generation_tags(tokenizer, messages)
     else:
         ids, spans = _spans_from_prefixes(tokenizer, messages)
-    if max_length is not None:
-        spans = [(a, b) for a, b in spans if b <= max_length]
-        if not spans:
-            raise ValueError(f"no assistant turn fits in max_length={max_length} "
-                             f"(the conversation has {len(ids)} tokens)")
-        ids = ids[:spans[-1][1]]
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"the conversation has {len(ids)} tokens, more than max_length={max_length}")
     labels = [IGNORE_INDEX] * len(ids)
     for a, b in spans:
         labels[a:b] = ids[a:b]

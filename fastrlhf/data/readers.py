@@ -110,9 +110,18 @@ def _json_fault(err: json.JSONDecodeError) -> str:
     return f"bad JSON at column {err.colno}: {err.msg.removesuffix(' at')}"
 
 
+def _utf8_fault(err: UnicodeDecodeError, data: bytes) -> str:
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return f"not UTF-8 text: byte 0x{data[err.start]:02x} at column {column}"
+
+
 def _jsonl_rows(path: Path):
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, f"line {lineno}", _utf8_fault(err, raw)) from None
             if not line.strip():
                 continue  # blank lines (a trailing newline, a separator) are not rows
             try:
@@ -122,8 +131,14 @@ def _jsonl_rows(path: Path):
 
 
 def _json_rows(path: Path, split: str):
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(path, f"line {lineno}", _utf8_fault(err, raw)) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(path, f"line {err.lineno}", _json_fault(err)) from None
     if isinstance(data, dict):

@@ -1,4 +1,4 @@
-"""Metrics to ``metrics.jsonl`` (one JSON object a line) and, when installed, TensorBoard."""
+"""Metrics to ``metrics.jsonl`` (one JSON object a line) and, when installed, TensorBoard and wandb."""
 from __future__ import annotations
 
 import json
@@ -24,12 +24,20 @@ class MetricsLogger:
     """
 
     def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
-                 filename: str = "metrics.jsonl"):
+                 filename: str = "metrics.jsonl", wandb: bool = False, run_config: dict | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / filename
-        self._tb = None
+        self._tb = self._wandb = None
         if not enabled:
             return
+        if wandb:  # asked for: used when installed, one line otherwise
+            try:
+                import wandb as wandb_lib
+                self._wandb = wandb_lib.init(dir=str(out_dir), name=Path(out_dir).name, config=run_config,
+                                             resume="allow")
+            except ImportError:
+                print("[fastrlhf] wandb=true but wandb is not installed: logging to metrics.jsonl"
+                      f"{' and TensorBoard' if tensorboard else ''} only", flush=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
@@ -46,15 +54,20 @@ class MetricsLogger:
         record = {"stage": stage, "step": int(step), "time": time.time(), **row}
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+        scalars = {f"{stage}/{k}" if stage else k: v for k, v in row.items()
+                   if isinstance(v, float) and math.isfinite(v)}
         if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    self._tb.add_scalar(f"{stage}/{k}" if stage else k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
         return row
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

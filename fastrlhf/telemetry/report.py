@@ -107,8 +107,21 @@ def summarize(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
     return dict(out)
 
 
+def varying_keys(rows: Sequence[dict], keys: Iterable[str]) -> list[str]:
+    """The keys of ``keys`` whose finite values in ``rows`` are not all equal: a constant series (a memory
+    plan entry, a fixed coefficient, a metric logged once) is a flat line or a single dot, not a curve;
+    it stays in the printed summary."""
+    out = []
+    for k in keys:
+        vals = {r[k] for r in rows if _numeric(r.get(k))}
+        if len(vals) > 1:
+            out.append(k)
+    return out
+
+
 def write_report(run_dir: str | Path) -> list[Path]:
-    """PNG curves of every stage's train and eval metrics under ``run_dir/plots``; returns the paths."""
+    """PNG curves of every stage's train and eval metrics under ``run_dir/plots`` (constant series left
+    out, see :func:`varying_keys`); returns the paths."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     by_stage: dict[str, list[dict]] = defaultdict(list)
@@ -123,6 +136,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
                   "train": [k for k in metric_keys(r for r, e in zip(srows, is_eval, strict=True) if not e)
                             if k not in eval_keys]}
         for name, group in groups.items():
+            group = varying_keys(srows, group)
             if group:
                 paths.append(plot_metrics(srows, group, run_dir / "plots" / f"{stage}_{name}.png",
                                           title=f"{stage} ({name})"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -56,6 +57,128 @@ def validate_common(cfg) -> None:
         raise ConfigError(f"{name}: warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.lr <= 0:
         raise ConfigError(f"{name}: lr must be > 0, got {cfg.lr}")
+    check_dtype(name, cfg.dtype)
+    if cfg.num_threads < 0:
+        raise ConfigError(f"{name}: num_threads must be >= 0 (0: torch's default), got {cfg.num_threads}")
+
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
+
+
+def check_dtype(name: str, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"{name}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+
+
+def check_model_dir(key: str, value: str | None, *, needs: tuple[str, ...] = ("config.json",)) -> None:
+    """A config key naming a local model folder: it must exist and hold ``needs`` (an empty or half-copied
+    folder otherwise ends deep inside transformers, e.g. asking to install sentencepiece). Hub names
+    (no such local path, not starting with ``.``, ``/`` or ``~``) are left to the hub."""
+    if not value:
+        return
+    path = Path(value).expanduser()
+    if not path.exists():
+        if value.startswith((".", "/", "~")):
+            raise ConfigError(f"{key}: {value} does not exist")
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {value} is not a model folder")
+    missing = [n for n in needs if not (path / n).is_file()]
+    if missing:
+        raise ConfigError(f"{key}: {value} is not a saved model folder ({', '.join(missing)} missing)")
+
+
+def pin_threads(num_threads: int, device: torch.device | str) -> None:
+    """CPU runs use ``num_threads`` torch threads (0: leave torch's default). Small models on a shared CPU
+    run many times slower with one OpenMP thread per core spin-waiting next to a busy process."""
+    if num_threads > 0 and torch.device(device).type == "cpu":
+        torch.set_num_threads(num_threads)
+
+
+LOCK_FILE = ".fastrlhf.lock"
+# What a run writes before it has anything to keep (no checkpoint, no model): a failed start removes them.
+_RECORDS = {LOCK_FILE, "sft_config.json", "rm_config.json", "ppo_config.json", "demo_run.json", "metrics.jsonl",
+            "tensorboard", "eval_samples.jsonl"}
+
+
+def _only_records(out: Path) -> bool:
+    try:
+        return all(p.name in _RECORDS for p in out.iterdir())
+    except OSError:
+        return False
+
+
+def _lock_holder(path: Path) -> tuple[int, str] | None:
+    try:
+        pid, _, host = path.read_text().strip().partition(" ")
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str | Path, *, enabled: bool = True) -> Iterator[Path]:
+    """Hold ``output_dir/.fastrlhf.lock`` (this pid and host) for a run: a second run into the same
+    folder is refused with ``ConfigError``; a lock left by a dead process on this host is taken over.
+    A folder this call created is removed again when the run fails while it holds only records (config,
+    metrics, lock; no checkpoint, model or stage folder): a user error leaves nothing behind. ``enabled=False`` (ranks other than 0): no-op."""
+    out = Path(output_dir)
+    if not enabled:
+        yield out
+        return
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"output_dir {out} exists and is not a folder") from None
+    except OSError as err:
+        raise ConfigError(f"output_dir {out} cannot be created ({err.strerror})") from None
+    if not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder")
+    path, me = out / LOCK_FILE, f"{os.getpid()} {os.uname().nodename}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and holder[1] != os.uname().nodename:
+                raise ConfigError(f"output_dir {out} is in use by pid {holder[0]} on host {holder[1]} "
+                                  f"(lock file {path}; delete it if that run is gone)") from None
+            if holder is not None and _alive(holder[0]) and holder[0] != os.getpid():
+                raise ConfigError(f"output_dir {out} is in use by another run (pid {holder[0]}, lock file "
+                                  f"{path}); wait for it to finish or use another output_dir") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # stale: its process is gone
+            continue
+        except OSError as err:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise ConfigError(f"output_dir {out} is not writable ({err.strerror})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    else:
+        raise ConfigError(f"output_dir {out}: could not take the lock file {path}")
+    ok = False
+    try:
+        yield out
+        ok = True
+    finally:
+        if _lock_holder(path) == (os.getpid(), os.uname().nodename):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if not ok and created and _only_records(out):
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def check_max_length(cfg, model) -> None:
@@ -103,6 +226,8 @@ class StageConfig:
     log_every: int = 1
     progress: bool = True
     tensorboard: bool = True
+    wandb: bool = False
+    num_threads: int = 1
     resume: bool = True
 
     def __post_init__(self):
@@ -114,9 +239,12 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``/None -> CUDA when available else CPU; anything else as given ("cpu", "cuda:1")."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise ConfigError(f"device={device!r} but CUDA is not available here (use device=cpu or auto)")
     return dev
 
 
@@ -206,8 +334,13 @@ def atomic_save_dir(final_dir: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and _disk_full(final_dir.parent):
+            # writers report a full disk in their own words (torch.save: "unexpected pos ...")
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {final_dir} "
+                                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                          ) from None
         raise
     old = None
     if final_dir.exists():
@@ -216,6 +349,13 @@ def atomic_save_dir(final_dir: str | Path) -> Iterator[Path]:
     os.replace(tmp, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _disk_full(path: Path, min_free: int = 16 * 2**20) -> bool:
+    try:
+        return shutil.disk_usage(path).free < min_free
+    except OSError:
+        return False
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -349,21 +489,30 @@ def load_rows(rows: list[dict] | None, source: str | None, *, kind: str, split: 
     return read_rows(source, kind=kind, split=split)
 
 
+def report_dropped(source: str, dropped: int, total: int, first: str | None) -> None:
+    """One line for the rows dropped as longer than the length limit (nothing is ever cut)."""
+    if dropped:
+        print(f"[fastrlhf] {source}: dropped {dropped} of {total} rows longer than the length limit "
+              f"(first: {first})", flush=True)
+
+
 def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> list:
     """``[make(row) for row in rows]``; a row ``make`` rejects stops the run with ``DataError`` naming it,
     except rows too long for ``max_length`` when ``drop_overlong`` (their count is printed)."""
-    out, dropped = [], 0
+    out, dropped, first = [], 0, None
     locations = getattr(rows, "locations", None)  # fastrlhf.data.Rows from read_rows / validate_rows
     for i, row in enumerate(rows):
         try:
             out.append(make(row))
         except ValueError as err:
+            where = locations[i] if locations else f"row index {i}"
             if drop_overlong and "max_length" in str(err):
                 dropped += 1
+                first = first or f"{where}: {err}"
                 continue
-            raise DataError(source, locations[i] if locations else f"row index {i}", str(err)) from None
-    if dropped:
-        print(f"[fastrlhf] {source}: dropped {dropped} of {len(rows)} rows that do not fit max_length")
+            hint = " (drop_overlong: true drops such rows)" if "max_length" in str(err) else ""
+            raise DataError(source, where, f"{err}{hint}") from None
+    report_dropped(source, dropped, len(rows), first)
     if not out:
         raise DataError(source, None, "no row fits max_length")
     return out
@@ -371,8 +520,8 @@ def featurize(rows: list[dict], make, *, source: str, drop_overlong: bool) -> li
 
 # ------------------------------------------------------------------------------------------ step loop
 # Config keys that may change between a crashed run and its resumption (they do not change the math).
-RESUMABLE_KEYS = frozenset({"progress", "tensorboard", "log_every", "eval_every", "save_every",
-                            "keep_checkpoints", "resume", "device"})
+RESUMABLE_KEYS = frozenset({"progress", "tensorboard", "wandb", "num_threads", "log_every", "eval_every",
+                            "save_every", "keep_checkpoints", "resume", "device"})
 
 
 def config_snapshot(cfg, bookkeeping: frozenset[str] | set[str]) -> dict:
@@ -451,7 +600,7 @@ class StepTrainer:
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler,
                                          num_training_steps=self.total_steps, warmup_ratio=cfg.warmup_ratio)
-        self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard)
+        self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
         check_max_length(cfg, self.model)
 
     @property
@@ -563,15 +712,32 @@ class StepTrainer:
         return state["step"]
 
 
+def stage_cli(config_cls, trainer_cls, config_path: str, overrides) -> int:
+    """``fastrlhf sft|rm --config FILE [key=value ...]``: the config is read and checked (keys, values,
+    model folder, device) before anything is loaded; the run holds ``output_dir``'s lock; CPU threads
+    are pinned (``num_threads``); one closing line."""
+    from fastrlhf.config import load_config
+
+    cfg = load_config(config_cls, config_path, overrides)
+    check_model_dir("model", cfg.model)
+    device = pick_device(cfg.device)
+    stage = trainer_cls.stage
+    with output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        pin_threads(cfg.num_threads, device)
+        result = trainer_cls(cfg).train()
+    print(f"[fastrlhf] {stage} done: {Path(cfg.output_dir) / 'final'}  {result}", flush=True)
+    return 0
+
+
 class MetricsLoggerLazy:
     """A ``MetricsLogger`` opened on first use, so a finished or failing run does not create files."""
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool):
-        self.out_dir, self.tensorboard, self._logger = out_dir, tensorboard, None
+    def __init__(self, out_dir: Path, *, tensorboard: bool, wandb: bool = False):
+        self.out_dir, self.tensorboard, self.wandb, self._logger = out_dir, tensorboard, wandb, None
 
     def log(self, step: int, values: dict, *, stage: str) -> dict:
         if self._logger is None:
-            self._logger = MetricsLogger(self.out_dir, tensorboard=self.tensorboard)
+            self._logger = MetricsLogger(self.out_dir, tensorboard=self.tensorboard, wandb=self.wandb)
         return self._logger.log(step, values, stage=stage)
 
     def close(self) -> None:

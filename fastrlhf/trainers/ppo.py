@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,6 +53,7 @@ from fastrlhf.trainers.ppo_state import (
     drop_rows_after,
     early_stop_rule,
     load_ppo_checkpoint,
+    save_critic,
     save_policy,
     save_ppo_checkpoint,
 )
@@ -67,7 +70,7 @@ def derive_seed(*parts) -> int:
 
 # PPOConfig keys that may differ between a run and its resumption (they do not change the math)
 PPO_BOOKKEEPING = frozenset({"output_dir", "progress", "checkpoint_every", "keep_checkpoints", "tensorboard",
-                             "wandb", "num_threads", "eval_every", "eval_samples", "drop_overlong"})
+                             "wandb", "num_threads", "eval_every", "eval_samples", "eval_data"})
 
 
 def check_ppo_config(cfg: PPOConfig, output_dir: str | Path) -> None:
@@ -194,6 +197,8 @@ class PPOTrainer:
         prompt_texts: Sequence[str] | None = None,
         reward_fns: Callable | None = None,
         prompt_fields: Sequence[dict] | None = None,
+        eval_prompts: Sequence | None = None,
+        eval_texts: Sequence[str] | None = None,
     ):
         self.config = cfg = config
         self.runtime = runtime or rt.init_runtime()
@@ -252,7 +257,9 @@ class PPOTrainer:
             "falling": 0,
             "stopped": None,
         }
-        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main, tensorboard=False)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main, tensorboard=cfg.tensorboard,
+                                    wandb=cfg.wandb, run_config=common.config_snapshot(cfg, ()))
+        self._setup_eval(eval_prompts, eval_texts)
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------------- setup
@@ -301,6 +308,37 @@ class PPOTrainer:
     def unwrapped_lm(self):
         return self.actor.lm
 
+    def finish(self) -> dict:
+        """After :meth:`train`: ``output_dir/final`` (the policy), ``output_dir/critic`` (a ``ValueModel``
+        folder; separate critic only), ``ppo_result.json`` (the last iteration's metrics, the last
+        evaluation's, the early-stop rule if one fired) and ``plots/`` (``fastrlhf report``'s curves).
+        Collective under torchrun (every rank calls it); files come from rank 0. Returns the result."""
+        from fastrlhf.telemetry.metrics import read_metrics
+        from fastrlhf.telemetry.report import write_report
+
+        self.save_final()
+        if self.critic is not None:
+            save_critic(self, self.output_dir / "critic")
+        result: dict = {}
+        if self.runtime.is_main:
+            path = self.output_dir / "metrics.jsonl"
+            rows = [r for r in read_metrics(path) if r.get("stage") == "ppo"] if path.is_file() else []
+            train = [r for r in rows if "iteration" in r]
+            evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+            for row in (train[-1:] + evals[-1:]):
+                result.update({k: v for k, v in row.items() if isinstance(v, (int, float))
+                               and not isinstance(v, bool) and k not in ("step", "time")
+                               and not k.startswith(("plan/", "mem/", "time/", "tokens_per_s/"))})
+            if self.stop_state.get("stopped"):
+                result["early_stop"] = self.stop_state["stopped"]
+            tmp = self.output_dir / "ppo_result.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, self.output_dir / "ppo_result.json")
+            if rows:
+                write_report(self.output_dir)
+        self.runtime.barrier()
+        return result
+
     def save_final(self, directory: str | Path | None = None) -> Path:
         """The trained policy in HF format (default ``output_dir/final``)."""
         return save_policy(self, directory or self.output_dir / "final")
@@ -327,6 +365,8 @@ class PPOTrainer:
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("rm_score", "kl", "gold_reward") if k in metrics},
                             refresh=False)
             last = it + 1 == cfg.iterations or self.stop_state["stopped"] is not None
+            if self.eval_prompt_ids and cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or last):
+                self.evaluate(it + 1)
             if (it + 1) % cfg.checkpoint_every == 0 or last:
                 save_ppo_checkpoint(self, it + 1)
         self.logger.close()
@@ -352,6 +392,9 @@ class PPOTrainer:
                                       "reward_errors": self.counters["reward_errors"]})
             self._check_dropped(it, score_stats)
             kl_stats = self.advantages(batch, scores)
+        # the early-stop rules judge this rollout (the current policy) before its update is applied
+        if self._check_early_stop(it, score_stats, kl_stats):
+            return self._log(it, {**score_stats, **kl_stats, **self._gold(prompt_rows, batch)}, batch=batch)
         # 3. train
         with sched.phase("train"):
             train_stats = self.train_epochs(self._filtered(batch, scores), it)
@@ -361,9 +404,7 @@ class PPOTrainer:
         with sched.phase("sync"):
             rt.sync_weights(self.runtime, self.actor, self.rollout)
         metrics = {**score_stats, **kl_stats, **train_stats, **self._gold(prompt_rows, batch)}
-        metrics = self._log(it, metrics, batch=batch)
-        self._check_early_stop(it, metrics)
-        return metrics
+        return self._log(it, metrics, batch=batch)
 
     # ------------------------------------------------------------------------------- 1-2: data, score
     def _prompt_rows(self, it: int) -> list[int]:
@@ -646,6 +687,66 @@ class PPOTrainer:
             self.schedulers[name].step()
         return stats
 
+    # ------------------------------------------------------------------------------------- evaluation
+    def _setup_eval(self, eval_prompts, eval_texts) -> None:
+        """This rank's held-out prompts (an equal count on every rank: the sharded models run the same
+        number of forwards) and their texts (for ``gold_fn`` and the sample table)."""
+        self.eval_prompt_ids, self.eval_texts = [], []
+        if not eval_prompts:
+            return
+        encoded = [list(p) if not isinstance(p, str) else prompt_features(p, self.tokenizer)["input_ids"]
+                   for p in eval_prompts]
+        texts = list(eval_texts) if eval_texts is not None else [
+            p if isinstance(p, str) else self.tokenizer.decode(p) for p in eval_prompts]
+        rank, world = self.runtime.rank, self.runtime.world_size
+        n = len(encoded) // world * world
+        self.eval_prompt_ids, self.eval_texts = encoded[rank:n:world], texts[rank:n:world]
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """The current policy on the held-out prompts (the same sampling seed every time): RM score (as
+        PPO sees it), KL to the reference (summed log-ratio per sequence), response length and gold
+        reward when ``gold_fn`` is known, logged as ``eval_*``; the first ``eval_samples`` generations
+        go to ``output_dir/eval_samples.jsonl`` (one row per sample and evaluation)."""
+        cfg, r = self.config, self.config.rollout
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                top_k=r.top_k, seed=derive_seed(cfg.seed, "eval", self.runtime.rank))
+        scores, kls, lengths, texts, golds = [], [], [], [], []
+        bsz = cfg.rollout_batch_size
+        for k in range(0, len(self.eval_prompt_ids), bsz):
+            prompts = self.eval_prompt_ids[k:k + bsz]
+            with self.runtime.scheduler.phase("generate"):
+                gen = self.rollout.generate(prompts, params)
+            batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device)
+            with self.runtime.scheduler.phase("score"):
+                s, _ = self.score(batch)
+            keep = batch.keep
+            scores += s[keep].tolist()
+            kls += (batch.old_logprobs - batch.ref_logprobs).sum(-1)[keep].tolist()
+            lengths += batch.mask.sum(-1)[keep].float().tolist()
+            for i, (row, m) in enumerate(zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)):
+                if keep[i]:
+                    text = self.tokenizer.decode(row[m], skip_special_tokens=True)
+                    texts.append((self.eval_texts[k + i], text))
+                    if self.gold_fn is not None:
+                        golds.append(float(self.gold_fn(self.eval_texts[k + i], text)))
+        self.runtime.scheduler.pop_stats()  # eval phases are not the next iteration's
+        n = max(len(scores), 1)
+        metrics = {"eval_rm_score": sum(scores) / n, "eval_kl": sum(kls) / n,
+                   "eval_response_length": sum(lengths) / n}
+        if self.gold_fn is not None:
+            metrics["eval_gold_reward"] = sum(golds) / max(len(golds), 1)
+        row = self.logger.log(step, reduce_metrics(metrics, self.runtime.device), stage="ppo")
+        if self.runtime.is_main and cfg.eval_samples:
+            with (self.output_dir / "eval_samples.jsonl").open("a") as f:
+                for j, (prompt, text) in enumerate(texts[:cfg.eval_samples]):
+                    sample = {"stage": "ppo", "step": step, "prompt": prompt, "response": text,
+                              "rm_score": scores[j], "kl": kls[j], "length": lengths[j]}
+                    if golds:
+                        sample["gold"] = golds[j]
+                    f.write(json.dumps(sample) + "\n")
+        return row
+
     # ------------------------------------------------------------------------------ monitoring, stops
     def _gold(self, rows: list[int], batch: PPOBatch) -> dict:
         if self.gold_fn is None:
@@ -671,13 +772,20 @@ class PPOTrainer:
         row["iteration"] = it + 1
         return self.logger.log(it + 1, row, stage="ppo")
 
-    def _check_early_stop(self, it: int, metrics: dict) -> None:
-        rule = early_stop_rule(self.config.early_stop, self.config.kl.target, self.stop_state, metrics)
-        if rule is not None:
-            self.stop_state["stopped"] = rule
-            self.logger.log(it + 1, {"early_stop": rule}, stage="ppo")
-            if self.runtime.is_main:
-                print(f"[ppo] early stop at iteration {it + 1}: {rule}", flush=True)
+    def _check_early_stop(self, it: int, score_stats: dict, kl_stats: dict) -> bool:
+        """Evaluate-first: the rules see this rollout's KL, length and RM score (of the current policy,
+        all ranks) before its update; when one fires, the update is not applied, so the saved policy is
+        the one that was measured, never one update past the limit."""
+        keys = ("rm_score", "rm_score_sq", "rm_score_n", "response_length")
+        pre = reduce_metrics({**{k: score_stats[k] for k in keys}, "kl": kl_stats["kl"]}, self.runtime.device)
+        rule = early_stop_rule(self.config.early_stop, self.config.kl.target, self.stop_state, pre)
+        if rule is None:
+            return False
+        self.stop_state["stopped"] = rule
+        self.logger.log(it + 1, {"early_stop": rule}, stage="ppo")
+        if self.runtime.is_main:
+            print(f"[ppo] early stop at iteration {it + 1} (its update not applied): {rule}", flush=True)
+        return True
 
     # -------------------------------------------------------------------------------------- resume
     def bookkeeping_state(self) -> dict:
@@ -701,6 +809,7 @@ class PPOTrainer:
         step = load_ppo_checkpoint(self, ckpt)
         if self.runtime.is_main:
             drop_rows_after(self.logger.path, step)
+            drop_rows_after(self.output_dir / "eval_samples.jsonl", step)
             print(f"[ppo] resumed from {ckpt} (iteration {step})", flush=True)
         return step
 

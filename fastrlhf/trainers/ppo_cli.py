@@ -3,68 +3,109 @@
 Config keys (``PPOConfig``): ``model`` (the SFT policy: hub name or local dir; actor and reference
 are loaded from it), ``reward_model`` (a ``RewardModel.save_pretrained`` dir), ``critic_model``
 (default: the reward model), ``data`` (rows ``{"prompt"}``: jsonl / json / parquet / HF dataset),
-``output_dir``, and every PPO setting. Re-running the same command resumes from the last checkpoint.
-The final policy is written to ``output_dir/final`` (HF format, with the tokenizer).
+``eval_data`` (held-out prompts for ``eval_every``), ``output_dir``, and every PPO setting.
+
+Before any model is loaded: the config (keys, ranges, model folders), ``output_dir/ppo_config.json``
+(a run resumes only under the config it started with), every data row, and the prompt lengths
+(over-long prompts dropped with a count, or an error naming file and line with ``drop_overlong:
+false``). The run holds ``output_dir``'s lock. Re-running the same command resumes from the last
+checkpoint. Written at the end: ``output_dir/final`` (the policy, HF format with the tokenizer),
+``output_dir/critic`` (a ``ValueModel`` folder), ``ppo_result.json`` and ``plots/``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
-from fastrlhf.config import load_config
+from fastrlhf.config import ConfigError, load_config
 
 
-def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
-    from fastrlhf.data import prompt_features, read_rows
-    from fastrlhf.engine import runtime as rt
-    from fastrlhf.models import ValueModel, load_causal_lm, load_tokenizer
+def encode_prompts(rows, tokenizer, cfg, source: str) -> tuple[list[list[int]], list[str]]:
+    """Prompt ids as SFT / RM saw them (chat template, single BOS); over-long ones dropped with a count
+    (the first one's file and line) or, with ``drop_overlong=False``, a ``DataError`` naming it.
+    Returns the kept prompts' ids and texts."""
+    from fastrlhf.data import DataError, prompt_features
     from fastrlhf.trainers import common
-    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
 
-    from fastrlhf.algo import needs_critic
-    from fastrlhf.trainers.ppo_rewards import build_rewards
-
-    cfg = load_config(PPOConfig, config_path, overrides)
-    for key in ("model", "data"):
-        if not getattr(cfg, key):
-            raise ValueError(f"{config_path}: `{key}` is required for `fastrlhf ppo`")
-    rows = read_rows(cfg.data, kind="ppo")  # validates every row before any model is loaded
-    runtime = rt.init_runtime()
-    tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    # formatted and tokenized as SFT / RM saw them; length-checked before any model is loaded
-    prompts = []
+    locations = getattr(rows, "locations", None)
+    prompts, texts, dropped, first = [], [], 0, None
     for i, r in enumerate(rows):
         ids = prompt_features(common.format_prompt(tokenizer, r["prompt"], chat_template=cfg.chat_template),
                               tokenizer)["input_ids"]
         if len(ids) > cfg.max_prompt_length:
-            raise ValueError(f"{cfg.data}, row {i + 1}: the prompt has {len(ids)} tokens, more than "
-                             f"max_prompt_length={cfg.max_prompt_length}")
+            where = locations[i] if locations else f"row index {i}"
+            why = f"the prompt has {len(ids)} tokens, more than max_prompt_length={cfg.max_prompt_length}"
+            if not cfg.drop_overlong:
+                raise DataError(source, where, f"{why} (drop_overlong: true drops such rows)")
+            dropped += 1
+            first = first or f"{where}: {why}"
+            continue
         prompts.append(ids)
-    reward_model, reward_fns = build_rewards(cfg, dtype=cfg.dtype, source=config_path)  # functions first
-    actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
-    ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
-    critic_from = cfg.critic_model or cfg.reward_model
-    if needs_critic(cfg.advantage_estimator) and not cfg.shared_critic and not critic_from:
-        raise ValueError(f"{config_path}: advantage_estimator={cfg.advantage_estimator} needs a critic: set "
-                         "critic_model (or reward_model), or shared_critic: true")
-    critic = (
-        None
-        if cfg.shared_critic or not needs_critic(cfg.advantage_estimator)
-        else ValueModel.from_pretrained(critic_from, dtype=cfg.dtype)
-    )
-    trainer = PPOTrainer(
-        cfg,
-        actor=actor,
-        ref=ref,
-        reward_model=reward_model,
-        critic=critic,
-        tokenizer=tokenizer,
-        prompts=prompts,
-        runtime=runtime,
-        reward_fns=reward_fns,
-        prompt_texts=[r["prompt"] for r in rows],  # what reward functions and gold_fn read: the row's text
-        prompt_fields=[{k: v for k, v in r.items() if k != "prompt"} for r in rows],
-    )
-    trainer.train()
-    trainer.save_final()
+        texts.append(r["prompt"])
+    common.report_dropped(source, dropped, len(rows), first)
+    if not prompts:
+        raise DataError(source, None, "no prompt fits max_prompt_length")
+    return prompts, texts
+
+
+def check_ppo_cli_config(cfg, config_path: str) -> None:
+    """Everything about ``cfg`` that can be checked without loading a model."""
+    from fastrlhf.algo import needs_critic
+    from fastrlhf.models.heads import HEAD_FILE
+    from fastrlhf.trainers import common
+    from fastrlhf.trainers.ppo import check_ppo_config
+
+    for key in ("model", "data"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{config_path}: `{key}` is required for `fastrlhf ppo`")
+    if not cfg.reward_model and not cfg.rewards:
+        raise ConfigError(f"{config_path}: `reward_model` or `rewards` is required for `fastrlhf ppo`")
+    critic_free = not needs_critic(cfg.advantage_estimator)
+    if not (critic_free or cfg.shared_critic or cfg.critic_model or cfg.reward_model):
+        raise ConfigError(f"{config_path}: advantage_estimator={cfg.advantage_estimator} needs a critic: set "
+                          "critic_model (or reward_model), or shared_critic: true")
+    common.check_model_dir("model", cfg.model)
+    common.check_model_dir("reward_model", cfg.reward_model, needs=("config.json", HEAD_FILE))
+    common.check_model_dir("critic_model", cfg.critic_model, needs=("config.json", HEAD_FILE))
+    if cfg.eval_every and not cfg.eval_data:
+        raise ConfigError(f"{config_path}: eval_every={cfg.eval_every} needs eval_data (held-out prompts)")
+    check_ppo_config(cfg, cfg.output_dir)
+
+
+def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
+    from fastrlhf.data import read_rows
+    from fastrlhf.engine import runtime as rt
+    from fastrlhf.algo import needs_critic
+    from fastrlhf.models import ValueModel, load_causal_lm, load_tokenizer
+    from fastrlhf.trainers import common
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+    from fastrlhf.trainers.ppo_rewards import build_rewards, kept_rows
+
+    cfg = load_config(PPOConfig, config_path, overrides)
+    check_ppo_cli_config(cfg, config_path)
+    rows = read_rows(cfg.data, kind="ppo")  # validates every row before any model is loaded
+    eval_rows = read_rows(cfg.eval_data, kind="ppo") if cfg.eval_data else None
+    tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    prompts, texts = encode_prompts(rows, tokenizer, cfg, cfg.data)
+    kept = kept_rows(rows, texts)  # the rows of the prompts that fit: their fields reach reward functions
+    eval_prompts, eval_texts = encode_prompts(eval_rows, tokenizer, cfg, cfg.eval_data) if eval_rows else (None, None)
+    with common.output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        runtime = rt.init_runtime()
+        common.pin_threads(cfg.num_threads, runtime.device)
+        reward_model, reward_fns = build_rewards(cfg, dtype=cfg.dtype, source=config_path)  # functions first
+        actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
+        ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
+        critic = (None if cfg.shared_critic or not needs_critic(cfg.advantage_estimator)
+                  else ValueModel.from_pretrained(cfg.critic_model or cfg.reward_model, dtype=cfg.dtype))
+        trainer = PPOTrainer(cfg, actor=actor, ref=ref, reward_model=reward_model, critic=critic,
+                             tokenizer=tokenizer, prompts=prompts, runtime=runtime,
+                             eval_prompts=eval_prompts, eval_texts=eval_texts, reward_fns=reward_fns,
+                             prompt_texts=texts, prompt_fields=[{k: v for k, v in r.items() if k != "prompt"}
+                                                                for r in kept])
+        trainer.train()
+        result = trainer.finish()
+    if runtime.is_main:
+        print(f"[fastrlhf] ppo done: {Path(cfg.output_dir) / 'final'}  {result}", flush=True)
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fastrlhf.config import ConfigError
+
 KL_CONTROLLERS = ("adaptive", "step", "fixed")
 REWARD_NORMS = ("none", "batch", "running", "length")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -91,6 +93,10 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     dtype: str = "float32"
     max_prompt_length: int = 512
+    drop_overlong: bool = True  # prompts longer than max_prompt_length: dropped with a count (False: an error)
+    eval_data: str | None = None  # held-out prompts ({"prompt"} rows) for eval_every
+    eval_every: int = 0  # iterations between evaluations on eval_data (0: none); also at the end
+    eval_samples: int = 4  # sample generations per evaluation written to eval_samples.jsonl
     chat_template: bool = False  # prompts as one user turn of the chat template: keep equal to sft/rm
     seed: int = 0
     # schedule
@@ -136,6 +142,9 @@ class PPOConfig:
     keep_checkpoints: int = 2
     kernel_backend: str = "auto"
     progress: bool = True  # a progress bar over iterations on rank 0
+    tensorboard: bool = True  # output_dir/tensorboard (when tensorboard is installed), as sft / rm
+    wandb: bool = False  # also log to Weights & Biases (when wandb is installed)
+    num_threads: int = 1  # torch threads of a CPU run (0: torch's default); see README
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -157,14 +166,24 @@ class PPOConfig:
             (self.nonfinite_window >= 1, "nonfinite_window must be >= 1"),
             (self.log_ratio_clip is None or self.log_ratio_clip > 0, "log_ratio_clip must be > 0 (or null)"),
         ]
+        checks += [
+            (self.dtype in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),
+             f"dtype must be float32|bfloat16|float16|auto, got {self.dtype!r}"),
+            (self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
+            (self.eval_every >= 0 and self.eval_samples >= 0, "eval_every and eval_samples must be >= 0"),
+            (self.num_threads >= 0, "num_threads must be >= 0"),
+            (self.kernel_backend in ("auto", "triton", "torch"), "kernel_backend must be auto|triton|torch"),
+            (0.0 <= self.lam <= 1.0 and 0.0 <= self.gamma <= 1.0, "gamma and lam must be in [0, 1]"),
+            (self.actor_lr > 0 and self.critic_lr > 0, "actor_lr and critic_lr must be > 0"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints must be >= 0"),
+        ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"PPOConfig: {message}")
+                raise ConfigError(f"PPOConfig: {message}")
         self._check_algorithm()
 
     def _check_algorithm(self):
         from fastrlhf.algo import adv_estimator_names, needs_critic, policy_loss_names
-        from fastrlhf.config import ConfigError
 
         if self.advantage_estimator not in adv_estimator_names():
             raise ConfigError(f"PPOConfig: advantage_estimator must be one of {adv_estimator_names()}, "

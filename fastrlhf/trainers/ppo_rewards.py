@@ -9,6 +9,16 @@ from fastrlhf.algo import RewardFunctions, WeightedRewardModels, load_reward_fun
 from fastrlhf.config import ConfigError
 
 
+def kept_rows(rows, texts: list[str]) -> list[dict]:
+    """The rows whose prompts are ``texts`` (the prompts kept, in order, after over-long ones were dropped)."""
+    kept, j = [], 0
+    for r in rows:
+        if j < len(texts) and r["prompt"] == texts[j]:
+            kept.append(r)
+            j += 1
+    return kept
+
+
 def build_rewards(cfg, *, dtype=None, source: str = "config"):
     """``(reward_model or None, reward_fns or None)`` for ``PPOTrainer`` from ``cfg`` (a ``PPOConfig``)."""
     from fastrlhf.models import RewardEnsemble, RewardModel

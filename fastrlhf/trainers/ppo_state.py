@@ -83,6 +83,26 @@ def save_policy(trainer, directory: str | Path) -> Path:
     return directory
 
 
+def save_critic(trainer, directory: str | Path) -> Path:
+    """The separate critic as a ``ValueModel`` folder (``ValueModel.from_pretrained`` loads it: a later run's
+    ``critic_model``), with the tokenizer; full tensors gathered from FSDP2 shards, files from rank 0."""
+    from fastrlhf.models.heads import HEAD_FILE, WEIGHTS_FILE
+
+    state = get_model_state_dict(trainer.critic, options=_FULL)
+    directory = Path(directory)
+    if trainer.runtime.is_main:
+        with common.atomic_save_dir(directory) as tmp:
+            trainer.critic.config.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
+                      metadata={"format": "pt"})
+            meta = {"class": "ValueModel", "num_heads": int(trainer.critic.head.out_features)}
+            (tmp / HEAD_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            if trainer.tokenizer is not None:
+                trainer.tokenizer.save_pretrained(tmp)
+    trainer.runtime.barrier()
+    return directory
+
+
 def load_ppo_checkpoint(trainer, directory: Path) -> int:
     """Restore ``trainer`` from ``directory``; returns the number of completed iterations."""
     from transformers import AutoModelForCausalLM

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel
 
 from fastrlhf.algo import bradley_terry_loss, expected_calibration_error
-from fastrlhf.config import ConfigError, load_config
+from fastrlhf.config import ConfigError
 from fastrlhf.data import pad_batch, preference_features
 from fastrlhf.models.heads import HEAD_FILE, RewardModel, load_head_model
 from fastrlhf.models.loading import load_tokenizer, resolve_dtype
@@ -267,10 +267,7 @@ class RewardTrainer(common.StepTrainer):
 
 def cli_main(config_path: str, overrides: list[str]) -> int:
     """``fastrlhf rm --config FILE.yaml [key=value ...]``."""
-    cfg = load_config(RewardConfig, config_path, overrides)
-    result = RewardTrainer(cfg).train()
-    print(f"[fastrlhf] rm done: {Path(cfg.output_dir) / 'final'}  {result}")
-    return 0
+    return common.stage_cli(RewardConfig, RewardTrainer, config_path, overrides)
 
 
 __all__ = ["RewardConfig", "RewardTrainer", "accumulate_reward_gradients", "cli_main", "pair_features",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf.config import ConfigError, load_config
+from fastrlhf.config import ConfigError
 from fastrlhf.data import IGNORE_INDEX, chat_sft_features, pad_batch, sft_features
 from fastrlhf.kernels import linear_token_logprobs, token_logprobs
 from fastrlhf.models.heads import position_ids_from_mask
@@ -261,10 +261,7 @@ class SFTTrainer(common.StepTrainer):
 
 def cli_main(config_path: str, overrides: list[str]) -> int:
     """``fastrlhf sft --config FILE.yaml [key=value ...]``."""
-    cfg = load_config(SFTConfig, config_path, overrides)
-    result = SFTTrainer(cfg).train()
-    print(f"[fastrlhf] sft done: {Path(cfg.output_dir) / 'final'}  {result}")
-    return 0
+    return common.stage_cli(SFTConfig, SFTTrainer, config_path, overrides)
 
 
 __all__ = ["SFTConfig", "SFTTrainer", "accumulate_sft_gradients", "cli_main", "evaluate_sft", "pack_features",

@@ -46,13 +46,13 @@ def test_leading_bos_kept_trailing_eos_not_doubled():
     assert empty["input_ids"] == [bos] + ids(tok, "hi") + [eos] and empty["labels"][0] == IGNORE_INDEX
 
 
-def test_truncation_cuts_response_end_and_keeps_eos():
+def test_overlong_response_is_an_error_never_cut():
     tok = build_test_tokenizer()
-    f = sft_features("hello cat", "the big red dog is good", tok, max_length=5)
-    assert f["input_ids"] == ids(tok, "hello cat the big") + [tok.eos_token_id]
-    assert f["labels"] == [IGNORE_INDEX] * 2 + ids(tok, "the big") + [tok.eos_token_id]
-    exact = sft_features("hello cat", "the big", tok, max_length=5)
-    assert exact == f  # fits exactly: nothing cut
+    with pytest.raises(ValueError, match="is 7 tokens, more than max_length=5"):
+        sft_features("hello cat", "the big red dog", tok, max_length=5)
+    exact = sft_features("hello cat", "the big", tok, max_length=5)  # fits exactly
+    assert exact["input_ids"] == ids(tok, "hello cat the big") + [tok.eos_token_id]
+    assert exact["labels"] == [IGNORE_INDEX] * 2 + ids(tok, "the big") + [tok.eos_token_id]
     assert len(sft_features("hello", "a b c", tok, max_length=100)["input_ids"]) == 5
 
 
@@ -112,16 +112,12 @@ def test_chat_template_bos_not_doubled(template):
     assert trained == ids(tok, "7 <|end|>")
 
 
-def test_chat_truncation_keeps_whole_assistant_turns():
+def test_overlong_conversation_is_an_error_never_cut():
     tok = build_test_tokenizer()
     input_ids, labels = expected_chat(tok)
-    first_end = labels.index(ids(tok, "<|end|>")[0], labels.index(ids(tok, "7")[0])) + 1
-    for max_length in (first_end, len(input_ids) - 1):  # second turn cut: dropped whole, with its prompt
-        f = chat_sft_features(CONVERSATION, tok, max_length=max_length)
-        assert f["input_ids"] == input_ids[:first_end] and f["labels"] == labels[:first_end]
     assert chat_sft_features(CONVERSATION, tok, max_length=len(input_ids))["labels"] == labels
-    with pytest.raises(ValueError, match="no assistant turn fits"):
-        chat_sft_features(CONVERSATION, tok, max_length=first_end - 1)
+    with pytest.raises(ValueError, match=f"has {len(input_ids)} tokens, more than max_length"):
+        chat_sft_features(CONVERSATION, tok, max_length=len(input_ids) - 1)
 
 
 @pytest.mark.parametrize("messages,match", [
@@ -154,8 +150,10 @@ def test_prompt_features_and_preference_features():
     assert prompt_features("hello cat", tok) == expected
     with pytest.raises(ValueError, match="3 tokens, more than max_length=2"):
         prompt_features("hello cat", tok, max_length=2)
-    f = preference_features("hello", "big red dog", "no", tok, max_length=5, margin=2)
-    assert f["chosen_input_ids"] == [bos] + ids(tok, "hello big red") + [eos]  # cut, EOS kept
+    with pytest.raises(ValueError, match="more than max_length=5"):  # never cut
+        preference_features("hello", "big red dog", "no", tok, max_length=5)
+    f = preference_features("hello", "big red", "no", tok, max_length=5, margin=2)
+    assert f["chosen_input_ids"] == [bos] + ids(tok, "hello big red") + [eos]
     assert f["rejected_input_ids"] == [bos] + ids(tok, "hello no") + [eos]
     assert f["chosen_attention_mask"] == [1] * 5 and f["rejected_attention_mask"] == [1] * 4
     assert f["margin"] == 2.0

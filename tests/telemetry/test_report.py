@@ -53,6 +53,7 @@ def test_report_cli_on_a_logged_run(tmp_path, capsys):
     for step in range(1, 4):
         log.log(step, {"loss": torch.tensor(1.0 / step), "lr": 1e-5}, stage="sft")
         log.log(step, {"loss": 2.0 / step, "accuracy": 0.5 + 0.1 * step}, stage="rm")
+    log.log(2, {"eval_accuracy": 0.7}, stage="rm")
     log.log(3, {"eval_accuracy": 0.8}, stage="rm")
     log.close()
     with (tmp_path / "metrics.jsonl").open("a") as f:

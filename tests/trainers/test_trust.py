@@ -234,7 +234,79 @@ def test_log_ratio_is_clamped_before_exp(backend, monkeypatch):
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
     assert logits.grad[0, 1].abs().max() == 0  # no gradient through a clamped log-ratio
     assert logits.grad[1].abs().max() > 0  # the other tokens train
-    assert float(loss) == pytest.approx((5 * 1.0 + math.exp(20.0)) / 6, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx((5 * 1.0 + math.exp(20.0)) / 6, rel=1e-5)
     off, _ = fused_ppo_loss_from_logits(logits.detach(), labels, old, adv, mask, backend=backend,
                                        log_ratio_clip=None)
     assert not torch.isfinite(off)  # the clamp is what keeps it finite
+
+
+# ------------------------------------------------------------------------------ 7. KL early stop first
+def test_kl_early_stop_is_checked_before_the_update(tmp_path, tok):
+    from safetensors.torch import load_file
+
+    from fastrlhf.trainers.ppo import EarlyStopConfig
+
+    trainer = _ppo(tmp_path, tok, iterations=6, kl=KLConfig(target=1e-4),
+                   early_stop=EarlyStopConfig(kl_factor=2.0, score_falling_iters=None))
+    rows = trainer.train()
+    assert len(rows) == 2 and trainer.stop_state["stopped"].startswith("kl")  # iteration 1: KL 0
+    assert "pg_loss" in rows[0] and "pg_loss" not in rows[1]  # the stopping iteration trained nothing
+    one, two = (load_file(tmp_path / "checkpoints" / f"step-0000000{i}" / "actor" / "model.safetensors")
+                for i in (1, 2))
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the saved policy is the one that was measured
+
+
+# ------------------------------------------------------------------------------ 7. single BOS
+def test_chat_template_with_a_bos_adding_tokenizer_gives_one_bos():
+    from tokenizers import processors
+
+    from fastrlhf.data import prompt_features
+    from fastrlhf.data.tokenizer import DEFAULT_CHAT_TEMPLATE, TEST_WORDS, build_word_tokenizer
+    from fastrlhf.trainers.reward import pair_features
+    from fastrlhf.trainers.sft import sft_row_features
+
+    tok = build_word_tokenizer(TEST_WORDS, chat_template="{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(  # like Llama: BOS on encode
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    bos = tok.bos_token_id
+    sft = sft_row_features({"prompt": "hello cat", "response": "big dog"}, tok, 64, chat_template=True)
+    rm = pair_features({"prompt": "hello", "chosen": "cat", "rejected": "dog"}, tok, 64, chat_template=True)
+    ppo = prompt_features(common.format_prompt(tok, "hello cat", chat_template=True), tok)
+    for ids in (sft["input_ids"], rm["chosen_input_ids"], rm["rejected_input_ids"], ppo["input_ids"]):
+        assert ids[0] == bos and ids.count(bos) == 1, ids
+    plain = sft_row_features({"prompt": "hello cat", "response": "big dog"}, tok, 64)  # no template: BOS kept
+    assert plain["input_ids"][0] == bos and plain["input_ids"].count(bos) == 1
+
+
+# ------------------------------------------------------------------------------ 4. over-long rows
+def test_overlong_reward_pairs_are_dropped_never_cut(tmp_path, tok, capsys):
+    from fastrlhf.data import DataError
+    from fastrlhf.models import tiny_llama
+    from fastrlhf.trainers.reward import RewardConfig, RewardTrainer
+
+    rows = [{"prompt": "hello", "chosen": "cat dog", "rejected": "dog cat"}] * 3
+    long = {"prompt": "hello", "chosen": "cat " * 30 + "good", "rejected": "cat " * 30 + "bad"}  # differ at the end
+    cfg = dict(model="m", data="d", output_dir=str(tmp_path / "out"), max_length=16, max_steps=1, batch_size=2,
+               micro_batch_size=2, progress=False, tensorboard=False)
+    trainer = RewardTrainer(RewardConfig(**cfg), model=tiny_llama(len(tok)), tokenizer=tok,
+                            train_rows=rows + [long])
+    assert trainer.num_rows == 3
+    out = capsys.readouterr().out
+    assert "dropped 1 of 4 rows longer than the length limit (first: row index 3:" in out
+    with pytest.raises(DataError, match=r"<train_rows>, row index 3: .*max_length=16 .*drop_overlong"):
+        RewardTrainer(RewardConfig(**cfg, drop_overlong=False), model=tiny_llama(len(tok)), tokenizer=tok,
+                      train_rows=rows + [long])
+
+
+# ------------------------------------------------------------------------------ 7. report
+def test_report_leaves_constant_series_out(tmp_path):
+    from fastrlhf.telemetry.metrics import MetricsLogger
+    from fastrlhf.telemetry.report import varying_keys, write_report
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        log.log(step, {"kl": 0.1 * step, "plan/actor.params": 5.0, "kl_coef": 0.1}, stage="ppo")
+    log.log(3, {"mem/once": 7.0}, stage="ppo")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert varying_keys(rows, ["kl", "plan/actor.params", "kl_coef", "mem/once"]) == ["kl"]
+    assert [p.name for p in write_report(tmp_path)] == ["ppo_train.png"]
