@@ -115,6 +115,9 @@ class ArithSettings:
     max_new_tokens: int = 7
     dpo_pairs: int = 1024
     kl_coef: float = 0.1
+    dpo_lr: float = 3e-5
+    dpo_beta: float = 0.1
+    dpo_epochs: int = 3
 
 
 # measured (seed 0, 2-core CPU): see README "Algorithms"; SFT 8 epochs gets the train questions to ~50% sampled
@@ -216,8 +219,8 @@ def arith_dpo(out: Path, s: ArithSettings, tok, runtime, seed: int, sft_dir: Pat
         cx, cy = arith.is_correct(p, x), arith.is_correct(p, y)
         if cx != cy and x.strip() and y.strip():
             pairs.append({"prompt": p, "chosen": x if cx else y, "rejected": y if cx else x})
-    cfg = DPOConfig(model="demo:sft-policy", data="demo:pairs", output_dir=str(out / "arith_dpo"), lr=1e-3, beta=0.1,
-                    epochs=2, batch_size=32, micro_batch_size=32, max_length=16, seed=seed, bf16=False,
+    cfg = DPOConfig(model="demo:sft-policy", data="demo:pairs", output_dir=str(out / "arith_dpo"), lr=s.dpo_lr,
+                    beta=s.dpo_beta, epochs=s.dpo_epochs, batch_size=32, micro_batch_size=32, max_length=16, seed=seed, bf16=False,
                     device=str(runtime.device), warmup_ratio=0.05, progress=False, tensorboard=False)
     result = DPOTrainer(cfg, model=load_policy(sft_dir), tokenizer=tok, train_rows=pairs).train()
     return load_policy(out / "arith_dpo" / "final"), {"pairs": len(pairs), **result}
