@@ -549,10 +549,11 @@ def run_demo_cli(args) -> int:
     hf_logging.disable_progress_bar()
     import os
 
-    from fastrlhf.trainers.common import output_dir_lock
+    from fastrlhf.trainers.guard import output_dir_lock
 
     out = Path(args.out)
-    check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False)  # before the lock
+    # refused before the lock is taken (a refused run must not touch --out)
+    check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False)
     with output_dir_lock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
         run_demo(out, quick=args.quick, seed=args.seed, rollout=args.rollout,
                  task_name=getattr(args, "task", "preference"), algo=getattr(args, "algo", "ppo"))

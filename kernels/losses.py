@@ -146,8 +146,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
     ratio = exp(lp - old); l = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high));
     dual clip c: where A < 0, l = min(l, -A c). ``log_ratio_clip``: lp - old clamped to +-that before exp
-    (veRL's 20: one token far off would give an inf ratio and a NaN gradient; no gradient past it). Gradient flows through ratio only where the chosen
-    branch is the unclipped one (ties go to the unclipped branch). stats: clipfrac, approx_kl
+    (veRL's 20: one token far off would give an inf ratio and a NaN gradient; no gradient past it).
+    Gradient flows through ratio only where the chosen branch is the unclipped one (ties go to the unclipped branch). stats: clipfrac, approx_kl
     (masked mean of (lp - old)^2 / 2), ratio_mean.
     """
     mask = _check_tokens("logprobs", logprobs, mask, old_logprobs=old_logprobs, advantages=advantages)

@@ -147,7 +147,7 @@ def test_full_disk_is_one_line(tmp_path, models, capsys, monkeypatch):
 
 
 def test_output_dir_lock(tmp_path, models, capsys):
-    from fastrlhf.trainers.common import LOCK_FILE
+    from fastrlhf.trainers.guard import LOCK_FILE
 
     out = tmp_path / "out"
     out.mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastrlhf.algo import DPO_LOSSES, dpo_loss
-from fastrlhf.config import ConfigError, load_config
+from fastrlhf.config import ConfigError
 from fastrlhf.data import IGNORE_INDEX, pad_batch, sft_features
 from fastrlhf.kernels import linear_token_logprobs
 from fastrlhf.models.heads import position_ids_from_mask
@@ -230,11 +230,10 @@ class DPOTrainer(common.StepTrainer):
 
 
 def cli_main(config_path: str, overrides: list[str]) -> int:
-    """``fastrlhf dpo --config FILE.yaml [key=value ...]``."""
-    cfg = load_config(DPOConfig, config_path, overrides)
-    result = DPOTrainer(cfg).train()
-    print(f"[fastrlhf] dpo done: {Path(cfg.output_dir) / 'final'}  {result}")
-    return 0
+    """``fastrlhf dpo --config FILE.yaml [key=value ...]`` (checked, locked and pinned as sft / rm are)."""
+    from fastrlhf.trainers.guard import stage_cli
+
+    return stage_cli(DPOConfig, DPOTrainer, config_path, overrides)
 
 
 __all__ = ["DPOConfig", "DPOTrainer", "cli_main", "dpo_batch", "dpo_pair_features", "sequence_logps"]

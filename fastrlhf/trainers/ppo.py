@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,14 +44,21 @@ from fastrlhf.kernels import masked_mean, masked_var, masked_whiten, ppo_value_l
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
 from fastrlhf.telemetry.metrics import MetricsLogger
-from fastrlhf.trainers import common
+from fastrlhf.trainers import common, ppo_eval
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch, count_units, loss_weight, split_rows
+from fastrlhf.trainers.ppo_checks import (  # noqa: F401  (re-exported)
+    PPO_BOOKKEEPING,
+    _full,
+    check_ppo_config,
+    drop_non_finite_rows,
+    init_critic_head,
+    reduce_metrics,
+)
 from fastrlhf.trainers.ppo_config import EarlyStopConfig, KLConfig, PPOConfig, RolloutConfig  # noqa: F401
 from fastrlhf.trainers.ppo_state import (
     drop_rows_after,
     early_stop_rule,
     load_ppo_checkpoint,
-    save_critic,
     save_policy,
     save_ppo_checkpoint,
 )
@@ -66,84 +71,6 @@ def derive_seed(*parts) -> int:
     iterations / ranks / purposes are unrelated, and small structured seeds (0, 1, 2, ...) are avoided."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-# PPOConfig keys that may differ between a run and its resumption (they do not change the math)
-PPO_BOOKKEEPING = frozenset({"output_dir", "progress", "checkpoint_every", "keep_checkpoints", "tensorboard",
-                             "wandb", "num_threads", "eval_every", "eval_samples", "eval_data"})
-
-
-def check_ppo_config(cfg: PPOConfig, output_dir: str | Path) -> None:
-    """``output_dir/ppo_config.json`` (written when a run starts) must match ``cfg``: a run never resumes
-    another experiment's checkpoint (the same check as sft / rm, ``common.check_same_config``)."""
-    common.check_same_config(Path(output_dir) / "ppo_config.json", common.config_snapshot(cfg, PPO_BOOKKEEPING),
-                             stage="ppo", hint="use another output_dir (or delete this one)")
-
-
-def drop_non_finite_rows(mask: torch.Tensor, scores: torch.Tensor, *per_token: torch.Tensor) -> torch.Tensor:
-    """``keep [B]`` bool: rows whose score ``[B]`` and every ``per_token [B, R]`` value on the valid
-    tokens of ``mask [B, R]`` are finite. One bad reward-model score drops its row, not the rollout."""
-    keep = torch.isfinite(scores)
-    for t in per_token:
-        if t is not None:
-            keep &= ~(mask & ~torch.isfinite(t)).any(-1)
-    return keep
-
-
-SUMMED_METRICS = ("dropped_rows",)
-
-
-def reduce_metrics(metrics: dict, device: torch.device) -> dict[str, float]:
-    """This rank's metrics -> global values, the same on every rank (one process: unchanged).
-
-    Keys ending in ``_max``: max over ranks. ``dropped_rows``: summed. ``rm_score`` / ``rm_score_std``:
-    mean and unbiased std of the pooled scores, from each rank's ``rm_score_n`` rows, ``rm_score``
-    (mean) and ``rm_score_sq`` (mean square); those two helper keys are not returned. Everything else:
-    mean over ranks (per-rank means of equal-size shards).
-    """
-    import torch.distributed as dist
-
-    metrics = dict(metrics)
-    n = metrics.pop("rm_score_n", None)
-    sq = metrics.pop("rm_score_sq", None)
-    if n is not None:  # pooled sums: n, sum, sum of squares
-        metrics["_pool_n"], metrics["_pool_s"] = n, metrics["rm_score"] * n
-        metrics["_pool_ss"] = sq * n
-    names = sorted(metrics)
-    values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names])
-    values = values.double().to(device)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world > 1:
-        is_max = torch.tensor([k.endswith("_max") for k in names], device=device)
-        is_sum = torch.tensor([k in SUMMED_METRICS or k.startswith("_pool") for k in names], device=device)
-        summed = torch.where(is_max, torch.zeros_like(values), values)
-        dist.all_reduce(summed)
-        peak = torch.where(is_max, values, torch.full_like(values, -math.inf))
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        values = torch.where(is_max, peak, torch.where(is_sum, summed, summed / world))
-    row = dict(zip(names, values.cpu().tolist(), strict=True))
-    if n is not None:
-        pn, ps, pss = row.pop("_pool_n"), row.pop("_pool_s"), row.pop("_pool_ss")
-        mean = ps / max(pn, 1.0)
-        row["rm_score"] = mean
-        row["rm_score_std"] = math.sqrt(max(pss - pn * mean * mean, 0.0) / (pn - 1)) if pn > 1 else 0.0
-    return row
-
-
-@torch.no_grad()
-def init_critic_head(critic, reward_model) -> bool:
-    """PPO scores with the reward model's saved mean/std (``RewardModel.normalize``); a critic initialised
-    from that reward model (head weights equal to the RM's) would predict raw scores, so its head is
-    divided by ``reward_std`` to start on the normalized scale. (The head has no bias to take the mean
-    shift; the RM's normalized scores have mean 0 on its eval pairs.) Returns whether it rescaled."""
-    std = getattr(reward_model, "reward_std", None)
-    c_head, r_head = getattr(critic, "head", None), getattr(reward_model, "head", None)
-    if not std or c_head is None or r_head is None or c_head.weight.shape != r_head.weight.shape:
-        return False
-    if not torch.equal(c_head.weight, r_head.weight.to(c_head.weight)):
-        return False
-    c_head.weight.div_(max(float(std), 1e-8))
-    return True
 
 
 def build_kl_controller(cfg: KLConfig):
@@ -159,11 +86,6 @@ def build_kl_controller(cfg: KLConfig):
             max_coef=cfg.max_coef,
         )
     return FixedKLController(cfg.init_coef)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2's global grad norm) as a plain tensor; other tensors unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class PPOTrainer:
@@ -257,9 +179,10 @@ class PPOTrainer:
             "falling": 0,
             "stopped": None,
         }
-        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main, tensorboard=cfg.tensorboard,
-                                    wandb=cfg.wandb, run_config=common.config_snapshot(cfg, ()))
-        self._setup_eval(eval_prompts, eval_texts)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.runtime.is_main,
+                                    tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                    run_config=common.config_snapshot(cfg, ()))
+        ppo_eval.setup_eval(self, eval_prompts, eval_texts)
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------------- setup
@@ -309,35 +232,12 @@ class PPOTrainer:
         return self.actor.lm
 
     def finish(self) -> dict:
-        """After :meth:`train`: ``output_dir/final`` (the policy), ``output_dir/critic`` (a ``ValueModel``
-        folder; separate critic only), ``ppo_result.json`` (the last iteration's metrics, the last
-        evaluation's, the early-stop rule if one fired) and ``plots/`` (``fastrlhf report``'s curves).
-        Collective under torchrun (every rank calls it); files come from rank 0. Returns the result."""
-        from fastrlhf.telemetry.metrics import read_metrics
-        from fastrlhf.telemetry.report import write_report
+        """After :meth:`train`: ``final/``, ``critic/``, ``ppo_result.json``, ``plots/`` (``ppo_eval.finish``)."""
+        return ppo_eval.finish(self)
 
-        self.save_final()
-        if self.critic is not None:
-            save_critic(self, self.output_dir / "critic")
-        result: dict = {}
-        if self.runtime.is_main:
-            path = self.output_dir / "metrics.jsonl"
-            rows = [r for r in read_metrics(path) if r.get("stage") == "ppo"] if path.is_file() else []
-            train = [r for r in rows if "iteration" in r]
-            evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
-            for row in (train[-1:] + evals[-1:]):
-                result.update({k: v for k, v in row.items() if isinstance(v, (int, float))
-                               and not isinstance(v, bool) and k not in ("step", "time")
-                               and not k.startswith(("plan/", "mem/", "time/", "tokens_per_s/"))})
-            if self.stop_state.get("stopped"):
-                result["early_stop"] = self.stop_state["stopped"]
-            tmp = self.output_dir / "ppo_result.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, self.output_dir / "ppo_result.json")
-            if rows:
-                write_report(self.output_dir)
-        self.runtime.barrier()
-        return result
+    def evaluate(self, step: int) -> dict:
+        """The current policy on the held-out prompts, logged as ``eval_*`` (``ppo_eval.evaluate``)."""
+        return ppo_eval.evaluate(self, step)
 
     def save_final(self, directory: str | Path | None = None) -> Path:
         """The trained policy in HF format (default ``output_dir/final``)."""
@@ -515,14 +415,14 @@ class PPOTrainer:
         del window[: -cfg.nonfinite_window]
         if dropped and not self.warned_non_finite and self.runtime.is_main:
             self.warned_non_finite = True
-            print(f"[ppo] warning: iteration {it + 1}: {dropped:.0f} of {total:.0f} rows have a non-finite reward "
-                  "score (or log-prob / value); they are dropped from the rollout (metric dropped_rows)",
+            print(f"[ppo] warning: iteration {it + 1}: {dropped:.0f} of {total:.0f} rows have a non-finite "
+                  "reward score (or log-prob / value); they are dropped from the rollout (metric dropped_rows)",
                   flush=True)
         lost, seen = sum(d for d, _ in window), sum(n for _, n in window)
         if seen and lost / seen > cfg.max_nonfinite_share:
-            raise RunError(f"non-finite reward scores: {lost:.0f} of {seen:.0f} rows of the last {len(window)} "
-                           f"iteration(s) were dropped (more than max_nonfinite_share={cfg.max_nonfinite_share}); "
-                           "check the reward model (its dtype, its inputs) before training on")
+            raise RunError(f"non-finite reward scores: {lost:.0f} of {seen:.0f} rows of the last "
+                           f"{len(window)} iteration(s) were dropped (more than max_nonfinite_share="
+                           f"{cfg.max_nonfinite_share}); check the reward model (its dtype, its inputs)")
 
     def _all_finite(self, *tensors) -> bool:
         dev = self.runtime.device
@@ -686,66 +586,6 @@ class PPOTrainer:
             opt.step()
             self.schedulers[name].step()
         return stats
-
-    # ------------------------------------------------------------------------------------- evaluation
-    def _setup_eval(self, eval_prompts, eval_texts) -> None:
-        """This rank's held-out prompts (an equal count on every rank: the sharded models run the same
-        number of forwards) and their texts (for ``gold_fn`` and the sample table)."""
-        self.eval_prompt_ids, self.eval_texts = [], []
-        if not eval_prompts:
-            return
-        encoded = [list(p) if not isinstance(p, str) else prompt_features(p, self.tokenizer)["input_ids"]
-                   for p in eval_prompts]
-        texts = list(eval_texts) if eval_texts is not None else [
-            p if isinstance(p, str) else self.tokenizer.decode(p) for p in eval_prompts]
-        rank, world = self.runtime.rank, self.runtime.world_size
-        n = len(encoded) // world * world
-        self.eval_prompt_ids, self.eval_texts = encoded[rank:n:world], texts[rank:n:world]
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
-        """The current policy on the held-out prompts (the same sampling seed every time): RM score (as
-        PPO sees it), KL to the reference (summed log-ratio per sequence), response length and gold
-        reward when ``gold_fn`` is known, logged as ``eval_*``; the first ``eval_samples`` generations
-        go to ``output_dir/eval_samples.jsonl`` (one row per sample and evaluation)."""
-        cfg, r = self.config, self.config.rollout
-        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, seed=derive_seed(cfg.seed, "eval", self.runtime.rank))
-        scores, kls, lengths, texts, golds = [], [], [], [], []
-        bsz = cfg.rollout_batch_size
-        for k in range(0, len(self.eval_prompt_ids), bsz):
-            prompts = self.eval_prompt_ids[k:k + bsz]
-            with self.runtime.scheduler.phase("generate"):
-                gen = self.rollout.generate(prompts, params)
-            batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device)
-            with self.runtime.scheduler.phase("score"):
-                s, _ = self.score(batch)
-            keep = batch.keep
-            scores += s[keep].tolist()
-            kls += (batch.old_logprobs - batch.ref_logprobs).sum(-1)[keep].tolist()
-            lengths += batch.mask.sum(-1)[keep].float().tolist()
-            for i, (row, m) in enumerate(zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)):
-                if keep[i]:
-                    text = self.tokenizer.decode(row[m], skip_special_tokens=True)
-                    texts.append((self.eval_texts[k + i], text))
-                    if self.gold_fn is not None:
-                        golds.append(float(self.gold_fn(self.eval_texts[k + i], text)))
-        self.runtime.scheduler.pop_stats()  # eval phases are not the next iteration's
-        n = max(len(scores), 1)
-        metrics = {"eval_rm_score": sum(scores) / n, "eval_kl": sum(kls) / n,
-                   "eval_response_length": sum(lengths) / n}
-        if self.gold_fn is not None:
-            metrics["eval_gold_reward"] = sum(golds) / max(len(golds), 1)
-        row = self.logger.log(step, reduce_metrics(metrics, self.runtime.device), stage="ppo")
-        if self.runtime.is_main and cfg.eval_samples:
-            with (self.output_dir / "eval_samples.jsonl").open("a") as f:
-                for j, (prompt, text) in enumerate(texts[:cfg.eval_samples]):
-                    sample = {"stage": "ppo", "step": step, "prompt": prompt, "response": text,
-                              "rm_score": scores[j], "kl": kls[j], "length": lengths[j]}
-                    if golds:
-                        sample["gold"] = golds[j]
-                    f.write(json.dumps(sample) + "\n")
-        return row
 
     # ------------------------------------------------------------------------------ monitoring, stops
     def _gold(self, rows: list[int], batch: PPOBatch) -> dict:

@@ -54,7 +54,7 @@ def check_ppo_cli_config(cfg, config_path: str) -> None:
     """Everything about ``cfg`` that can be checked without loading a model."""
     from fastrlhf.algo import needs_critic
     from fastrlhf.models.heads import HEAD_FILE
-    from fastrlhf.trainers import common
+    from fastrlhf.trainers import guard
     from fastrlhf.trainers.ppo import check_ppo_config
 
     for key in ("model", "data"):
@@ -66,9 +66,9 @@ def check_ppo_cli_config(cfg, config_path: str) -> None:
     if not (critic_free or cfg.shared_critic or cfg.critic_model or cfg.reward_model):
         raise ConfigError(f"{config_path}: advantage_estimator={cfg.advantage_estimator} needs a critic: set "
                           "critic_model (or reward_model), or shared_critic: true")
-    common.check_model_dir("model", cfg.model)
-    common.check_model_dir("reward_model", cfg.reward_model, needs=("config.json", HEAD_FILE))
-    common.check_model_dir("critic_model", cfg.critic_model, needs=("config.json", HEAD_FILE))
+    guard.check_model_dir("model", cfg.model)
+    guard.check_model_dir("reward_model", cfg.reward_model, needs=("config.json", HEAD_FILE))
+    guard.check_model_dir("critic_model", cfg.critic_model, needs=("config.json", HEAD_FILE))
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError(f"{config_path}: eval_every={cfg.eval_every} needs eval_data (held-out prompts)")
     check_ppo_config(cfg, cfg.output_dir)
@@ -79,7 +79,7 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     from fastrlhf.engine import runtime as rt
     from fastrlhf.algo import needs_critic
     from fastrlhf.models import ValueModel, load_causal_lm, load_tokenizer
-    from fastrlhf.trainers import common
+    from fastrlhf.trainers import guard
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
     from fastrlhf.trainers.ppo_rewards import build_rewards, kept_rows
 
@@ -90,10 +90,11 @@ def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
     prompts, texts = encode_prompts(rows, tokenizer, cfg, cfg.data)
     kept = kept_rows(rows, texts)  # the rows of the prompts that fit: their fields reach reward functions
-    eval_prompts, eval_texts = encode_prompts(eval_rows, tokenizer, cfg, cfg.eval_data) if eval_rows else (None, None)
-    with common.output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+    eval_prompts, eval_texts = (encode_prompts(eval_rows, tokenizer, cfg, cfg.eval_data) if eval_rows
+                                else (None, None))
+    with guard.output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         runtime = rt.init_runtime()
-        common.pin_threads(cfg.num_threads, runtime.device)
+        guard.pin_threads(cfg.num_threads, runtime.device)
         reward_model, reward_fns = build_rewards(cfg, dtype=cfg.dtype, source=config_path)  # functions first
         actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
         ref = load_causal_lm(cfg.model, dtype=cfg.dtype)

@@ -93,7 +93,7 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     dtype: str = "float32"
     max_prompt_length: int = 512
-    drop_overlong: bool = True  # prompts longer than max_prompt_length: dropped with a count (False: an error)
+    drop_overlong: bool = True  # prompts over max_prompt_length: dropped with a count (False: an error)
     eval_data: str | None = None  # held-out prompts ({"prompt"} rows) for eval_every
     eval_every: int = 0  # iterations between evaluations on eval_data (0: none); also at the end
     eval_samples: int = 4  # sample generations per evaluation written to eval_samples.jsonl

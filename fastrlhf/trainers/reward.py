@@ -267,7 +267,9 @@ class RewardTrainer(common.StepTrainer):
 
 def cli_main(config_path: str, overrides: list[str]) -> int:
     """``fastrlhf rm --config FILE.yaml [key=value ...]``."""
-    return common.stage_cli(RewardConfig, RewardTrainer, config_path, overrides)
+    from fastrlhf.trainers.guard import stage_cli
+
+    return stage_cli(RewardConfig, RewardTrainer, config_path, overrides)
 
 
 __all__ = ["RewardConfig", "RewardTrainer", "accumulate_reward_gradients", "cli_main", "pair_features",

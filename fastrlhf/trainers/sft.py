@@ -261,7 +261,9 @@ class SFTTrainer(common.StepTrainer):
 
 def cli_main(config_path: str, overrides: list[str]) -> int:
     """``fastrlhf sft --config FILE.yaml [key=value ...]``."""
-    return common.stage_cli(SFTConfig, SFTTrainer, config_path, overrides)
+    from fastrlhf.trainers.guard import stage_cli
+
+    return stage_cli(SFTConfig, SFTTrainer, config_path, overrides)
 
 
 __all__ = ["SFTConfig", "SFTTrainer", "accumulate_sft_gradients", "cli_main", "evaluate_sft", "pack_features",
