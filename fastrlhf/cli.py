@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", choices=("preference", "arithmetic"), default="preference",
                       help="preference (reward model, hidden gold score) or arithmetic (exact-answer reward)")
     demo.add_argument("--algo", choices=("ppo", "grpo", "rloo", "reinforce_pp", "dpo"), default="ppo")
-    arena = sub.add_parser("arena", help="every algorithm on the preference task, same budget: arena.json/.png")
+    arena = sub.add_parser("arena", help="every algorithm on the preference task, same budget "
+                                         "(arena.json, arena.png)")
     arena.add_argument("--out", default="runs/arena")
     arena.add_argument("--quick", action="store_true")
     arena.add_argument("--seed", type=int, default=0)

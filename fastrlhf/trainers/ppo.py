@@ -129,7 +129,8 @@ class PPOTrainer:
         self.output_dir = Path(output_dir or cfg.output_dir)
         self.critic_free = not needs_critic(cfg.advantage_estimator)
         if self.critic_free and critic is not None:
-            raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} is critic-free: pass critic=None")
+            raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} is critic-free: "
+                             "pass critic=None")
         if not self.critic_free and cfg.shared_critic == (critic is not None):
             raise ValueError("pass critic=None exactly when config.shared_critic is True")
         if reward_model is None and reward_fns is None:

@@ -189,21 +189,25 @@ class PPOConfig:
             raise ConfigError(f"PPOConfig: advantage_estimator must be one of {adv_estimator_names()}, "
                               f"got {self.advantage_estimator!r}")
         if self.policy_loss not in policy_loss_names():
-            raise ConfigError(f"PPOConfig: policy_loss must be one of {policy_loss_names()}, got {self.policy_loss!r}")
+            raise ConfigError(f"PPOConfig: policy_loss must be one of {policy_loss_names()}, "
+                              f"got {self.policy_loss!r}")
         if self.rollout.n < 1:
             raise ConfigError(f"PPOConfig: rollout.n must be >= 1, got {self.rollout.n}")
         grouped = self.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline") or self.filter_groups
         if grouped and self.rollout.n < 2:
-            what = "filter_groups" if self.filter_groups else f"advantage_estimator={self.advantage_estimator}"
+            what = ("filter_groups" if self.filter_groups
+                    else f"advantage_estimator={self.advantage_estimator}")
             raise ConfigError(f"PPOConfig: {what} compares the responses of a prompt: set rollout.n >= 2")
         if self.minibatch_size > self.rollout_batch_size * self.rollout.n:
-            raise ConfigError("PPOConfig: minibatch_size must be <= rollout_batch_size * rollout.n (responses)")
+            raise ConfigError("PPOConfig: minibatch_size must be <= rollout_batch_size * rollout.n "
+                              "(it counts responses)")
         if not needs_critic(self.advantage_estimator) and self.shared_critic:
             raise ConfigError(f"PPOConfig: advantage_estimator={self.advantage_estimator} is critic-free; "
                               "shared_critic must be false")
         for i, r in enumerate(self.rewards):
             if bool(r.function) == bool(r.reward_model):
-                raise ConfigError(f"PPOConfig: rewards[{i}] needs exactly one of 'function' or 'reward_model'")
+                raise ConfigError(f"PPOConfig: rewards[{i}] needs exactly one of 'function' or "
+                                  "'reward_model'")
             if r.reduce not in ("mean", "min", "mean_minus_std"):
                 raise ConfigError(f"PPOConfig: rewards[{i}].reduce must be mean, min or mean_minus_std, "
                                   f"got {r.reduce!r}")
