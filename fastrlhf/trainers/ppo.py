@@ -43,6 +43,8 @@ from fastrlhf.engine import runtime as rt
 from fastrlhf.kernels import masked_mean, masked_var, masked_whiten, ppo_value_loss
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
+from fastrlhf.rollout.budget import check_rollout_against_model, config_dict
+from fastrlhf.rollout.correction import apply_tis, missing_eos_penalty, tis_weights
 from fastrlhf.telemetry.metrics import MetricsLogger
 from fastrlhf.trainers import common, ppo_eval
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch, count_units, loss_weight, split_rows
@@ -156,15 +158,11 @@ class PPOTrainer:
         for model in (self.actor, self.critic):
             if model is not None:
                 model.eval()
-        self.rollout = rollout or rt.make_rollout(
-            self.runtime,
-            cfg.rollout.backend,
-            self.actor,
-            tokenizer,
-            bucket_mb=cfg.rollout.bucket_mb,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        )
         self._setup_prompts(prompts, prompt_texts)
+        self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)
+        engine_kwargs = self._rollout_kwargs()  # checked even when an engine is passed in
+        self.rollout = rollout or rt.make_rollout(self.runtime, cfg.rollout.backend, self.actor, tokenizer,
+                                                  **engine_kwargs)
         fields = list(prompt_fields) if prompt_fields is not None else [{} for _ in prompts]
         if len(fields) != len(prompts):
             raise ValueError(f"{len(fields)} prompt_fields for {len(prompts)} prompts")
@@ -199,11 +197,24 @@ class PPOTrainer:
         for i, e in enumerate(encoded):
             if not 1 <= len(e) <= self.config.max_prompt_length:
                 raise ValueError(f"prompt {i} has {len(e)} tokens; need 1..{self.config.max_prompt_length}")
+        self._longest_prompt = max((len(e) for e in encoded), default=1)
         rank, world = self.runtime.rank, self.runtime.world_size
         # each rank owns a fixed shard; the order inside it is a (seed, rank, epoch) permutation
         self.prompt_ids, self.prompt_texts = encoded[rank::world], texts[rank::world]
         if not self.prompt_ids:
             raise ValueError(f"rank {rank} got no prompts ({len(encoded)} prompts for {world} ranks)")
+
+    def _rollout_kwargs(self) -> dict:
+        """The engine's settings, checked against the actor's config (positions, KV budget) first."""
+        r = self.config.rollout
+        max_len = check_rollout_against_model(
+            self.config, config_dict(self.actor.config), device=self.runtime.device,
+            world_size=self.runtime.world_size, prompt_length=self._longest_prompt)
+        return dict(bucket_mb=r.bucket_mb, gpu_memory_utilization=r.gpu_memory_utilization,
+                    max_model_len=max_len,
+                    tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+                    max_num_seqs=r.max_num_seqs, sleep_level=r.sleep_level, dtype=r.dtype,
+                    sync=False)  # train() syncs once before the first generation
 
     def _setup_optim(self):
         cfg = self.config
@@ -275,18 +286,19 @@ class PPOTrainer:
 
     def iteration(self, it: int) -> dict:
         _cfg, sched = self.config, self.runtime.scheduler
-        # rollout.n responses per prompt, rows of a prompt adjacent (each row sampled independently)
-        prompt_rows = [i for i in self._prompt_rows(it) for _ in range(self.config.rollout.n)]
+        prompt_rows = self._prompt_rows(it)
         prompts = [self.prompt_ids[i] for i in prompt_rows]
+        self._refill_engine()
         # 1. generate
         with sched.phase("generate"):
             gen = self.rollout.generate(prompts, self._sampling_params(it))
-        batch = build_batch(
-            prompts, gen, pad_token_id=self.tokenizer.pad_token_id, device=self.runtime.device
-        )
+        batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id,
+                            device=self.runtime.device, eos_token_ids=self.eos_token_ids)
+        trunc = {"truncated_fraction": batch.truncated.float().mean()}
         # 2. score (rows with a non-finite score, log-prob or value are dropped, the rest trains)
         with sched.phase("score"):
-            scores, score_stats = self.score(batch, prompt_rows)
+            # rollout.n responses per prompt (rows of a prompt adjacent): the prompt row of every response
+            scores, score_stats = self.score(batch, [prompt_rows[g] for g in batch.group.tolist()])
             if self._reward_functions_failed(score_stats):  # a reward function raised: skip the rollout
                 self.counters["skipped_rollouts"] += 1
                 return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"],
@@ -295,7 +307,8 @@ class PPOTrainer:
             kl_stats = self.advantages(batch, scores)
         # the early-stop rules judge this rollout (the current policy) before its update is applied
         if self._check_early_stop(it, score_stats, kl_stats):
-            return self._log(it, {**score_stats, **kl_stats, **self._gold(prompt_rows, batch)}, batch=batch)
+            return self._log(it, {**score_stats, **kl_stats, **trunc, **self._gold(prompt_rows, batch)},
+                             batch=batch)
         # 3. train
         with sched.phase("train"):
             train_stats = self.train_epochs(self._filtered(batch, scores), it)
@@ -304,8 +317,14 @@ class PPOTrainer:
         # 4. sync
         with sched.phase("sync"):
             rt.sync_weights(self.runtime, self.actor, self.rollout)
-        metrics = {**score_stats, **kl_stats, **train_stats, **self._gold(prompt_rows, batch)}
+        metrics = {**score_stats, **kl_stats, **train_stats, **trunc, **self._gold(prompt_rows, batch)}
         return self._log(it, metrics, batch=batch)
+
+    def _refill_engine(self) -> None:
+        """An engine whose weights sleep level 2 discarded with no sync since (an iteration that stopped
+        before its update, an evaluation) is refilled with the unchanged policy before generating."""
+        if not getattr(self.rollout, "weights_valid", True):
+            rt.sync_weights(self.runtime, self.actor, self.rollout)
 
     # ------------------------------------------------------------------------------- 1-2: data, score
     def _prompt_rows(self, it: int) -> list[int]:
@@ -329,6 +348,7 @@ class PPOTrainer:
             top_p=r.top_p,
             top_k=r.top_k,
             seed=seed,
+            n=r.n,
         )
 
     @torch.no_grad()
@@ -437,6 +457,8 @@ class PPOTrainer:
         """normalize_rewards -> token_rewards -> the advantage estimator (``gae`` then whitening, or a
         critic-free one) -> DAPO's group filter; fills batch.advantages / returns."""
         cfg, mask = self.config, batch.mask
+        if cfg.missing_eos_penalty:  # responses cut at max_new_tokens: the RM never saw them unfinished
+            scores = missing_eos_penalty(scores, batch.truncated, cfg.missing_eos_penalty)
         keep = getattr(batch, "keep", None)
         keep = keep if keep is not None else torch.ones_like(scores, dtype=torch.bool)
         norm = torch.zeros_like(scores)  # dropped rows: no reward, no token counts, not in the moments
@@ -458,6 +480,10 @@ class PPOTrainer:
         batch.returns = ret
         whiten = cfg.whiten_advantages and not self.critic_free  # critic-free estimators normalise themselves
         batch.advantages = self._whiten(adv, mask) if whiten else adv
+        tis = {}
+        if cfg.rollout_correction == "tis":  # loss_t * w_t, folded into A_t (see rollout/correction.py)
+            w, tis = tis_weights(batch.old_logprobs, batch.sampler_logprobs, mask, cap=cfg.tis_cap)
+            batch.advantages = apply_tis(batch.advantages, w)
         extra = {}
         if cfg.filter_groups:
             extra["filtered_fraction"] = 1.0 - filter_groups(scores, cfg.rollout.n).float().mean()
@@ -473,6 +499,7 @@ class PPOTrainer:
             "return_mean": masked_mean(ret, mask),
             "value_mean": masked_mean(batch.old_values, mask),
             **extra,
+            **tis,
         }
 
     def _filtered(self, batch: PPOBatch, scores: torch.Tensor) -> PPOBatch:
@@ -593,6 +620,7 @@ class PPOTrainer:
         if self.gold_fn is None:
             return {}
         responses = self._responses(batch)
+        rows = [rows[g] for g in batch.group.tolist()]  # rollout.n responses per prompt
         gold = [self.gold_fn(self.prompt_texts[i], resp) for i, resp in zip(rows, responses, strict=True)]
         return {"gold_reward": torch.tensor(sum(gold) / len(gold))}
 

@@ -27,6 +27,10 @@ class PPOBatch:
     old_values: torch.Tensor | None = None  # [B, R]
     advantages: torch.Tensor | None = None  # [B, R]
     returns: torch.Tensor | None = None  # [B, R]
+    # rollout.n samples per prompt: rows of a prompt are adjacent, group[b] = index of row b's prompt in
+    # this rank's batch (0..rollout_batch_size-1), so group = arange(B) // n
+    group: torch.Tensor | None = None  # [B] int64
+    truncated: torch.Tensor | None = None  # [B] bool, response ends without EOS (cut at max_new_tokens)
 
     @property
     def size(self) -> int:
@@ -47,11 +51,19 @@ class PPOBatch:
 
 
 def build_batch(
-    prompt_ids: list[list[int]], gen: Generation, *, pad_token_id: int, device: torch.device
+    prompt_ids: list[list[int]], gen: Generation, *, pad_token_id: int, device: torch.device,
+    eos_token_ids: list[int] | None = None,
 ) -> PPOBatch:
-    """Ragged prompts + generations -> a padded :class:`PPOBatch` on ``device``."""
-    if len(prompt_ids) != len(gen.token_ids):
+    """Ragged prompts + generations -> a padded :class:`PPOBatch` on ``device``.
+
+    ``gen`` may hold ``n`` responses per prompt (prompt-major, ``len(gen) == n * len(prompt_ids)``):
+    each prompt is then repeated for its ``n`` adjacent rows and ``group`` = ``arange(B) // n``.
+    With ``eos_token_ids``, ``truncated`` marks rows whose response does not end with one of them."""
+    if not prompt_ids or len(gen.token_ids) % len(prompt_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(gen.token_ids)} responses")
+    n = len(gen.token_ids) // len(prompt_ids)
+    group = torch.arange(len(prompt_ids)).repeat_interleave(n)
+    prompt_ids = [p for p in prompt_ids for _ in range(n)]
     bsz = len(prompt_ids)
     p_len = max(len(p) for p in prompt_ids)
     r_len = max(1, max(len(r) for r in gen.token_ids))
@@ -64,12 +76,18 @@ def build_batch(
         attn[i, p_len - len(p) : p_len + len(r)] = 1
         lps[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
     mask = attn[:, p_len:].bool()
+    truncated = None
+    if eos_token_ids is not None:
+        eos = set(int(e) for e in eos_token_ids)
+        truncated = torch.tensor([not r or r[-1] not in eos for r in gen.token_ids], dtype=torch.bool)
     return PPOBatch(
         input_ids=ids.to(device),
         attention_mask=attn.to(device),
         mask=mask.to(device),
         prompt_len=p_len,
         sampler_logprobs=lps.to(device),
+        group=group.to(device),
+        truncated=None if truncated is None else truncated.to(device),
     )
 
 

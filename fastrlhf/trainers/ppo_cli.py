@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fastrlhf.config import ConfigError, load_config
+from fastrlhf.rollout.budget import check_rollout_against_model
 
 
 def encode_prompts(rows, tokenizer, cfg, source: str) -> tuple[list[list[int]], list[str]]:
@@ -72,6 +73,7 @@ def check_ppo_cli_config(cfg, config_path: str) -> None:
     if cfg.eval_every and not cfg.eval_data:
         raise ConfigError(f"{config_path}: eval_every={cfg.eval_every} needs eval_data (held-out prompts)")
     check_ppo_config(cfg, cfg.output_dir)
+    check_rollout_against_model(cfg)  # positions and KV budget from config.json, before any model loads
 
 
 def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:

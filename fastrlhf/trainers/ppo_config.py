@@ -15,20 +15,42 @@ from fastrlhf.config import ConfigError
 KL_CONTROLLERS = ("adaptive", "step", "fixed")
 REWARD_NORMS = ("none", "batch", "running", "length")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+ROLLOUT_CORRECTIONS = ("none", "tis")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling and the rollout engine. ``bucket_mb`` / ``gpu_memory_utilization`` are for vLLM."""
+    """Sampling and the rollout engine (checked against the model by ``fastrlhf.rollout.budget``).
+
+    ``n`` responses per prompt (rows of a prompt adjacent, ``PPOBatch.group`` its index). ``top_p`` /
+    ``top_k`` truncate the sampling distribution in both backends, and both report the log-prob of the
+    truncated distribution the token was drawn from. vLLM only: ``max_model_len`` (None:
+    ``max_prompt_length + max_new_tokens``), ``tensor_parallel_size``, ``gpu_memory_utilization`` (the
+    engine's share of the whole GPU: weights + KV cache), ``enforce_eager`` (None: eager on CPU, CUDA
+    graphs on GPU), ``max_num_seqs`` (None: vLLM's default), ``sleep_level`` (0: never sleep; 1: weights
+    to host during SCORE/TRAIN; 2: weights discarded, the SYNC refills them), ``dtype`` (auto: bf16 on
+    CUDA, fp32 on CPU), ``bucket_mb`` (weight-sync bucket).
+    """
 
     backend: str = "hf"
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    n: int = 1
     bucket_mb: int = 256
     gpu_memory_utilization: float = 0.3
-    n: int = 1  # responses per prompt, rows of a prompt adjacent (group estimators need >= 2)
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool | None = None
+    max_num_seqs: int | None = None
+    sleep_level: int = 2
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        from fastrlhf.rollout.budget import check_rollout_config
+
+        check_rollout_config(self)
 
 
 @dataclass(frozen=True)
@@ -145,6 +167,10 @@ class PPOConfig:
     tensorboard: bool = True  # output_dir/tensorboard (when tensorboard is installed), as sft / rm
     wandb: bool = False  # also log to Weights & Biases (when wandb is installed)
     num_threads: int = 1  # torch threads of a CPU run (0: torch's default); see README
+    # off-policy and truncation corrections of the rollout (see fastrlhf.rollout.correction)
+    rollout_correction: str = "none"  # none | tis: per-token loss x min(exp(old - sampler lp), tis_cap)
+    tis_cap: float = 2.0
+    missing_eos_penalty: float = 0.0  # subtracted from the RM score of responses cut at max_new_tokens
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
@@ -156,12 +182,20 @@ class PPOConfig:
             (self.loss_agg in LOSS_AGGS, f"loss_agg must be one of {LOSS_AGGS}"),
             (self.iterations >= 0, "iterations must be >= 0"),
             (self.rollout_batch_size >= 1, "rollout_batch_size must be >= 1"),
-            (1 <= self.minibatch_size, "minibatch_size must be >= 1"),
+            (
+                1 <= self.minibatch_size <= self.rollout_batch_size * self.rollout.n,
+                "minibatch_size must be in [1, rollout_batch_size * rollout.n] (it counts responses)",
+            ),
             (self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.kl.target > 0, "kl.target must be > 0"),
             (self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+            (self.rollout_correction in ROLLOUT_CORRECTIONS,
+             f"rollout_correction must be one of {ROLLOUT_CORRECTIONS}, got {self.rollout_correction!r}"),
+            (self.tis_cap > 0, f"tis_cap must be > 0, got {self.tis_cap}"),
+            (self.missing_eos_penalty >= 0,
+             f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}"),
             (0.0 <= self.max_nonfinite_share <= 1.0, "max_nonfinite_share must be in [0, 1]"),
             (self.nonfinite_window >= 1, "nonfinite_window must be >= 1"),
             (self.log_ratio_clip is None or self.log_ratio_clip > 0, "log_ratio_clip must be > 0 (or null)"),
@@ -180,6 +214,9 @@ class PPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"PPOConfig: {message}")
+        from fastrlhf.rollout.budget import check_lengths
+
+        check_lengths(self.max_prompt_length, self.rollout)  # max_model_len vs prompt + response
         self._check_algorithm()
 
     def _check_algorithm(self):
@@ -198,9 +235,6 @@ class PPOConfig:
             what = ("filter_groups" if self.filter_groups
                     else f"advantage_estimator={self.advantage_estimator}")
             raise ConfigError(f"PPOConfig: {what} compares the responses of a prompt: set rollout.n >= 2")
-        if self.minibatch_size > self.rollout_batch_size * self.rollout.n:
-            raise ConfigError("PPOConfig: minibatch_size must be <= rollout_batch_size * rollout.n "
-                              "(it counts responses)")
         if not needs_critic(self.advantage_estimator) and self.shared_critic:
             raise ConfigError(f"PPOConfig: advantage_estimator={self.advantage_estimator} is critic-free; "
                               "shared_critic must be false")

@@ -46,6 +46,7 @@ def evaluate(trainer, step: int) -> dict:
     bsz = cfg.rollout_batch_size
     for k in range(0, len(trainer.eval_prompt_ids), bsz):
         prompts = trainer.eval_prompt_ids[k:k + bsz]
+        trainer._refill_engine()
         with trainer.runtime.scheduler.phase("generate"):
             gen = trainer.rollout.generate(prompts, params)
         batch = build_batch(prompts, gen, pad_token_id=trainer.tokenizer.pad_token_id,

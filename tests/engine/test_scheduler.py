@@ -155,3 +155,86 @@ def test_plan_hooks_offload_and_onload_real_models():
     assert train == sorted(train, key=lambda a: a.startswith("device"))
     assert all(torch.equal(before[k], v) for k, v in actor.state_dict().items())
     assert all(t.device.type == "cpu" for s in opt.state.values() for t in s.values())
+
+
+class RecordingRollout:
+    """Records sleep / wake into the scheduler's own event log, so one list shows the whole order."""
+
+    def __init__(self, events, sleep_level):
+        self.events, self.sleep_level = events, sleep_level
+
+    def sleep(self, level):
+        self.events.append(("engine", f"sleep({level})"))
+
+    def wake(self, tags=None):
+        self.events.append(("engine", "wake" if tags is None else f"wake({','.join(tags)})"))
+
+
+def _handover_scheduler(sleep_level):
+    """A plan on a fake budget that offloads the actor's optimizer state for GENERATE and SYNC."""
+    sched = PhaseScheduler("cpu")
+    actor = tiny_llama(64, seed=0)
+    opt = torch.optim.AdamW(actor.parameters(), lr=1e-3)
+    actor(torch.randint(0, 64, (2, 5))).logits.sum().backward()
+    opt.step()
+    sizes = {"actor": model_size(actor, trained=True)}
+    nb_kv = MB // 16
+    nb = item_bytes(sizes, has_vllm=True, vllm_param_bytes=4, vllm_kv_bytes=nb_kv)
+    budget = int((nb["actor.params"] + nb["actor.optim"]) / 0.9) + 1
+    assert nb["vllm.weights"] + nb_kv + nb["actor.params"] < budget * 0.9  # GENERATE fits without optim
+    plan = plan_memory(sizes, budget_bytes=budget, device="cpu", has_vllm=True, vllm_param_bytes=4,
+                       vllm_kv_bytes=nb_kv)
+    assert plan.placement["generate"]["actor.optim"] == "offloaded"
+    sched.bind(plan=plan, models={"actor": actor}, rollout=RecordingRollout(sched.events, sleep_level))
+    sched.register_optimizer("actor", opt)
+    return sched
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_handover_order_offload_then_empty_cache_then_wake(level):
+    """GENERATE / SYNC: trainer state out, PyTorch's cache emptied, then the engine wakes (SYNC: weights
+    only), then what the plan keeps resident comes back; SCORE / TRAIN: the engine sleeps (at its
+    level) before trainer state comes back."""
+    sched = _handover_scheduler(level)
+    run(sched, "sync", "generate", "score", "train", "sync", "generate")
+    ev = sched.events
+    by_phase = []  # [phase, actions of the scheduler and of the engine in that phase]
+    for phase, action in ev:
+        if phase != "engine" and (not by_phase or by_phase[-1][0] != phase):
+            by_phase.append([phase, []])
+        by_phase[-1][1].append(action)
+    phases = [p for p, _ in by_phase]
+    assert phases == ["sync", "generate", "score", "train", "sync", "generate"]
+    first_sync, gen, score, train, sync, gen2 = (a for _, a in by_phase)
+    assert first_sync == ["cpu:actor.optim", "empty_cache", "wake_weights", "wake(weights)"]
+    assert gen == gen2 == ["empty_cache", "wake", "wake"]  # the scheduler's event, then the engine's call
+    assert score == ["sleep", f"sleep({level})", "device:actor.optim"]  # asleep before the optimizer returns
+    assert train == ["sleep", f"sleep({level})"]  # (the engine ignores a second sleep)
+    assert sync == ["cpu:actor.optim", "empty_cache", "wake_weights", "wake(weights)"]
+
+
+def test_sleep_level_0_never_sleeps_or_wakes():
+    sched = _handover_scheduler(0)
+    run(sched, "sync", "generate", "score", "train", "sync")
+    assert not [a for _, a in sched.events if "sleep" in a or "wake" in a or a == "empty_cache"]
+
+
+def test_empty_cache_only_on_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cuda"))
+    PhaseScheduler("cpu")._empty_cache()
+    assert calls == []
+    PhaseScheduler("cuda:0")._empty_cache()  # guarded by the device, not by torch.cuda.is_available()
+    assert calls == ["cuda"]
+
+
+def test_plan_with_an_engine_that_never_sleeps_counts_it_in_every_phase():
+    sizes = {"actor": ModelSize(MB, 4, trained=True)}
+    kw = dict(budget_bytes=200 * MB, device="cuda:0", has_vllm=True, vllm_param_bytes=2, vllm_kv_bytes=8 * MB)
+    asleep = plan_memory(sizes, **kw)
+    awake = plan_memory(sizes, **kw, vllm_sleeps=False)
+    assert asleep.placement["train"]["vllm.kv"] == "offloaded"
+    assert all(awake.placement[p][k] == "resident" for p in awake.placement for k in ("vllm.weights", "vllm.kv"))
+    with pytest.raises(MemoryPlanError, match="'train' needs"):  # 4 + 12 MB of actor + 10 MB engine > 18 usable
+        plan_memory(sizes, **{**kw, "budget_bytes": 20 * MB}, vllm_sleeps=False)
+    plan_memory(sizes, **{**kw, "budget_bytes": 20 * MB})  # fits when the engine sleeps

@@ -51,15 +51,38 @@ def test_greedy_matches_hf_generate_per_prompt(lm, tok):
 
 
 def test_sampler_logprobs_match_trainer_recompute(lm, tok):
-    """The sampler's log-probs (KV cache, left padding) equal the trainer's teacher-forced ones."""
+    """Without truncation the sampler's log-probs (KV cache, left padding) equal the trainer's
+    teacher-forced ones."""
     engine = HFRollout(lm, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    params = SamplingParams(max_new_tokens=7, temperature=0.7, top_k=20, top_p=0.9, seed=5)
+    params = SamplingParams(max_new_tokens=7, temperature=0.7, seed=5)
     gen = engine.generate(PROMPTS, params)
     batch = build_batch(PROMPTS, gen, pad_token_id=tok.pad_token_id, device=torch.device("cpu"))
     policy = PolicyWithLoss(lm, temperature=0.7, backend="torch")
     with torch.no_grad():
         lp, _, _ = policy(batch.input_ids, batch.attention_mask, mode="logprobs", prompt_len=batch.prompt_len)
     torch.testing.assert_close(lp[batch.mask], batch.sampler_logprobs[batch.mask], atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_sampling_reports_logprobs_of_the_truncated_distribution(lm, tok):
+    """top-k / top-p: the reported log-prob is that of the renormalised top-k/top-p distribution the
+    token was drawn from (vLLM's processed_logprobs), recomputed here from teacher-forced logits; it is
+    above the full-distribution log-prob the trainer computes (the kept mass is < 1)."""
+    engine = HFRollout(lm, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    params = SamplingParams(max_new_tokens=7, temperature=0.7, top_k=20, top_p=0.9, seed=5)
+    gen = engine.generate(PROMPTS, params)
+    batch = build_batch(PROMPTS, gen, pad_token_id=tok.pad_token_id, device=torch.device("cpu"))
+    p = batch.prompt_len
+    with torch.no_grad():
+        pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
+    logits = logits[:, p - 1 : -1].float() / 0.7
+    b, r, v = logits.shape
+    trunc = filter_logits(logits.reshape(-1, v), top_k=20, top_p=0.9).reshape(b, r, v).log_softmax(-1)
+    ref = trunc.gather(-1, batch.responses[..., None])[..., 0]
+    torch.testing.assert_close(batch.sampler_logprobs[batch.mask], ref[batch.mask], atol=1e-5, rtol=1e-5)
+    full = logits.log_softmax(-1).gather(-1, batch.responses[..., None])[..., 0]
+    assert (batch.sampler_logprobs[batch.mask] >= full[batch.mask] - 1e-6).all()
+    assert (batch.sampler_logprobs[batch.mask] > full[batch.mask] + 1e-4).any()
 
 
 def test_always_max_new_tokens_forward_steps_and_eos_cut(lm, tok):
@@ -111,3 +134,22 @@ def test_bad_arguments(lm, tok):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=0))
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[1], []], SamplingParams(max_new_tokens=2))
+
+
+def test_n_samples_per_prompt_adjacent_distinct_reproducible(lm, tok):
+    """n = 4: four samples per prompt, rows of a prompt adjacent (each row's log-probs recompute with
+    its own prompt), distinct, reproducible for a seed (one generator for the batch)."""
+    engine = HFRollout(lm, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=21, n=4)
+    a = engine.generate(PROMPTS, params)
+    assert a == engine.generate(PROMPTS, params)
+    assert a.token_ids != engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=22, n=4)).token_ids
+    assert len(a.token_ids) == 4 * len(PROMPTS)
+    for i in range(len(PROMPTS)):
+        assert len({tuple(t) for t in a.token_ids[4 * i: 4 * i + 4]}) == 4
+    batch = build_batch(PROMPTS, a, pad_token_id=tok.pad_token_id, device=torch.device("cpu"))
+    assert batch.group.tolist() == [g for g in range(len(PROMPTS)) for _ in range(4)]
+    with torch.no_grad():
+        lp, _, _ = PolicyWithLoss(lm, backend="torch")(batch.input_ids, batch.attention_mask, mode="logprobs",
+                                                       prompt_len=batch.prompt_len)
+    torch.testing.assert_close(lp[batch.mask], batch.sampler_logprobs[batch.mask], atol=1e-5, rtol=1e-5)

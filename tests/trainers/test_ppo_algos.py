@@ -35,8 +35,8 @@ class FixedRollout:
     def __init__(self, responses):
         self.responses = responses
 
-    def generate(self, prompt_ids, params):
-        toks = [self.responses[i % len(self.responses)] for i in range(len(prompt_ids))]
+    def generate(self, prompt_ids, params):  # params.n responses per prompt, prompt-major
+        toks = [self.responses[i % len(self.responses)] for i in range(len(prompt_ids) * params.n)]
         return Generation(toks, [[-1.0] * len(t) for t in toks])
 
     def update_weights(self, named_tensors):
@@ -73,9 +73,10 @@ def make(tmp_path, tok, *, reward_fns=None, with_rm=False, fields=None, **overri
 
 
 def grouped_batch(trainer):
-    ids = [trainer.prompt_ids[i] for i in range(4) for _ in range(2)]
+    ids = [trainer.prompt_ids[i] for i in range(4)]  # 2 responses each (rollout.n), prompt-major
     batch = build_batch(ids, Generation(RESPONSES, [[-1.0] * len(r) for r in RESPONSES]),
                         pad_token_id=trainer.tokenizer.pad_token_id, device=torch.device("cpu"))
+    assert batch.group.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     scores, _ = trainer.score(batch, [i for i in range(4) for _ in range(2)])
     return batch, scores
 
@@ -222,7 +223,7 @@ def test_cli_grpo_with_function_reward_only(tmp_path, tok, capsys):
     config = {"model": str(tmp_path / "sft"), "data": str(tmp_path / "data.jsonl"),
               "output_dir": str(tmp_path / "out"), "iterations": 1, "rollout_batch_size": 2,
               "minibatch_size": 4, "ppo_epochs": 1, "advantage_estimator": "grpo", "progress": False,
-              "rollout": {"max_new_tokens": 3, "n": 2},
+              "max_prompt_length": 16, "rollout": {"max_new_tokens": 3, "n": 2},
               "rewards": [{"function": "fastrlhf.data.arithmetic_task:exact_answer_reward", "weight": 1.0}]}
     (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(config))
     assert main(["ppo", "--config", str(tmp_path / "ppo.yaml")]) == 0

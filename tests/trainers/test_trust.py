@@ -310,3 +310,17 @@ def test_report_leaves_constant_series_out(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert varying_keys(rows, ["kl", "plan/actor.params", "kl_coef", "mem/once"]) == ["kl"]
     assert [p.name for p in write_report(tmp_path)] == ["ppo_train.png"]
+
+
+def test_wandb_asked_for_but_not_installed_is_one_line(tmp_path, capsys):
+    import importlib.util
+
+    from fastrlhf.telemetry.metrics import MetricsLogger
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: this checks the message of a machine without it")
+    log = MetricsLogger(tmp_path, tensorboard=False, wandb=True)
+    log.log(1, {"kl": 0.5}, stage="ppo")
+    log.close()
+    assert capsys.readouterr().out.count("wandb=true but wandb is not installed") == 1
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["kl"] == 0.5
