@@ -302,7 +302,7 @@ class PPOTrainer:
             if self._reward_functions_failed(score_stats):  # a reward function raised: skip the rollout
                 self.counters["skipped_rollouts"] += 1
                 return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"],
-                                      "reward_errors": self.counters["reward_errors"]})
+                                      "reward_errors": self.counters.get("reward_errors", 0)})
             self._check_dropped(it, score_stats)
             kl_stats = self.advantages(batch, scores)
         # the early-stop rules judge this rollout (the current policy) before its update is applied
@@ -414,7 +414,8 @@ class PPOTrainer:
         fields = [{"prompt": self.prompt_texts[i], **self.prompt_fields[i]} for i in rows]
         before = self.reward_fns.errors
         scores = self.reward_fns([self.prompt_texts[i] for i in rows], self._responses(batch), fields)
-        self.counters["reward_errors"] += self.reward_fns.errors - before
+        # .get: a checkpoint written before reward functions existed has no such counter
+        self.counters["reward_errors"] = self.counters.get("reward_errors", 0) + self.reward_fns.errors - before
         return scores if self.reward_fns.errors == before else None
 
     def _reward_functions_failed(self, stats: dict) -> bool:
