@@ -415,7 +415,8 @@ class PPOTrainer:
         before = self.reward_fns.errors
         scores = self.reward_fns([self.prompt_texts[i] for i in rows], self._responses(batch), fields)
         # .get: a checkpoint written before reward functions existed has no such counter
-        self.counters["reward_errors"] = self.counters.get("reward_errors", 0) + self.reward_fns.errors - before
+        failed = self.reward_fns.errors - before
+        self.counters["reward_errors"] = self.counters.get("reward_errors", 0) + failed
         return scores if self.reward_fns.errors == before else None
 
     def _reward_functions_failed(self, stats: dict) -> bool:
