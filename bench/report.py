@@ -36,12 +36,14 @@ def group_rows(rows: list[dict]) -> dict:
 def case_table(key: tuple, by_provider: dict) -> list[str]:
     name, shape, dtype, mode = key
     base, liger = by_provider.get("eager", {}), by_provider.get("liger", {})
+    r1 = by_provider.get("fastrlhf_r1", {})  # our round-1 kernels (bench/variants.py)
     lines = [f"### {name} {mode} ({shape}, {dtype})", "",
-             "| provider | median ms | p20-p80 ms | peak MB | % of floor | x eager | x liger | mem / eager |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| provider | median ms | p20-p80 ms | peak MB | % of floor | x eager | x liger | x round 1 "
+             "| mem / eager |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for provider, r in by_provider.items():
         if r.get("error"):
-            lines.append(f"| {provider} | {r['error']} | | | | | | |")
+            lines.append(f"| {provider} | {r['error']} | | | | | | | |")
             continue
         med = r.get("median_ms")
         lines.append(
@@ -49,6 +51,7 @@ def case_table(key: tuple, by_provider: dict) -> list[str]:
             f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('pct_of_floor'), '.1f')} | "
             f"{_fmt(_ratio(base.get('median_ms'), med), '.2f')} | "
             f"{_fmt(_ratio(liger.get('median_ms'), med), '.2f')} | "
+            f"{_fmt(_ratio(r1.get('median_ms'), med), '.2f')} | "
             f"{_fmt(_ratio(r.get('peak_mem_mb'), base.get('peak_mem_mb')), '.2f')} |")
     floor = next((r.get("floor_ms") for r in by_provider.values() if r.get("floor_ms")), None)
     kind = next((r.get("floor_kind") for r in by_provider.values() if r.get("floor_kind")), None)

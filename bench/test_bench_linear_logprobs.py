@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import eager, peers
+from bench import eager, peers, variants
 from bench.harness import Case, Floor, auto_backend, bench_profile, params, require, run_case
 from fastrlhf.kernels import linear_token_logprobs
 
@@ -22,7 +22,7 @@ SHAPES = {
             dict(B=16, T=2048, H=4096, V=128256)],
 }[bench_profile()]
 DTYPE = torch.float32 if bench_profile() == "quick" else torch.bfloat16
-PROVIDERS = ("fastrlhf", "torch", "eager", "compile", "liger", "trl")
+PROVIDERS = ("fastrlhf", "fastrlhf_r1", "fastrlhf_chunks", "torch", "eager", "compile", "liger", "trl")
 
 
 def floors(shape: dict) -> dict:
@@ -43,6 +43,8 @@ def provider_fn(provider: str, device: torch.device):
     """(forward, reason it cannot run or None)."""
     return {
         "fastrlhf": (lambda hidden, weight, labels: linear_token_logprobs(hidden, weight, labels), None),
+        "fastrlhf_r1": (variants.linear_token_logprobs, variants.reason(device)),
+        "fastrlhf_chunks": (variants.linear_token_logprobs_chunks, variants.reason(device)),
         "torch": (lambda hidden, weight, labels: linear_token_logprobs(hidden, weight, labels,
                                                                        backend="torch"), None),
         "eager": (eager.linear_token_logprobs, None),

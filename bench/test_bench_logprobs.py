@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import eager, peers
+from bench import eager, peers, variants
 from bench.harness import Case, Floor, auto_backend, bench_profile, params, require, run_case
 from fastrlhf.kernels import token_logprobs
 
@@ -20,7 +20,7 @@ SHAPES = {
             dict(B=16, T=2048, V=151936)],
 }[bench_profile()]
 DTYPE = torch.float32 if bench_profile() == "quick" else torch.bfloat16
-PROVIDERS = ("fastrlhf", "torch", "eager", "compile", "liger", "trl")
+PROVIDERS = ("fastrlhf", "fastrlhf_r1", "torch", "eager", "compile", "liger", "trl")
 
 
 def floors(shape: dict, dtype: torch.dtype) -> dict:
@@ -40,6 +40,7 @@ def provider_fn(provider: str, device: torch.device):
     """(forward, reason it cannot run or None)."""
     return {
         "fastrlhf": (lambda logits, labels: token_logprobs(logits, labels), None),
+        "fastrlhf_r1": (variants.token_logprobs, variants.reason(device)),
         "torch": (lambda logits, labels: token_logprobs(logits, labels, backend="torch"), None),
         "eager": (eager.token_logprobs, None),
         "compile": (lambda logits, labels: peers.compiled(eager.token_logprobs)(logits, labels),

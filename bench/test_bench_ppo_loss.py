@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 
-from bench import eager, peers
+from bench import eager, peers, variants
 from bench.harness import Case, Floor, auto_backend, bench_profile, params, require, run_case
 from fastrlhf.kernels import fused_ppo_loss, fused_ppo_loss_from_logits, linear_token_logprobs
 
@@ -89,6 +89,7 @@ def provider_fn(provider: str, device: torch.device):
         return (lambda hidden, weight, labels, old_logprobs, advantages, mask, ref_logprobs: grpo(
             hidden, weight, labels, old_logprobs, advantages[:, 0], mask, ref_logprobs)), None
     return {"fastrlhf": (ours("auto"), None), "torch": (ours("torch"), None), "eager": (eager_fn, None),
+            "fastrlhf_r1": (functools.partial(variants.fused_ppo_loss, **LOSS), variants.reason(device)),
             "compile": (lambda *a, **k: peers.compiled(eager.ppo_loss)(*a, **k, **LOSS),
                         peers.compile_reason(device))}[provider]
 
@@ -99,7 +100,7 @@ def floors_hidden(shape: dict) -> dict:
 
 
 @pytest.mark.parametrize("shape, provider, mode",
-                         params(SHAPES, ("fastrlhf", "torch", "eager", "compile", "liger"),
+                         params(SHAPES, ("fastrlhf", "fastrlhf_r1", "torch", "eager", "compile", "liger"),
                                 first_shapes_only={"compile": 1}))
 def test_bench_fused_ppo_loss(benchmark, bench_session, shape, provider, mode):
     name, device = "fused_ppo_loss", bench_session.device
@@ -132,13 +133,15 @@ def logits_provider_fn(provider: str, device: torch.device):
                                               ref_logprobs=ref_logprobs, backend=backend, **LOSS)[0]
         return fn
     return {"fastrlhf": (ours("auto"), None), "torch": (ours("torch"), None),
+            "fastrlhf_r1": (functools.partial(variants.fused_ppo_loss_from_logits, **LOSS),
+                            variants.reason(device)),
             "eager": (functools.partial(eager.ppo_loss_from_logits, **LOSS), None),
             "compile": (lambda *a, **k: peers.compiled(eager.ppo_loss_from_logits)(*a, **k, **LOSS),
                         peers.compile_reason(device))}[provider]
 
 
 @pytest.mark.parametrize("shape, provider, mode",
-                         params(LOGIT_SHAPES, ("fastrlhf", "torch", "eager", "compile", "liger"),
+                         params(LOGIT_SHAPES, ("fastrlhf", "fastrlhf_r1", "torch", "eager", "compile", "liger"),
                                 first_shapes_only={"compile": 1}))
 def test_bench_fused_ppo_loss_from_logits(benchmark, bench_session, shape, provider, mode):
     name, device = "fused_ppo_loss_from_logits", bench_session.device

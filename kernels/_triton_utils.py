@@ -12,6 +12,9 @@ the interpreter recognises and runs in numpy. Then ``TRITON_INTERPRET=1`` may be
 """
 from __future__ import annotations
 
+import contextlib
+from typing import NamedTuple
+
 import torch
 
 try:
@@ -135,6 +138,23 @@ def row_warps(block: int) -> int:
     return max(4, min(16, block // 512))
 
 
+# Tile of the per-lane forward row kernel: 2048 lanes over 8 warps is 8 elements per thread per step, one
+# 16-byte load in bf16; three fp32 running values per element stay in registers.
+_LANES_BLOCK = 2048
+
+
+def lanes_tile(V: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` of the per-lane forward row kernel for vocabulary ``V``."""
+    block = min(triton.next_power_of_2(V), _LANES_BLOCK)
+    return block, max(1, min(8, block // 256))
+
+
+def row_align(x: torch.Tensor) -> int:
+    """Elements per 16 bytes when ``x``'s storage starts 16-byte aligned (the row kernels then peel a short
+    head per row to reach the first aligned element and load the rest as 16-byte vectors), else 1."""
+    return 16 // x.element_size() if x.data_ptr() % 16 == 0 and x.element_size() <= 16 else 1
+
+
 def rows_3d(x: torch.Tensor) -> torch.Tensor:
     """View ``x [..., V]`` as ``[A, R, V]`` so a kernel can address row ``n`` as ``(n // R, n % R)``.
 
@@ -171,3 +191,37 @@ def compile_for_cuda(kernel: LazyKernel, signature: dict, constexprs: dict, *, n
     ordered = {a: full[a] for a in fn.arg_names}
     return triton.compile(ASTSource(fn, ordered, constexprs), target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": True})
+
+
+def device_guard(t: torch.Tensor):
+    """Context for launching kernels on ``t``'s device: ``torch.cuda.device(t.device)`` for a CUDA tensor
+    (Triton launches on the *current* CUDA device and stream; inputs on cuda:1 without ``set_device`` would
+    otherwise be read on cuda:0), a no-op context for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+class Variant(NamedTuple):
+    """Which implementation of each kernel step runs (internal: the bench times old against new).
+
+    - ``row``: forward row kernel. "lanes" (per-lane running max/sum/entropy, one cross-warp combine per
+      row, exp2 with the temperature folded in, aligned/tail split) or "blocks" (the round-1 kernel: a
+      reduction per vocabulary block).
+    - ``grad_w``: the linear ops' grad_W. "auto" (``linear_token_logprobs``: "vocab" when N <= V and no
+      chunk_size, else "fp32"; ``fused_ppo_loss``: "fp32"), "vocab" (vocabulary-split backward, grad_W
+      written once per slab), "fp32" (token chunks summed into an fp32 accumulator, cast once) or "weight"
+      (token chunks read-modify-written in the weight dtype, round 1). See ``linear_logprobs.py``.
+    - ``logits_grad``: ``fused_ppo_loss_from_logits``. "backward" (dlogits computed in backward from the
+      saved lse/entropy and token coefficients) or "forward" (an [N, V] buffer from forward, round 1).
+    - ``chunk``: default token-chunk rows of the linear ops. "sm" (multiple of 256 sized to fill the SMs,
+      ``chunk_rows``) or "bytes" (~256 MB of logits, round 1).
+    """
+    row: str = "lanes"
+    grad_w: str = "auto"
+    logits_grad: str = "backward"
+    chunk: str = "sm"
+
+
+CURRENT = Variant()
+ROUND1 = Variant(row="blocks", grad_w="weight", logits_grad="forward", chunk="bytes")

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._parity import ensure_parity
 from ._backend import check_gae_inputs, resolve_backend
-from ._triton_utils import check_launchable, lazy_jit, reject_float64, tl, triton
+from ._triton_utils import check_launchable, device_guard, lazy_jit, reject_float64, tl, triton
 
 
 @lazy_jit
@@ -57,10 +58,11 @@ def _gae_triton(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
         return adv, ret
     m8 = mask.view(torch.uint8)  # bool -> uint8 is a free reinterpretation
     block_b = min(triton.next_power_of_2(B), 32)
-    _gae_kernel[(triton.cdiv(B, block_b),)](
-        rewards, rewards.stride(0), rewards.stride(1), values, values.stride(0), values.stride(1),
-        m8, m8.stride(0), m8.stride(1), adv, ret, B, T, float(gamma), float(gamma) * float(lam),
-        BLOCK_B=block_b, num_warps=1)
+    with device_guard(rewards):
+        _gae_kernel[(triton.cdiv(B, block_b),)](
+            rewards, rewards.stride(0), rewards.stride(1), values, values.stride(0), values.stride(1),
+            m8, m8.stride(0), m8.stride(1), adv, ret, B, T, float(gamma), float(gamma) * float(lam),
+            BLOCK_B=block_b, num_warps=1)
     return adv, ret
 
 
@@ -78,4 +80,5 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if chosen == "torch" or (backend == "auto" and torch.float64 in (rewards.dtype, values.dtype)):
         # detached on both paths: advantages and returns are targets, never differentiated through
         return reference.gae(rewards.detach(), values.detach(), mask, gamma=gamma, lam=lam)
+    ensure_parity(rewards.device)
     return _gae_triton(rewards.detach(), values.detach(), mask, gamma, lam)

@@ -7,7 +7,11 @@ Triton path. The loss is a scalar, so its gradient is computed in the forward pa
   2. row kernel (``logprobs.py``): lp, entropy, lse per token, online over the vocabulary,
   3. token kernel (here): per-token loss w_t l_t and the coefficients dL/dlp_t, dL/dH_t,
   4. row kernel (``logprobs.py``): dlogits written in place over the chunk's logits,
-  5. grad_hidden = dlogits @ W, grad_W += dlogits.T @ hidden (cuBLAS).
+  5. grad_hidden = dlogits @ W, grad_W += dlogits.T @ hidden (cuBLAS; grad_W summed in fp32).
+
+``fused_ppo_loss_from_logits`` keeps no [N, V] buffer between forward and backward: forward saves lse,
+entropy and the token coefficients dL/dlp, dL/dH ([N] each); backward reads the logits once more and
+writes dlogits (3 N V e of traffic in all: read, read, write).
 
 The aggregation weights w_t of ``loss_agg`` are known from the mask alone, so each token's coefficient is
 local: L = sum_t w_t l_t(lp_t, H_t). Stats come from the public ``losses`` functions on the detached
@@ -18,10 +22,12 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._parity import ensure_parity
 from ._backend import (autocast_linear_inputs, check_chunk_size, check_labels_in_range, check_linear_inputs,
                        check_logits_labels, check_ppo_inputs, check_temperature, resolve_backend)
-from ._triton_utils import autocast_inputs, check_launchable, lazy_jit, reject_float64, rows_3d, tl, triton
-from .linear_logprobs import chunk_logits, default_chunk_rows
+from ._triton_utils import (CURRENT, Variant, autocast_inputs, check_launchable, device_guard, lazy_jit,
+                            reject_float64, rows_3d, tl, triton)
+from .linear_logprobs import accumulate_mm, chunk_logits, grad_w_buffer, resolve_chunk_rows
 from .logprobs import logprobs_backward, logprobs_forward
 from .losses import kl_estimate, masked_mean, ppo_policy_loss
 
@@ -136,11 +142,12 @@ class TokenTerms:
         if n == 0:
             return loss, g_lp, g_ent
         block = min(triton.next_power_of_2(n), 1024)
-        _ppo_token_kernel[(triton.cdiv(n, block),)](
-            lp, ent, self.old[sl], self.adv[sl], self.ref[sl], self.mask8[sl], self.w[sl], loss, g_lp, g_ent,
-            n, self.clip_lo, self.clip_hi, float(self.dual_clip or 0.0), self.kl_coef, self.entropy_coef,
-            self.log_ratio_clip,
-            HAS_DUAL=self.dual_clip is not None, KL_KIND=self.kl_kind, BLOCK=block, num_warps=4)
+        with device_guard(lp):
+            _ppo_token_kernel[(triton.cdiv(n, block),)](
+                lp, ent, self.old[sl], self.adv[sl], self.ref[sl], self.mask8[sl], self.w[sl], loss, g_lp,
+                g_ent, n, self.clip_lo, self.clip_hi, float(self.dual_clip or 0.0), self.kl_coef,
+                self.entropy_coef, self.log_ratio_clip, HAS_DUAL=self.dual_clip is not None,
+                KL_KIND=self.kl_kind, BLOCK=block, num_warps=4)
         return loss, g_lp, g_ent
 
 
@@ -152,26 +159,43 @@ def _scale_saved(ctx, grad_output, n_inputs):
 
 
 class FusedPPOFromLogitsFunction(torch.autograd.Function):
-    """logits ``[..., V]`` -> ``(loss, lp [N], ent [N])``; dlogits computed in forward when a gradient can
-    be asked for (``grad_enabled``: grad mode at the call; inside forward it is always off)."""
+    """logits ``[..., V]`` -> ``(loss, lp [N], ent [N])``. Forward saves lse, entropy and the token
+    coefficients dL/dlp, dL/dH ([N] fp32); backward writes dlogits = (coefficients x grad_output) through
+    the backward row kernel: no [N, V] tensor lives between the two. Round 1 (``variant.logits_grad ==
+    "forward"``): dlogits computed in forward when a gradient can be asked for (``grad_enabled``: grad mode
+    at the call; inside forward it is always off), kept until backward scales it."""
 
     @staticmethod
-    def forward(ctx, logits, labels, terms, temperature, grad_enabled):
+    def forward(ctx, logits, labels, terms, temperature, grad_enabled, variant):
         x3 = rows_3d(logits)
-        lp, ent, lse = logprobs_forward(x3, labels, temperature, _MASKED, True)
+        lp, ent, lse = logprobs_forward(x3, labels, temperature, _MASKED, True, variant=variant)
         loss, g_lp, g_ent = terms.grads(lp, ent)
-        dx = None
-        if ctx.needs_input_grad[0] and grad_enabled:
-            dx = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
-            logprobs_backward(x3, dx, labels, lse, ent, g_lp, g_ent, temperature, _MASKED)
-            dx = dx.view(logits.shape)
-        ctx.save_for_backward(dx)
+        ctx.round1 = variant.logits_grad == "forward"
+        if ctx.round1:
+            dx = None
+            if ctx.needs_input_grad[0] and grad_enabled:
+                dx = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+                logprobs_backward(x3, dx, labels, lse, ent, g_lp, g_ent, temperature, _MASKED)
+                dx = dx.view(logits.shape)
+            ctx.save_for_backward(dx)
+        else:
+            ctx.save_for_backward(logits, labels, lse, ent, g_lp, g_ent)
+            ctx.temperature = temperature
         ctx.mark_non_differentiable(lp, ent)
         return loss.sum(), lp, ent
 
     @staticmethod
     def backward(ctx, grad_loss, _g_lp, _g_ent):
-        return _scale_saved(ctx, grad_loss, 5)
+        if ctx.round1:
+            return _scale_saved(ctx, grad_loss, 6)
+        logits, labels, lse, ent, g_lp, g_ent = ctx.saved_tensors
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        x3 = rows_3d(logits)
+        dx = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+        logprobs_backward(x3, dx, labels, lse, ent, g_lp * grad_loss, g_ent * grad_loss, ctx.temperature,
+                          _MASKED)
+        return dx.view(logits.shape), None, None, None, None, None
 
 
 class FusedPPOFunction(torch.autograd.Function):
@@ -179,31 +203,34 @@ class FusedPPOFunction(torch.autograd.Function):
     chunk of ``rows`` tokens (one chunk of logits in memory at a time)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, terms, temperature, rows, grad_enabled):
+    def forward(ctx, hidden, weight, labels, terms, temperature, rows, grad_enabled, variant):
         n = hidden.shape[0]
         need_h, need_w = (need and grad_enabled for need in ctx.needs_input_grad[:2])
         lp, ent, lse, loss = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4))
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None  # weight dtype: see linear_logprobs.py
+        grad_w = grad_w_buffer(weight, variant) if need_w else None  # fp32: see linear_logprobs.py
         for s in range(0, n, rows):
             sl = slice(s, s + rows)
             h0, z = chunk_logits(hidden[sl], weight, None, labels[sl] != _MASKED)
             z3 = rows_3d(z)
-            logprobs_forward(z3, labels[sl], temperature, _MASKED, True, out=(lp[sl], ent[sl], lse[sl]))
+            logprobs_forward(z3, labels[sl], temperature, _MASKED, True, out=(lp[sl], ent[sl], lse[sl]),
+                             variant=variant)
             loss[sl], g_lp, g_ent = terms.grads(lp[sl], ent[sl], sl)
             if need_h or need_w:
                 logprobs_backward(z3, z3, labels[sl], lse[sl], ent[sl], g_lp, g_ent, temperature, _MASKED)
             if need_h:
                 torch.mm(z, weight, out=grad_h[sl])
             if need_w:
-                grad_w.addmm_(z.t(), h0)
+                accumulate_mm(grad_w, z.t(), h0)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(lp, ent)
         return loss.sum(), lp, ent
 
     @staticmethod
     def backward(ctx, grad_loss, _g_lp, _g_ent):
-        return _scale_saved(ctx, grad_loss, 7)
+        return _scale_saved(ctx, grad_loss, 8)
 
 
 def _stats(lp, ent, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, dual_clip, kl_kind,
@@ -259,7 +286,7 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     with ``lp, H = linear_token_logprobs(hidden, weight, labels, temperature=...)`` at valid tokens.
     Returns ``(loss, stats)`` or ``(loss, stats, logprobs [B, T] detached)``; stats: clipfrac, approx_kl,
     ratio_mean, kl, entropy (0-dim fp32, no host sync). Triton path: grads for hidden and weight computed
-    in the forward pass over chunks of ``chunk_size`` tokens (default ``default_chunk_rows``); no
+    in the forward pass over chunks of ``chunk_size`` tokens (default ``linear_logprobs.chunk_rows``); no
     ``[B, T, V]`` logits. ``backend="auto"``: Triton on CUDA (and CPU under ``TRITON_INTERPRET=1``),
     except float64 inputs (PyTorch path).
     """
@@ -273,15 +300,23 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     if chosen == "torch" or (backend == "auto" and hidden.dtype == torch.float64):
         return reference.fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask,
                                         chunk_size=chunk_size, **kw)
+    ensure_parity(hidden.device)
+    return _fused_ppo_loss_triton(hidden, weight, labels, old_logprobs, advantages, mask, chunk_size, kw)
+
+
+def _fused_ppo_loss_triton(hidden, weight, labels, old_logprobs, advantages, mask, chunk_size, kw,
+                           variant: Variant = CURRENT):
+    """Triton path of ``fused_ppo_loss`` (``kw``: its keyword arguments; ``variant``: internal, for timing)."""
+    vocab = weight.shape[0]
     mask, labels_eff, terms = _prepare("fused_ppo_loss", labels, vocab, old_logprobs, advantages, mask, **kw)
     check_launchable("fused_ppo_loss", hidden, weight)
     reject_float64("fused_ppo_loss", hidden=hidden)
     hidden, weight = autocast_inputs(hidden.device, hidden, weight)
-    rows = chunk_size or default_chunk_rows(vocab, weight.element_size())
+    rows = resolve_chunk_rows(chunk_size, weight, variant)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     with torch.autocast(hidden.device.type, enabled=False):  # matmuls in the (cast) inputs' dtype
-        loss, lp, ent = FusedPPOFunction.apply(hidden2d, weight, labels_eff, terms, float(temperature), rows,
-                                               torch.is_grad_enabled())
+        loss, lp, ent = FusedPPOFunction.apply(hidden2d, weight, labels_eff, terms, float(kw["temperature"]),
+                                               rows, torch.is_grad_enabled(), variant)
     return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)
 
 
@@ -290,7 +325,7 @@ def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *
                                temperature=1.0, loss_agg="token-mean", chunk_size=None, return_logprobs=False,
                                backend="auto", log_ratio_clip=20.0):
     """Same as ``fused_ppo_loss`` with ``logits [B, T, V]`` given (fp32/bf16/fp16). Triton path: one pass
-    over the logits for lp and entropy, one that writes dlogits (in the logits dtype) during forward.
+    over the logits for lp and entropy in forward, one in backward that writes dlogits (logits dtype).
     ``chunk_size`` bounds the PyTorch path's float32 temporaries (rows per chunk); the Triton path works
     row by row and ignores it."""
     kw = dict(ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
@@ -302,10 +337,17 @@ def fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask, *
     if chosen == "torch" or (backend == "auto" and logits.dtype == torch.float64):
         return reference.fused_ppo_loss_from_logits(logits, labels, old_logprobs, advantages, mask,
                                                     chunk_size=chunk_size, **kw)
+    ensure_parity(logits.device)
+    return _fused_ppo_loss_from_logits_triton(logits, labels, old_logprobs, advantages, mask, kw)
+
+
+def _fused_ppo_loss_from_logits_triton(logits, labels, old_logprobs, advantages, mask, kw,
+                                       variant: Variant = CURRENT):
+    """Triton path of ``fused_ppo_loss_from_logits`` (``variant``: internal, for timing old against new)."""
     op = "fused_ppo_loss_from_logits"
-    mask, labels_eff, terms = _prepare(op, labels, vocab, old_logprobs, advantages, mask, **kw)
+    mask, labels_eff, terms = _prepare(op, labels, logits.shape[-1], old_logprobs, advantages, mask, **kw)
     check_launchable(op, logits)
     reject_float64(op, logits=logits)
-    loss, lp, ent = FusedPPOFromLogitsFunction.apply(logits, labels_eff, terms, float(temperature),
-                                                     torch.is_grad_enabled())
+    loss, lp, ent = FusedPPOFromLogitsFunction.apply(logits, labels_eff, terms, float(kw["temperature"]),
+                                                     torch.is_grad_enabled(), variant)
     return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)

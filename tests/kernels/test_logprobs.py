@@ -187,6 +187,10 @@ def test_kernels_compile_for_sm90():
     row = {"stride_xa": "i64", "stride_xr": "i64", "R": "i32", "labels_ptr": "*i64"}
     scal = {"V": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
     for flag in (True, False):
+        for align in (1, 8):
+            compile_for_cuda(mod._logprobs_fwd_lanes_kernel, {
+                "x_ptr": "*bf16", **row, "lp_ptr": "*fp32", "ent_ptr": "*fp32", "lse_ptr": "*fp32", **scal},
+                {"HAS_ENTROPY": flag, "BLOCK_V": 2048, "ALIGN": align}, num_warps=8)
         compile_for_cuda(mod._logprobs_fwd_kernel, {
             "x_ptr": "*bf16", **row, "lp_ptr": "*fp32", "ent_ptr": "*fp32", "lse_ptr": "*fp32", **scal},
             {"HAS_ENTROPY": flag, "BLOCK_V": 8192}, num_warps=16)
@@ -197,6 +201,62 @@ def test_kernels_compile_for_sm90():
             "g_lp_ptr": "*fp32", "g_ent_ptr": "*fp32", **scal}, {"HAS_ENT_GRAD": flag, "BLOCK_V": 8192},
             num_warps=16)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lanes_kernel_odd_vocab_heads_tails_and_misaligned_base(interpret, dtype):
+    """Round 2's row kernel: V = 4099 (odd: every row starts at a different 16-byte offset, so the head
+    length varies per row; two full 2048-lane tiles and a tail), a view starting one element in (storage
+    not 16-byte aligned: no head), -inf runs, entropy on and off: against float64 and the round-1 kernel."""
+    from fastrlhf.kernels._triton_utils import ROUND1
+    from fastrlhf.kernels.logprobs import _token_logprobs_triton
+    g = torch.Generator().manual_seed(6)
+    B, T, V = 2, 5, 4099
+    full = (torch.randn(B, T, V + 1, generator=g) * 3).to(dtype)
+    full[0, 1, :3000] = float("-inf")  # head and first tile all -inf
+    full[1, 2, ::2] = float("-inf")
+    full[1, 3, -1] = 30.0  # max in the tail
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 4] = -100
+    g_lp, g_ent = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    for logits in (full[..., :V], full[..., 1:]):
+        got = _triton(logits, labels, g_lp, g_ent, temperature=0.8)
+        _assert_close(got, _oracle(logits, labels, g_lp, g_ent, temperature=0.8), dtype)
+        lp1, ent1 = _token_logprobs_triton(logits, labels, 0.8, -100, True, ROUND1)
+        torch.testing.assert_close(got[0], lp1, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], ent1, atol=2e-5, rtol=1e-5)
+        lp_only = token_logprobs(logits, labels, temperature=0.8, backend="triton")
+        torch.testing.assert_close(lp_only, got[0], atol=1e-5, rtol=1e-6)
+
+
+def test_lanes_kernel_vectorizes_unaligned_rows_for_sm90():
+    """Compiled for sm90 with a 16-byte aligned base and strides of unknown alignment (V = 151665 or
+    50257): the body of the round-2 row kernel loads 16-byte vectors; round 1's kernel cannot."""
+    pytest.importorskip("triton.backends.nvidia")
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    import sys
+    mod = sys.modules["fastrlhf.kernels.logprobs"]
+
+    def vector_loads(kernel, dtype, constexprs, warps):
+        fn = triton.runtime.jit.JITFunction(kernel.fn)
+        sig = {"x_ptr": f"*{dtype}", "stride_xa": "i64", "stride_xr": "i64", "R": "i32", "labels_ptr": "*i64",
+               "lp_ptr": "*fp32", "ent_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32", "inv_temp": "fp32",
+               "ignore_index": "i32", **{k: "constexpr" for k in constexprs}}
+        src = ASTSource(fn, {a: sig[a] for a in fn.arg_names}, constexprs,
+                        attrs={(fn.arg_names.index("x_ptr"),): [["tt.divisibility", 16]]})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        return len(re.findall(r"ld\.global[^\n;]*\.v4", ptx))
+
+    for dtype, align in (("bf16", 8), ("fp32", 4)):
+        for ent in (True, False):
+            assert vector_loads(mod._logprobs_fwd_lanes_kernel, dtype,
+                                {"HAS_ENTROPY": ent, "BLOCK_V": 2048, "ALIGN": align}, 8) >= 1
+    assert vector_loads(mod._logprobs_fwd_kernel, "bf16", {"HAS_ENTROPY": True, "BLOCK_V": 8192}, 16) == 0
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("V", [151936, 128256])
@@ -222,3 +282,46 @@ def test_gpu_real_shapes_bf16(V):
     torch.testing.assert_close(ent, ent0, atol=1e-3, rtol=1e-4)
     atol = 2 ** -7 * xr.grad.abs().max().item()
     torch.testing.assert_close(x.grad.float(), xr.grad.float(), atol=atol, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_logits_last_rows():
+    """N x V > 2^31 (int64 offsets): the last rows' lp, entropy and dlogits against the PyTorch path."""
+    V = 151936
+    N = (1 << 31) // V + 64
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.empty(N, V, device="cuda", dtype=torch.bfloat16)
+    logits[:-64].fill_(0.5)
+    logits[-64:] = (torch.randn(64, V, device="cuda", generator=g) * 3).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda", generator=g)
+    g_lp, g_ent = torch.randn(N, device="cuda", generator=g), torch.randn(N, device="cuda", generator=g)
+    x = logits.requires_grad_(True)
+    lp, ent = token_logprobs(x, labels, return_entropy=True, backend="triton")
+    (lp * g_lp + ent * g_ent).sum().backward()
+    tail = logits.detach()[-64:].clone().requires_grad_(True)
+    lp0, ent0 = reference.token_logprobs(tail, labels[-64:], return_entropy=True)
+    (lp0 * g_lp[-64:] + ent0 * g_ent[-64:]).sum().backward()
+    torch.testing.assert_close(lp[-64:], lp0, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ent[-64:], ent0, atol=1e-3, rtol=1e-4)
+    atol = 2 ** -7 * tail.grad.abs().max().item()
+    torch.testing.assert_close(x.grad[-64:].float(), tail.grad.float(), atol=atol, rtol=0)
+    torch.testing.assert_close(ent[:-64], torch.full_like(ent[:-64], float(torch.tensor(V).log())), atol=1e-3,
+                               rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["lanes", "blocks"])
+def test_gpu_unaligned_vocab_151665(variant):
+    """V = 151665 (a vocabulary sliced to the tokenizer: rows start at every 2-byte offset), bf16, both
+    row kernels, as a slice of a wider tensor too: against the PyTorch path."""
+    from fastrlhf.kernels._triton_utils import Variant
+    from fastrlhf.kernels.logprobs import _token_logprobs_triton
+    V, N = 151665, 2048
+    g = torch.Generator(device="cuda").manual_seed(2)
+    wide = (torch.randn(N, V + 271, device="cuda", generator=g) * 3).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda", generator=g)
+    for logits in (wide[:, :V].contiguous(), wide[:, :V], wide[:, 3:V + 3]):
+        lp, ent = _token_logprobs_triton(logits, labels, 0.9, -100, True, Variant(row=variant))
+        lp0, ent0 = reference.token_logprobs(logits, labels, temperature=0.9, return_entropy=True)
+        torch.testing.assert_close(lp, lp0, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(ent, ent0, atol=1e-3, rtol=1e-4)

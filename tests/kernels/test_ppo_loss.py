@@ -142,13 +142,21 @@ def test_under_autocast_matches_torch_path(interpret, make_mask, garbage):
     _check(out[0], want, *HIDDEN_TOL[torch.bfloat16])
 
 
-def test_backward_twice_fails_loudly(interpret):
-    """The gradient is computed in forward and scaled in place by backward: a second backward through
-    the same graph must raise, never return a doubly scaled gradient."""
+def test_backward_twice(interpret):
+    """From hidden states the gradient is computed in forward and scaled in place by backward: a second
+    backward through the same graph must raise, never return a doubly scaled gradient. From logits the
+    gradient is computed in backward (from saved lse/entropy/coefficients): a second backward with
+    retain_graph adds the same gradient again, as any autograd op does."""
     x = torch.randn(2, 5, 33, requires_grad=True)
     labels, mask = torch.randint(0, 33, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
     old, adv = torch.randn(2, 5), torch.randn(2, 5)
     loss, _ = fused_ppo_loss_from_logits(x, labels, old, adv, mask, backend="triton")
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    (2 * loss).backward()
+    torch.testing.assert_close(x.grad, 3 * once, atol=1e-7, rtol=1e-6)
+    h, w = torch.randn(2, 5, 4, requires_grad=True), torch.randn(33, 4, requires_grad=True)
+    loss, _ = fused_ppo_loss(h, w, labels, old, adv, mask, backend="triton")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -255,3 +263,32 @@ def test_gpu_real_shapes_bf16(V, H):
         torch.testing.assert_close(s1[k], s0[k], rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(gh1, gh0, atol=3e-2 * gh0.abs().max().item(), rtol=0)
     torch.testing.assert_close(gw1, gw0, atol=3e-2 * gw0.abs().max().item(), rtol=0)
+
+
+def test_from_logits_keeps_no_vocab_sized_buffer_until_backward(interpret, make_mask, garbage):
+    """Between forward and backward only the caller's logits (not a copy) and [N] vectors are saved; the
+    gradient, computed in backward, equals round 1's (computed in forward) and the float64 reference."""
+    from fastrlhf.kernels._triton_utils import ROUND1
+    from fastrlhf.kernels.ppo_loss import _fused_ppo_loss_from_logits_triton
+    d = _ppo_batch(2, 7, 301, "left", make_mask, garbage, seed=8)
+    kw = dict(kl_coef=0.1, kl_kind="k3", entropy_coef=0.02, loss_agg="seq-mean-token-mean")
+    x = d["logits"].clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss, _ = fused_ppo_loss_from_logits(x, d["labels"], d["old"], d["adv"], d["mask"],
+                                             ref_logprobs=d["ref"], backend="triton", **kw)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert big and all(t.data_ptr() == x.data_ptr() for t in big)
+    assert all(t.numel() <= 14 for t in saved if t.data_ptr() != x.data_ptr())
+    (UPSTREAM * loss).backward()
+    x1 = d["logits"].clone().requires_grad_(True)
+    all_kw = dict(ref_logprobs=d["ref"], kl_coef=0.1, kl_kind="k3", entropy_coef=0.02, clip_low=0.2,
+                  clip_high=None, dual_clip=None, temperature=1.0, loss_agg="seq-mean-token-mean",
+                  return_logprobs=False)
+    loss1, _ = _fused_ppo_loss_from_logits_triton(x1, d["labels"], d["old"], d["adv"], d["mask"], all_kw, ROUND1)
+    (UPSTREAM * loss1).backward()
+    torch.testing.assert_close(loss, loss1, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, x1.grad, atol=2e-6 * x1.grad.abs().max().item(), rtol=0)
+    want = _run(fused_ppo_loss_from_logits, [d["logits"]], d, kw, double=True)
+    torch.testing.assert_close(x.grad.double(), want[2][0], atol=GRAD_REL[torch.float32] * want[2][0].abs().max(),
+                               rtol=0)
