@@ -38,10 +38,12 @@ def sft_features(prompt: str, response: str, tokenizer, *, max_length: int | Non
 
     Prompt and response are tokenized separately (the prompt with the tokenizer's leading special
     tokens such as BOS, the response without any) and joined as they are: put any separator the model
-    expects (a space, a newline) into the text. Nothing is ever cut: when the result exceeds
-    ``max_length``, ``ValueError`` (naming ``max_length``) says so; the trainers drop such rows with a
-    count or stop at the first one (``drop_overlong``). A cut response would teach a wrong ending, and a
-    reward-model pair whose answers differ only after the cut would become two identical sequences.
+    expects (a space, a newline) into the text. When the result exceeds ``max_length``, the response
+    end is cut and EOS is kept after the last response token that fits: the example still teaches
+    stopping, and it is never silently left without its EOS label. The prompt is never cut: if the
+    prompt plus EOS leaves no room for a response token, ``ValueError`` says so. (This is the API
+    function; the trainers never cut: they tokenize whole and drop over-long rows with a count, or stop at
+    the first one with ``drop_overlong: false``; see ``fastrlhf.trainers.sft.sft_row_features``.)
     Returns lists of ints: ``{"input_ids", "labels", "attention_mask"}``.
     """
     eos = tokenizer.eos_token_id
@@ -56,9 +58,7 @@ def sft_features(prompt: str, response: str, tokenizer, *, max_length: int | Non
         if room < 1:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens: with EOS and at least one response token "
                              f"it needs max_length >= {len(prompt_ids) + 2}, got max_length={max_length}")
-        if len(response_ids) > room:
-            raise ValueError(f"prompt + response + EOS is {len(prompt_ids) + len(response_ids) + 1} tokens, "
-                             f"more than max_length={max_length}")
+        response_ids = response_ids[:room]
     input_ids = prompt_ids + response_ids + [eos]
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids + [eos]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
@@ -81,15 +81,20 @@ def prompt_features(prompt: str, tokenizer, *, max_length: int | None = None) ->
 
 def preference_features(prompt: str, chosen: str, rejected: str, tokenizer, *, max_length: int | None = None,
                         margin: float | None = None) -> dict:
-    """Reward-model pair: ``prompt + chosen + [eos]`` and ``prompt + rejected + [eos]``, each built (and
-    truncated, keeping EOS, where the reward model reads its score) exactly as :func:`sft_features`.
+    """Reward-model pair: ``prompt + chosen + [eos]`` and ``prompt + rejected + [eos]``, each built
+    exactly as :func:`sft_features`. Never cut: a side longer than ``max_length`` is a ``ValueError``
+    naming ``max_length`` (a pair whose answers differ only after a cut would become two identical
+    sequences labelled as a preference); the reward trainer drops such pairs with a count or stops.
 
     Returns ``chosen_input_ids``, ``chosen_attention_mask``, ``rejected_input_ids``,
     ``rejected_attention_mask`` (lists) and ``margin`` when given; ``pad_batch`` collates them.
     """
     out = {}
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        f = sft_features(prompt, response, tokenizer, max_length=max_length)
+        f = sft_features(prompt, response, tokenizer)
+        if max_length is not None and len(f["input_ids"]) > max_length:
+            raise ValueError(f"prompt + {name} + EOS is {len(f['input_ids'])} tokens, "
+                             f"more than max_length={max_length}")
         out[f"{name}_input_ids"] = f["input_ids"]
         out[f"{name}_attention_mask"] = f["attention_mask"]
     if margin is not None:
@@ -160,7 +165,9 @@ def chat_sft_features(messages, tokenizer, *, max_length: int | None = None) -> 
 
     Assistant tokens come from the template's ``{% generation %}`` markers when it has them
     (``return_assistant_tokens_mask``), else from rendering prefixes of the conversation.
-    A conversation longer than ``max_length`` is a ``ValueError`` (nothing is cut: see ``sft_features``).
+    With ``max_length``, the conversation is cut after the last assistant turn that fits whole (an
+    assistant turn is never kept without its end-of-turn token); ``ValueError`` if none fits. (The
+    trainers never cut: see ``sft_features``.)
     Returns lists of ints: ``{"input_ids", "labels", "attention_mask"}``.
     """
     check_messages(messages)
@@ -170,8 +177,12 @@ def chat_sft_features(messages, tokenizer, *, max_length: int | None = None) -> 
         ids, spans = _spans_from_generation_tags(tokenizer, messages)
     else:
         ids, spans = _spans_from_prefixes(tokenizer, messages)
-    if max_length is not None and len(ids) > max_length:
-        raise ValueError(f"the conversation has {len(ids)} tokens, more than max_length={max_length}")
+    if max_length is not None:
+        spans = [(a, b) for a, b in spans if b <= max_length]
+        if not spans:
+            raise ValueError(f"no assistant turn fits in max_length={max_length} "
+                             f"(the conversation has {len(ids)} tokens)")
+        ids = ids[:spans[-1][1]]
     labels = [IGNORE_INDEX] * len(ids)
     for a, b in spans:
         labels[a:b] = ids[a:b]

@@ -63,11 +63,16 @@ class DPOConfig(common.StageConfig):
 
 def dpo_pair_features(row: dict, tokenizer, max_length: int, *, chat_template: bool = False) -> dict:
     """``chosen_*`` / ``rejected_*`` ``input_ids``, ``labels`` (-100 on the prompt), ``attention_mask`` of one row:
-    prompt + response + EOS, built as SFT builds them (so the policy is scored in the format it generates)."""
+    prompt + response + EOS, built as SFT builds them (so the policy is scored in the format it generates).
+    Never cut, as for the reward model: a side longer than ``max_length`` is a ``ValueError`` naming it (the
+    trainer drops such pairs with a count, or stops with ``drop_overlong: false``)."""
     prompt = common.format_prompt(tokenizer, row["prompt"], chat_template=chat_template)
     out = {}
     for side in ("chosen", "rejected"):
-        f = sft_features(prompt, row[side], tokenizer, max_length=max_length)
+        f = sft_features(prompt, row[side], tokenizer)
+        if len(f["input_ids"]) > max_length:
+            raise ValueError(f"prompt + {side} + EOS is {len(f['input_ids'])} tokens, more than "
+                             f"max_length={max_length}")
         for key in ("input_ids", "labels", "attention_mask"):
             out[f"{side}_{key}"] = f[key]
     return out

@@ -12,7 +12,10 @@ One iteration, as in DESIGN.md ("One PPO iteration"):
 
 Device, process group, model wrapping, rollout engine and weight sync come only from
 ``fastrlhf.engine.runtime``, so the same code runs in one process and under torchrun with FSDP2 / vLLM.
-Each rank samples its own prompt shard; metrics are all-reduced means; only rank 0 writes files.
+Each rank samples its own prompt shard; metrics are reduced over ranks (``ppo_checks.reduce_metrics``:
+means, ``*_max`` as max, the RM score's std from pooled moments); only rank 0 writes files.
+A row with a non-finite score is dropped from its rollout; the early-stop rules judge a rollout before
+its update; evaluation on held-out prompts and the end of a run live in ``ppo_eval``.
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ class PPOTrainer:
     ``reward_model``: ``forward(ids, mask) -> [B]``;
     ``critic``: ``forward(ids, mask) -> [B, T]`` (``ValueModel``), None with ``shared_critic``.
     ``prompts``: strings or token-id lists. ``gold_fn(prompt, response) -> float`` (optional) is a hidden
-    scorer logged as ``gold_reward``; it never feeds the rewards.
+    scorer logged as ``gold_reward``; it never feeds the rewards. ``eval_prompts`` / ``eval_texts``:
+    held-out prompts for ``config.eval_every`` (``evaluate``). After ``train()``, ``finish()`` writes
+    ``final/``, ``critic/``, ``ppo_result.json`` and ``plots/``.
     ``reward_fns`` (a ``fastrlhf.algo.RewardFunctions``): Python reward functions added to the reward
     model's score (``reward_model`` may then be None); ``prompt_fields``: one dict per prompt (the other
     fields of its data row, e.g. ``answer``) handed to them. With a critic-free ``advantage_estimator``

@@ -128,11 +128,18 @@ def sft_row_features(row: dict, tokenizer, max_length: int, *, chat_template: bo
 
     ``messages`` rows always go through the tokenizer's chat template; a prompt/response row's prompt
     does when ``chat_template`` (see :func:`fastrlhf.trainers.common.format_prompt`).
+    A row longer than ``max_length`` is never cut (a cut response teaches a wrong ending): it raises
+    ``ValueError`` naming ``max_length``, which the trainer turns into a drop with a count or an error
+    (``drop_overlong``).
     """
     if row.get("messages") is not None:
-        return chat_sft_features(row["messages"], tokenizer, max_length=max_length)
-    prompt = common.format_prompt(tokenizer, row["prompt"], chat_template=chat_template)
-    return sft_features(prompt, row["response"], tokenizer, max_length=max_length)
+        f = chat_sft_features(row["messages"], tokenizer)
+    else:
+        prompt = common.format_prompt(tokenizer, row["prompt"], chat_template=chat_template)
+        f = sft_features(prompt, row["response"], tokenizer)
+    if max_length is not None and len(f["input_ids"]) > max_length:
+        raise ValueError(f"the row has {len(f['input_ids'])} tokens, more than max_length={max_length}")
+    return f
 
 
 def pack_features(features: list[dict], max_length: int) -> list[dict]:

@@ -46,13 +46,14 @@ def test_leading_bos_kept_trailing_eos_not_doubled():
     assert empty["input_ids"] == [bos] + ids(tok, "hi") + [eos] and empty["labels"][0] == IGNORE_INDEX
 
 
-def test_overlong_response_is_an_error_never_cut():
+def test_truncation_cuts_response_end_and_keeps_eos():
+    """API.md: the function itself cuts the response end and keeps EOS (the trainers never call it so)."""
     tok = build_test_tokenizer()
-    with pytest.raises(ValueError, match="is 7 tokens, more than max_length=5"):
-        sft_features("hello cat", "the big red dog", tok, max_length=5)
-    exact = sft_features("hello cat", "the big", tok, max_length=5)  # fits exactly
-    assert exact["input_ids"] == ids(tok, "hello cat the big") + [tok.eos_token_id]
-    assert exact["labels"] == [IGNORE_INDEX] * 2 + ids(tok, "the big") + [tok.eos_token_id]
+    f = sft_features("hello cat", "the big red dog is good", tok, max_length=5)
+    assert f["input_ids"] == ids(tok, "hello cat the big") + [tok.eos_token_id]
+    assert f["labels"] == [IGNORE_INDEX] * 2 + ids(tok, "the big") + [tok.eos_token_id]
+    exact = sft_features("hello cat", "the big", tok, max_length=5)
+    assert exact == f  # fits exactly: nothing cut
     assert len(sft_features("hello", "a b c", tok, max_length=100)["input_ids"]) == 5
 
 
@@ -112,12 +113,30 @@ def test_chat_template_bos_not_doubled(template):
     assert trained == ids(tok, "7 <|end|>")
 
 
-def test_overlong_conversation_is_an_error_never_cut():
+def test_chat_truncation_keeps_whole_assistant_turns():
     tok = build_test_tokenizer()
     input_ids, labels = expected_chat(tok)
+    first_end = labels.index(ids(tok, "<|end|>")[0], labels.index(ids(tok, "7")[0])) + 1
+    for max_length in (first_end, len(input_ids) - 1):  # second turn cut: dropped whole, with its prompt
+        f = chat_sft_features(CONVERSATION, tok, max_length=max_length)
+        assert f["input_ids"] == input_ids[:first_end] and f["labels"] == labels[:first_end]
     assert chat_sft_features(CONVERSATION, tok, max_length=len(input_ids))["labels"] == labels
-    with pytest.raises(ValueError, match=f"has {len(input_ids)} tokens, more than max_length"):
-        chat_sft_features(CONVERSATION, tok, max_length=len(input_ids) - 1)
+    with pytest.raises(ValueError, match="no assistant turn fits"):
+        chat_sft_features(CONVERSATION, tok, max_length=first_end - 1)
+
+
+def test_sft_rows_are_never_cut_by_the_trainer():
+    """The trainer's row features refuse (never cut) an over-long row, prompt/response and messages alike."""
+    from fastrlhf.trainers.sft import sft_row_features
+    tok = build_test_tokenizer()
+    with pytest.raises(ValueError, match="7 tokens, more than max_length=5"):
+        sft_row_features({"prompt": "hello cat", "response": "the big red dog"}, tok, 5)
+    fits = sft_row_features({"prompt": "hello cat", "response": "the big"}, tok, 5)
+    assert fits["input_ids"] == ids(tok, "hello cat the big") + [tok.eos_token_id]
+    input_ids, labels = expected_chat(tok)
+    with pytest.raises(ValueError, match=f"{len(input_ids)} tokens, more than max_length"):
+        sft_row_features({"messages": CONVERSATION}, tok, len(input_ids) - 1)
+    assert sft_row_features({"messages": CONVERSATION}, tok, len(input_ids))["labels"] == labels
 
 
 @pytest.mark.parametrize("messages,match", [

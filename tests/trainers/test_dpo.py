@@ -167,3 +167,12 @@ def test_cli_dpo(tok, tmp_path, capsys):
     assert main(["dpo", "--config", str(cfg), "output_dir=" + str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prefs.jsonl" in err[0] and "line 1" in err[0]
+
+
+def test_overlong_pairs_are_dropped_not_cut(tok, tmp_path, capsys):
+    rows = pairs(8, 0) + [{"prompt": "say cat", "chosen": " ".join(["dog"] * 40), "rejected": "bad"}]
+    tr = DPOTrainer(_cfg(tmp_path), model=_lm(tok), tokenizer=tok, train_rows=rows)
+    assert len(tr.train_features) == 8 and "max_length" in capsys.readouterr().out
+    from fastrlhf.data import DataError
+    with pytest.raises(DataError, match="row index 8.*max_length=32"):
+        DPOTrainer(_cfg(tmp_path / "b", drop_overlong=False), model=_lm(tok), tokenizer=tok, train_rows=rows)
