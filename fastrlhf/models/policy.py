@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastrlhf.kernels import fused_ppo_loss, linear_token_logprobs
+from fastrlhf.algo.policy_loss import get_policy_loss
+from fastrlhf.kernels import linear_token_logprobs
 
 from .heads import position_ids_from_mask
 
@@ -50,7 +51,8 @@ class PolicyWithLoss(nn.Module):
     Modes of ``forward``:
       - ``"lm"``: the plain HF call (used by the HF rollout for cached decoding).
       - ``"logprobs"``: ``(logprobs [B, R], entropy [B, R], values [B, R] or None)``, fp32.
-      - ``"loss"``: ``fused_ppo_loss`` over the responses -> ``(loss, stats, values [B, R] or None)``.
+      - ``"loss"``: ``fused_ppo_loss`` (or the ``policy_loss=`` variant) over the responses
+        -> ``(loss, stats, values [B, R] or None)``.
     """
 
     def __init__(
@@ -114,7 +116,9 @@ class PolicyWithLoss(nn.Module):
             if bias is not None:  # folded in exactly: [h, 1] @ [W, b].T = h @ W.T + b (grads reach b too)
                 hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
                 weight = torch.cat([weight, bias.unsqueeze(-1).to(weight.dtype)], dim=-1)
-            loss, stats = fused_ppo_loss(
+            # the variant named by policy_loss (fastrlhf.algo registry; "ppo" is fused_ppo_loss itself)
+            loss_fn = get_policy_loss(kwargs.pop("policy_loss", "ppo"))
+            loss, stats = loss_fn(
                 hidden,
                 weight,
                 labels,
