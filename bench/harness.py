@@ -441,6 +441,8 @@ def run_case(benchmark, session: BenchSession, case: Case, *, make_inputs: Calla
             data, row["timer"] = sorted(runner.event_ms[-len(data):]), "cuda_events"
         row.update(median_ms=percentile(data, 0.5), p20_ms=percentile(data, 0.2),
                    p80_ms=percentile(data, 0.8), rounds=len(data))
+        if row.get("valid_tokens"):  # rows over padded batches: the time per valid token as well
+            row["us_per_valid_token"] = 1e3 * row["median_ms"] / row["valid_tokens"]
         floor_ms, kind = case.floors.get(case.mode, Floor()).ms(session.rates, case.dtype)
         row.update(floor_ms=floor_ms, floor_kind=kind,
                    pct_of_floor=None if floor_ms is None else 100.0 * floor_ms / row["median_ms"])

@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-SHAPE_KEYS = ("B", "T", "H", "V")
+SHAPE_KEYS = ("B", "T", "H", "V", "pad")  # pad: percent of padded tokens (fused_ppo_loss rows)
 
 
 def _shape(row: dict) -> str:
@@ -57,6 +57,9 @@ def case_table(key: tuple, by_provider: dict) -> list[str]:
     kind = next((r.get("floor_kind") for r in by_provider.values() if r.get("floor_kind")), None)
     if floor:
         lines.append(f"\nfloor: {floor:.3g} ms ({kind})")
+    per_valid = {p: r["us_per_valid_token"] for p, r in by_provider.items() if r.get("us_per_valid_token")}
+    if per_valid:
+        lines.append("\nus per valid token: " + ", ".join(f"{p} {v:.3g}" for p, v in per_valid.items()))
     return lines + [""]
 
 

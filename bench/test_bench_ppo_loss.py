@@ -6,6 +6,10 @@ per sequence (as GRPO and outcome-reward PPO give them), so Liger's fused GRPO l
 k3 KL, no entropy term) computes the same objective with the entropy bonus left out: it is checked
 against eager with ``entropy_coef=0`` and timed on the same inputs.
 
+Rows from hidden states carry ``pad`` (percent of padded tokens) in their ids, ``pad_fraction`` (measured)
+and ``us_per_valid_token`` (median time / valid tokens): our op and the torch path multiply valid rows only
+(issue 11), eager and Liger multiply every row.
+
 Floors (valid tokens n): from hidden states, matmul: fwd 2 n H V, bwd 4 n H V, full 6 n H V FLOPs.
 From logits, bandwidth: the loss is a scalar, so the gradient can be written during the forward read:
 fwd N V e, full 2 N V e bytes. Our op computes the gradient in its forward, so its ``fwd`` row
@@ -23,10 +27,11 @@ from bench import eager, peers, variants
 from bench.harness import Case, Floor, auto_backend, bench_profile, params, require, run_case
 from fastrlhf.kernels import fused_ppo_loss, fused_ppo_loss_from_logits, linear_token_logprobs
 
+# ``pad``: percent of padded tokens (right padding, ragged rows; see ``row_lengths``), in the case ids.
 SHAPES = {
-    "quick": [dict(B=4, T=32, H=64, V=2048)],
-    "gpu": [dict(B=8, T=1024, H=896, V=151936), dict(B=16, T=1024, H=2048, V=128256),
-            dict(B=8, T=2048, H=4096, V=128256)],
+    "quick": [dict(B=4, T=32, H=64, V=2048, pad=12), dict(B=4, T=32, H=64, V=2048, pad=50)],
+    "gpu": [dict(B=8, T=1024, H=896, V=151936, pad=12), dict(B=16, T=1024, H=2048, V=128256, pad=12),
+            dict(B=8, T=2048, H=4096, V=128256, pad=12), dict(B=8, T=2048, H=4096, V=128256, pad=50)],
 }[bench_profile()]
 LOGIT_SHAPES = {"quick": [dict(B=4, T=32, V=2048)],
                 "gpu": [dict(B=8, T=1024, V=151936), dict(B=16, T=1024, V=128256)]}[bench_profile()]
@@ -35,13 +40,15 @@ LOSS = dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_hi
             loss_agg="token-mean")
 
 
-def row_lengths(b: int, t: int) -> torch.Tensor:
+def row_lengths(b: int, t: int, pad: int = 12) -> torch.Tensor:
+    """Row lengths uniform in [t (1 - 2 pad / 100), t]: about ``pad`` percent padding (12: 3/4 t to t, the
+    round-2 shapes; 50: 1 to t)."""
     gen = torch.Generator().manual_seed(1)
-    return torch.randint(max(1, 3 * t // 4), t + 1, (b,), generator=gen)
+    return torch.randint(max(1, round(t * (1 - 2 * pad / 100))), t + 1, (b,), generator=gen)
 
 
 def valid_tokens(shape: dict) -> int:
-    return int(row_lengths(shape["B"], shape["T"]).sum())
+    return int(row_lengths(shape["B"], shape["T"], shape.get("pad", 12)).sum())
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, *, from_logits: bool = False,
@@ -54,7 +61,7 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, *, from_l
     gen = torch.Generator(device=device).manual_seed(0)
     b, t, v = shape["B"], shape["T"], shape["V"]
     labels = torch.randint(0, v, (b, t), generator=gen, device=device)
-    mask = torch.arange(t, device=device) < row_lengths(b, t).to(device)[:, None]
+    mask = torch.arange(t, device=device) < row_lengths(b, t, shape.get("pad", 12)).to(device)[:, None]
     if from_logits:
         logits = torch.randn(b, t + next_position, v, generator=gen, device=device, dtype=dtype).mul_(2)
         with torch.no_grad():
@@ -107,7 +114,10 @@ def test_bench_fused_ppo_loss(benchmark, bench_session, shape, provider, mode):
     forward, reason = provider_fn(provider, device)
     require(bench_session, name, provider, reason)
     same = {**LOSS, "entropy_coef": 0.0} if provider == "liger" else LOSS
-    extra = {"loss": LOSS, "valid_tokens": valid_tokens(shape)}
+    n_valid = valid_tokens(shape)
+    # us_per_valid_token (harness): the time per valid token, the unit that padding cannot inflate
+    extra = {"loss": LOSS, "valid_tokens": n_valid, "pad": shape["pad"],
+             "pad_fraction": 1 - n_valid / (shape["B"] * shape["T"])}
     if provider == "fastrlhf":
         extra["backend"] = auto_backend(device)
     if provider == "liger":

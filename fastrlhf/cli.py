@@ -1,4 +1,4 @@
-"""`fastrlhf demo | sft | rm | ppo | plan | report` (also `python -m fastrlhf`).
+"""`fastrlhf demo | arena | sft | rm | ppo | dpo | plan | report` (also `python -m fastrlhf`).
 
 Each subcommand imports its module only when run, so `fastrlhf --help` stays fast.
 """
@@ -14,6 +14,7 @@ _COMMANDS = {
     "sft": ("fastrlhf.trainers.sft", "cli_main", "supervised fine-tuning (loss on response tokens only)"),
     "rm": ("fastrlhf.trainers.reward", "cli_main", "reward model training (Bradley-Terry)"),
     "ppo": ("fastrlhf.trainers.ppo", "cli_main", "PPO against a reward model"),
+    "dpo": ("fastrlhf.trainers.dpo", "cli_main", "direct preference optimization (DPO / IPO / SimPO)"),
 }
 
 
@@ -25,6 +26,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="CI-sized run (a few minutes on 2 CPU cores)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--rollout", choices=("hf", "vllm"), default="hf")
+    demo.add_argument("--task", choices=("preference", "arithmetic"), default="preference",
+                      help="preference (reward model, hidden gold score) or arithmetic (exact-answer reward)")
+    demo.add_argument("--algo", choices=("ppo", "grpo", "rloo", "reinforce_pp", "dpo"), default="ppo")
+    arena = sub.add_parser("arena", help="every algorithm on the preference task, same budget "
+                                         "(arena.json, arena.png)")
+    arena.add_argument("--out", default="runs/arena")
+    arena.add_argument("--quick", action="store_true")
+    arena.add_argument("--seed", type=int, default=0)
+    arena.add_argument("--rollout", choices=("hf", "vllm"), default="hf")
     for name, (_, _, help_) in _COMMANDS.items():
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", required=True, help="YAML config file")
@@ -91,6 +101,9 @@ def _run(args) -> int:
     if args.command == "plan":
         from fastrlhf.engine.planner import plan_cli
         return int(plan_cli(args))
+    if args.command == "arena":
+        from fastrlhf.arena import run_arena_cli
+        return int(run_arena_cli(args) or 0)
     if args.command == "report":
         from fastrlhf.telemetry.report import report_cli
         return int(report_cli(args.run_dir) or 0)

@@ -39,6 +39,12 @@ from fastrlhf.data import demo_task as task
 from fastrlhf.trainers.ppo import derive_seed
 
 
+def _local(runtime):
+    """A one-process runtime on this rank's device: the demo trains SFT and RM on rank 0 alone."""
+    from fastrlhf.engine.runtime import Runtime
+    return Runtime(device=runtime.device)
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     n_demos: int
@@ -136,7 +142,7 @@ def stage_sft(out: Path, s: DemoSettings, tok, runtime, seed: int) -> Path:
             micro_batch_size=s.sft_batch,
             max_length=32,
             seed=seed,
-            bf16=False,
+            precision="fp32",
             device=str(runtime.device),
             lr_scheduler="cosine",
             warmup_ratio=0.05,
@@ -144,7 +150,7 @@ def stage_sft(out: Path, s: DemoSettings, tok, runtime, seed: int) -> Path:
             tensorboard=False,
             loss_impl="fused",
         )
-        result = SFTTrainer(cfg, model=model, tokenizer=tok, train_rows=rows).train()
+        result = SFTTrainer(cfg, model=model, tokenizer=tok, train_rows=rows, runtime=_local(runtime)).train()
         _say(runtime, f"SFT done: {result}")
     runtime.barrier()
     return final
@@ -258,7 +264,7 @@ def stage_rm(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path)
             warmup_ratio=0.05,
             use_margin=False,
             seed=seed,
-            bf16=False,
+            precision="fp32",
             device=str(runtime.device),
             progress=False,
             tensorboard=False,
@@ -269,6 +275,7 @@ def stage_rm(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path)
             tokenizer=tok,
             train_rows=_rows(train_pairs),
             eval_rows=_rows(held),
+            runtime=_local(runtime),
         ).train()
         result = {
             **evaluate_reward_model(RewardModel.from_pretrained(final).eval(), tok, held),
@@ -287,17 +294,21 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- PPO
-def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path, rm_dir: Path, rollout: str):
+def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path, rm_dir: Path, rollout: str,
+              algo: str = "ppo"):
+    from fastrlhf.demo_algos import rl_config, stage_dir, stage_dpo
     from fastrlhf.models import RewardModel, ValueModel
     from fastrlhf.trainers.ppo import PPOTrainer
 
-    cfg = ppo_config(s, seed, rollout, out / "ppo")
+    if algo == "dpo":  # offline: DPO on the reward model's labelled pairs replaces the RL stage
+        return stage_dpo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout)
+    cfg = rl_config(ppo_config(s, seed, rollout, stage_dir(out, algo)), algo)
     trainer = PPOTrainer(
         cfg,
         actor=load_policy(sft_dir),
         ref=load_policy(sft_dir),
         reward_model=RewardModel.from_pretrained(rm_dir),
-        critic=ValueModel.from_pretrained(rm_dir),
+        critic=ValueModel.from_pretrained(rm_dir) if cfg.advantage_estimator == "gae" else None,
         tokenizer=tok,
         prompts=task.make_prompts(2048, seed + 3),
         runtime=runtime,
@@ -350,10 +361,10 @@ def evaluate_policies(trainer, tok, s: DemoSettings, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def collect_metrics(out: Path) -> None:
+def collect_metrics(out: Path, rl_stage: str = "ppo") -> None:
     """``out/metrics.jsonl``: the stages' rows (sft, rm, ppo) in order, rebuilt on every run."""
     lines = []
-    for part in ("sft", "rm", "ppo"):
+    for part in ("sft", "rm", rl_stage):
         path = out / part / "metrics.jsonl"
         if path.is_file():
             lines += [line for line in path.read_text().splitlines() if line.strip()]
@@ -362,7 +373,7 @@ def collect_metrics(out: Path) -> None:
     tmp.replace(out / "metrics.jsonl")
 
 
-def make_plots(out: Path, rm_result: dict, evals: dict) -> list[str]:
+def make_plots(out: Path, rm_result: dict, evals: dict, rl_stage: str = "ppo") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,7 +381,8 @@ def make_plots(out: Path, rm_result: dict, evals: dict) -> list[str]:
 
     from fastrlhf.telemetry.metrics import read_metrics
 
-    rows = [r for r in read_metrics(out / "ppo" / "metrics.jsonl") if r.get("stage") == "ppo" and "kl" in r]
+    path = out / rl_stage / "metrics.jsonl"  # DPO has no RL rows: empty curves
+    rows = [r for r in read_metrics(path) if r.get("stage") == "ppo" and "kl" in r] if path.is_file() else []
     written = []
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     panels = (
@@ -499,10 +511,17 @@ def check_demo_run(out: Path, *, seed: int, quick: bool, rollout: str, write: bo
 
 
 def run_demo(
-    out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf"
+    out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf",
+    task_name: str = "preference", algo: str = "ppo",
 ) -> dict:
-    """The whole pipeline; returns the summary dict (also written to ``out/summary.json``)."""
+    """The whole pipeline; returns the summary dict (also written to ``out/summary.json``).
+    ``task_name="arithmetic"`` runs ``fastrlhf.demo_algos.run_arithmetic``; ``algo`` other than ppo
+    trains in ``out/<algo>`` next to ``out/ppo`` (SFT and reward model are shared)."""
+    from fastrlhf.demo_algos import annotate_summary, run_arithmetic, stage_dir
     from fastrlhf.engine import runtime as rt
+
+    if task_name == "arithmetic":
+        return run_arithmetic(out, algo=algo, quick=quick, seed=seed, rollout=rollout)
 
     start, out = time.time(), Path(out)
     s = QUICK if quick else FULL
@@ -517,12 +536,13 @@ def run_demo(
         _say(runtime, "SFT policy ready")
         rm_dir, rm_result = stage_rm(out, s, tok, runtime, seed, sft_dir)
         _say(runtime, f"reward model ready: held-out accuracy {rm_result['heldout_accuracy']:.3f}")
-        trainer = stage_ppo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout)
+        trainer = stage_ppo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout, algo)
         evals = evaluate_policies(trainer, tok, s, seed)
     summary = build_summary(rm_result, evals, trainer.config, runtime, rollout, time.time() - start, quick)
+    summary = annotate_summary(summary, algo=algo, task_name=task_name, trainer=trainer)
     if runtime.is_main:
-        collect_metrics(out)
-        summary["plots"] = make_plots(out, rm_result, evals)
+        collect_metrics(out, stage_dir(out, algo).name)
+        summary["plots"] = make_plots(out, rm_result, evals, stage_dir(out, algo).name)
         _write_json(out / "summary.json", summary)
         print_summary(summary)
     runtime.barrier()
@@ -542,5 +562,6 @@ def run_demo_cli(args) -> int:
     # refused before the lock is taken (a refused run must not touch --out)
     check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False)
     with output_dir_lock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
-        run_demo(out, quick=args.quick, seed=args.seed, rollout=args.rollout)
+        run_demo(out, quick=args.quick, seed=args.seed, rollout=args.rollout,
+                 task_name=getattr(args, "task", "preference"), algo=getattr(args, "algo", "ppo"))
     return 0

@@ -227,3 +227,26 @@ def check_gae_inputs(rewards: torch.Tensor, values: torch.Tensor, mask, gamma: f
         if not (isinstance(x, (int, float)) and math.isfinite(x)):
             raise ValueError(f"{name} must be a finite number, got {x!r}")
     return mask
+
+
+def valid_row_index(valid: torch.Tensor) -> torch.Tensor | None:
+    """Padding skip of the linear ops: ``valid [N]`` bool -> int64 indices of its True rows (in order), or
+    ``None`` when every row is valid (nothing to compact, no copy).
+
+    One host sync per call, here and nowhere else: ``nonzero`` must learn the count to size its output
+    (on CUDA the CPU waits for the queued work that produces ``valid``, losing its run-ahead once, a few
+    microseconds of launch latency; CPU: none). With the count known on the host, the chunk loops run
+    over the valid rows with Python bounds: no sync per chunk. The alternative without any sync (a stable
+    sort putting valid rows first, chunks over all N rows) could not skip a single padded row's GEMM, since
+    how many chunks hold valid rows is only known on the device.
+    """
+    idx = valid.nonzero().squeeze(1)
+    return None if idx.numel() == valid.numel() else idx
+
+
+def scatter_rows(x: torch.Tensor, idx: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Inverse of ``index_select(0, idx)``: ``x [n_valid, ...]`` -> ``[n, ...]`` with zeros at the other rows
+    (differentiable: ``index_copy``'s gradient is ``index_select`` of the upstream gradient)."""
+    if idx is None:
+        return x
+    return x.new_zeros((n, *x.shape[1:])).index_copy(0, idx, x)

@@ -25,6 +25,14 @@ hold N / V times the extra memory. ``grad_w="auto"`` (the default) therefore tak
 token chunks when the caller gives ``chunk_size`` (the API promises no more than that many tokens' logits
 at once). ``fused_ppo_loss`` computes its gradient during the token-chunked forward: fp32 accumulator.
 Round 1's bf16 accumulation stays selectable (``Variant(grad_w="weight")``) for the GPU timing.
+
+Padding skip (issue 11): only valid rows (label != ignore_index) reach a GEMM. Before chunking, one
+``nonzero`` over the validity mask (the call's only host sync: the count sizes the compacted batch, then
+every chunk / slab bound is a Python int) gives the valid rows' indices; hidden and labels are compacted
+with ``index_select`` (one [n_valid, H] copy, skipped when every row is valid), the Function runs on the
+n_valid rows (``backward_mode`` decides N <= V on n_valid), and lp / entropy scatter back with
+``index_copy`` into zeros. grad_hidden is ``index_select``'s backward: the valid rows' gradients at their
+positions, exactly 0 at ignored ones. GEMM work scales with valid tokens: at 50% padding, half the FLOPs.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ import torch
 from . import reference
 from ._parity import ensure_parity
 from ._backend import (autocast_linear_inputs, check_chunk_size, check_labels_in_range, check_linear_inputs,
-                       check_temperature, resolve_backend)
+                       check_temperature, resolve_backend, scatter_rows, valid_row_index)
 from ._triton_utils import CURRENT, Variant, autocast_inputs, check_launchable, reject_float64, rows_3d
 from .logprobs import logprobs_backward, logprobs_forward
 
@@ -239,10 +247,15 @@ def _linear_token_logprobs_triton(hidden, weight, labels, bias, temperature, ign
     rows = resolve_chunk_rows(chunk_size, weight, variant)
     labels1d = labels.reshape(-1).long().contiguous()
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    n = hidden2d.shape[0]
+    idx = valid_row_index(labels1d != ignore_index)  # padding skip: the one host sync of the call
+    if idx is not None:  # only valid rows reach the GEMMs; their gradient scatters back (0 elsewhere)
+        hidden2d, labels1d = hidden2d.index_select(0, idx), labels1d.index_select(0, idx)
     variant = backward_mode(variant, hidden2d.shape[0], weight.shape[0], chunk_size)
     with torch.autocast(hidden.device.type, enabled=False):
         lp, ent = LinearTokenLogprobsFunction.apply(hidden2d, weight, bias, labels1d, float(temperature),
                                                     int(ignore_index), return_entropy, rows, variant)
+    lp, ent = scatter_rows(lp, idx, n), scatter_rows(ent, idx, n)
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp
 
@@ -257,6 +270,13 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     ``chunk_rows``, a multiple of 256 sized to the GPU, <= 1 GiB of logits; the backward then splits the
     vocabulary instead when N <= V, with the same 1 GiB bound: see the module docstring). Matmuls run in the input dtype. ``backend="auto"``: Triton
     on CUDA (and on CPU under ``TRITON_INTERPRET=1``), except float64 inputs (PyTorch path).
+
+    Padding is skipped (both paths): only rows with ``label != ignore_index`` are multiplied by ``weight``
+    (compacted with ``index_select`` before chunking, results scattered back), so the GEMMs cost
+    ``6 * n_valid * H * V`` FLOPs fwd + bwd whatever the padding. Outputs and gradients are those of the
+    full computation: 0 at ignored positions, grad_hidden exactly 0 on ignored rows (NaN/inf there are never
+    read by a GEMM). Cost: one host sync per call (``nonzero`` learns the valid count; none per chunk) and
+    one ``[n_valid, H]`` copy of hidden when some row is ignored.
     """
     hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)  # as F.linear: bf16 h, fp32 W is fine
     _, vocab = check_linear_inputs(hidden, weight, labels, bias)

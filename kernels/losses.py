@@ -90,17 +90,39 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return (centered * centered).sum() / denom.clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, *,
+                  group=None) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over valid positions (unbiased var); mean added back when
-    ``shift_mean=False``. 0 at masked-out positions. Same shape as ``x``, float32."""
+    ``shift_mean=False``. 0 at masked-out positions. Same shape as ``x``, float32.
+
+    ``group``: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``): mean and
+    variance are taken over the valid positions of every rank's ``x`` (two all-reduces: count and sum,
+    then the sum of squared deviations), so each rank gets its part of the global whitening."""
     mask = check_mask(mask, x.shape, "x")
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if group is not None:
+        mean, var = _global_mean_var(x, mask, group)
+    else:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
     xs = _masked(x, mask)
     white = (xs - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         white = white + mean
     return torch.where(mask, white, torch.zeros((), dtype=white.dtype, device=white.device))
+
+
+def _global_mean_var(x: torch.Tensor, mask: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the valid positions of ``x`` over all ranks of ``group``."""
+    import torch.distributed as dist
+    xs = _masked(x, mask)
+    stats = torch.stack([mask.sum().to(xs.dtype), xs.sum()])
+    dist.all_reduce(stats, group=group)
+    n, total = stats[0], stats[1]
+    mean = total / n.clamp(min=1)
+    centered = torch.where(mask, xs - mean, torch.zeros((), dtype=xs.dtype, device=x.device))
+    sq = (centered * centered).sum()
+    dist.all_reduce(sq, group=group)
+    return mean, sq / (n - 1).clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------------ aggregation

@@ -16,15 +16,25 @@ writes dlogits (3 N V e of traffic in all: read, read, write).
 The aggregation weights w_t of ``loss_agg`` are known from the mask alone, so each token's coefficient is
 local: L = sum_t w_t l_t(lp_t, H_t). Stats come from the public ``losses`` functions on the detached
 ``[B, T]`` log-probs, so they are those of the PyTorch path by construction.
+
+Padding skip (issue 11): ``fused_ppo_loss`` multiplies valid tokens only (mask true). One ``nonzero`` over
+the mask per call (the only host sync: it sizes the compacted batch; the chunk loop's bounds are then
+Python ints), hidden / labels / the token terms (old, adv, ref, mask, weights) compacted with
+``index_select``, the chunked forward-with-gradient over the n_valid rows, lp / entropy scattered back into
+zeros; grad_hidden comes back through ``index_select``'s backward (exactly 0 at masked rows). See
+``linear_logprobs.py``. ``fused_ppo_loss_from_logits`` has no GEMM (its row kernels already skip masked rows).
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from . import reference
 from ._parity import ensure_parity
 from ._backend import (autocast_linear_inputs, check_chunk_size, check_labels_in_range, check_linear_inputs,
-                       check_logits_labels, check_ppo_inputs, check_temperature, resolve_backend)
+                       check_logits_labels, check_ppo_inputs, check_temperature, resolve_backend,
+                       scatter_rows, valid_row_index)
 from ._triton_utils import (CURRENT, Variant, autocast_inputs, check_launchable, device_guard, lazy_jit,
                             reject_float64, rows_3d, tl, triton)
 from .linear_logprobs import accumulate_mm, chunk_logits, grad_w_buffer, resolve_chunk_rows
@@ -134,6 +144,13 @@ class TokenTerms:
         self.kl_coef, self.kl_kind = float(kl_coef), (_KL_KINDS[kl_kind] if use_kl else 0)
         self.entropy_coef = float(entropy_coef)
         self.log_ratio_clip = 1e30 if log_ratio_clip is None else float(log_ratio_clip)  # None: no clamp
+
+    def take(self, idx: torch.Tensor) -> "TokenTerms":
+        """The same terms at tokens ``idx`` only (the valid rows of the padding skip)."""
+        out = copy.copy(self)
+        out.old, out.adv, out.ref, out.mask8, out.w = (t.index_select(0, idx) for t in
+                                                       (self.old, self.adv, self.ref, self.mask8, self.w))
+        return out
 
     def grads(self, lp: torch.Tensor, ent: torch.Tensor, sl: slice = slice(None)):
         """Launch the token kernel on tokens ``sl``: returns fp32 ``(w_t l_t, dL/dlp_t, dL/dH_t)``."""
@@ -289,6 +306,12 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     in the forward pass over chunks of ``chunk_size`` tokens (default ``linear_logprobs.chunk_rows``); no
     ``[B, T, V]`` logits. ``backend="auto"``: Triton on CUDA (and CPU under ``TRITON_INTERPRET=1``),
     except float64 inputs (PyTorch path).
+
+    Padding is skipped (both paths): only tokens with ``mask`` true reach the GEMMs (compacted before
+    chunking, results scattered back), so fwd + bwd cost ``6 * n_valid * H * V`` FLOPs; loss, stats,
+    logprobs and gradients are those of the full computation (0 at masked positions, grad_hidden exactly 0
+    on masked rows, whatever they hold). Cost: one host sync per call (the valid count; none per chunk)
+    and one ``[n_valid, H]`` copy of hidden when some token is masked.
     """
     kw = dict(ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
               clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
@@ -314,9 +337,15 @@ def _fused_ppo_loss_triton(hidden, weight, labels, old_logprobs, advantages, mas
     hidden, weight = autocast_inputs(hidden.device, hidden, weight)
     rows = resolve_chunk_rows(chunk_size, weight, variant)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    n = hidden2d.shape[0]
+    idx = valid_row_index(labels_eff != _MASKED)  # padding skip: the one host sync of the call
+    if idx is not None:  # only valid rows reach the GEMMs; grad_hidden scatters back (0 at masked rows)
+        hidden2d, labels_eff = hidden2d.index_select(0, idx), labels_eff.index_select(0, idx)
+        terms = terms.take(idx)
     with torch.autocast(hidden.device.type, enabled=False):  # matmuls in the (cast) inputs' dtype
         loss, lp, ent = FusedPPOFunction.apply(hidden2d, weight, labels_eff, terms, float(kw["temperature"]),
                                                rows, torch.is_grad_enabled(), variant)
+    lp, ent = scatter_rows(lp, idx, n), scatter_rows(ent, idx, n)
     return _finish(loss, lp, ent, labels, old_logprobs, advantages, mask, **kw)
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import (autocast_linear_inputs, check_chunk_size, check_gae_inputs, check_labels_in_range,
-                       check_linear_inputs, check_logits_labels, check_ppo_inputs, check_temperature)
+                       check_linear_inputs, check_logits_labels, check_ppo_inputs, check_temperature,
+                       scatter_rows, valid_row_index)
 from .losses import aggregate, kl_estimate, masked_mean, ppo_policy_loss
 
 # A chunk holds at most this many logits (128 MB in float32); a few fp32 temporaries of that size live at once.
@@ -209,7 +210,9 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     ``token_logprobs(hidden @ weight.T + bias, labels, ...)`` (fp32 outputs), differentiable w.r.t.
     hidden, weight and bias, holding logits for at most ``chunk_size`` tokens at once
     (default ``default_chunk_rows(V)``). Under ``torch.autocast`` the inputs are cast to the autocast dtype
-    first, as ``F.linear`` would do.
+    first, as ``F.linear`` would do. Only rows with ``label != ignore_index`` are multiplied (compacted with
+    ``index_select`` before chunking after one ``nonzero``, the call's only host sync; results scattered
+    back, grad_hidden exactly 0 on ignored rows).
     """
     hidden, weight, bias = autocast_linear_inputs(hidden, weight, bias)
     _, vocab = check_linear_inputs(hidden, weight, labels, bias)
@@ -219,8 +222,14 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     labels1d = labels.reshape(-1).long()
     valid = labels1d != ignore_index
     rows = chunk_size or default_chunk_rows(vocab)
-    lp, ent = _LinearTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels1d, valid,
-                                         float(temperature), return_entropy, rows)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    n = hidden2d.shape[0]
+    idx = valid_row_index(valid)  # padding skip (see _backend.valid_row_index): one host sync per call
+    if idx is not None:  # only valid rows reach the matmuls; their gradient scatters back (0 elsewhere)
+        hidden2d, labels1d, valid = hidden2d.index_select(0, idx), labels1d.index_select(0, idx), valid[idx]
+    lp, ent = _LinearTokenLogprobs.apply(hidden2d, weight, bias, labels1d, valid, float(temperature),
+                                         return_entropy, rows)
+    lp, ent = scatter_rows(lp, idx, n), scatter_rows(ent, idx, n)
     lp = lp.view(labels.shape)
     return (lp, ent.view(labels.shape)) if return_entropy else lp
 
@@ -290,7 +299,8 @@ def fused_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, re
     = ppo_policy_loss(lp) + kl_coef * agg(kl_estimate(lp, ref, kl_kind)) - entropy_coef * agg(entropy),
     ``lp, entropy = linear_token_logprobs(hidden, weight, labels, return_entropy=True)`` at valid tokens.
     Returns ``(loss, stats)`` or ``(loss, stats, logprobs.detach())``; stats: clipfrac, approx_kl,
-    ratio_mean, kl (0 without ref_logprobs), entropy.
+    ratio_mean, kl (0 without ref_logprobs), entropy. Masked tokens never reach the matmuls (the padding
+    skip of ``linear_token_logprobs``).
     """
     hidden, weight, _ = autocast_linear_inputs(hidden, weight)
     _, vocab = check_linear_inputs(hidden, weight, labels)

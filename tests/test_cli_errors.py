@@ -108,7 +108,7 @@ def test_ppo_config_errors_before_any_model_loads(tmp_path, models, capsys, monk
     out = tmp_path / "out"
     _user_error(capsys, ["ppo", "--config", _ppo(tmp_path, models, minibatch_size=8)],
                 "PPOConfig: minibatch_size must be in", out)
-    _user_error(capsys, ["ppo", "--config", _ppo(tmp_path, models, reward_model="")], "`reward_model` is required", out)
+    _user_error(capsys, ["ppo", "--config", _ppo(tmp_path, models, reward_model="")], "`reward_model` or `rewards` is required", out)
     _user_error(capsys, ["ppo", "--config", _ppo(tmp_path, models, reward_model=str(models / "sft"))],
                 "reward_model: .* is not a saved model folder", out)
     _user_error(capsys, ["ppo", "--config", _ppo(tmp_path, models, dtype="half-ish")], "dtype must be", out)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 # Methods of our model classes that run a forward outside ``forward``: FSDP2 must unshard around them.
-_FORWARD_METHODS = ("hidden_states", "head_outputs", "last_token_outputs")
+_FORWARD_METHODS = ("hidden_states", "head_outputs", "last_token_outputs", "head_scores")
 
 
 def hf_model_prefix(model: nn.Module) -> tuple[str, nn.Module]:
@@ -60,28 +60,43 @@ def broadcast_module(model: nn.Module, src: int = 0) -> None:
 
 
 def shard_model(model: nn.Module, *, device: torch.device, train: bool, bf16: bool | None = None,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, precision: str | None = None,
+                offload_params: bool = False, broadcast: bool = True) -> nn.Module:
     """``fully_shard`` each transformer block, then the root, over the default process group.
 
-    ``bf16`` (default: on CUDA only) uses ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``:
-    fp32 master shards, bf16 compute, fp32 gradient reduction. Frozen models (``train=False``) get
-    ``requires_grad_(False)`` and eval mode. Returns the same module object, now an ``FSDPModule``.
+    ``precision`` ("bf16" / "fp32"; default from ``bf16``, itself default: on CUDA only): a trained model
+    under bf16 gets ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` -- fp32 master shards,
+    bf16 compute, fp32 gradient reduction -- with its scalar heads kept in fp32; a frozen model is stored
+    in bf16 itself (``precision.cast_frozen``). Frozen models (``train=False``) get
+    ``requires_grad_(False)`` and eval mode. ``offload_params``: FSDP2 ``CPUOffloadPolicy`` (shards,
+    grads and the optimizer step on the host). ``broadcast=False`` for a model built on the meta device
+    (``engine.loading``): nothing to broadcast, nothing to move. Returns the same object, an ``FSDPModule``.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    if bf16 is None:
-        bf16 = device.type == "cuda"
-    model.to(device)
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
+
+    from .precision import cast_frozen, fp32_head_policy, head_modules, mixed_precision_policy
+    if precision is None:
+        precision = "bf16" if (device.type == "cuda" if bf16 is None else bf16) else "fp32"
     if not train:
         model.requires_grad_(False).eval()
-    broadcast_module(model)
+        cast_frozen(model, precision)
+    if broadcast:
+        model.to(device)
+        broadcast_module(model)
     kwargs = {"reshard_after_forward": reshard_after_forward}
-    if bf16:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = mixed_precision_policy(precision, trained=train)
+    if policy is not None:
+        kwargs["mp_policy"] = policy
+    if offload_params:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     if device.type == "cuda":
         from torch.distributed.device_mesh import init_device_mesh
         kwargs["mesh"] = init_device_mesh("cuda", (dist.get_world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
+    if policy is not None:  # reward / value heads compute in fp32 (inputs cast up by their policy)
+        for head in head_modules(model):
+            fully_shard(head, **{**kwargs, "mp_policy": fp32_head_policy()})
     # The root keeps its parameters (embeddings, lm_head, heads) gathered after forward, as FSDP2 does
     # by default for a root's forward: backward needs them at once, and methods registered below may call
     # each other (``head_outputs`` -> ``hidden_states``) -- an inner call must not reshard the outer's.
@@ -122,11 +137,14 @@ def move_optimizer(optimizer: torch.optim.Optimizer, device: torch.device | str)
 
 
 def offload_to_cpu(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Offload parameters (and grads) and/or optimizer state to host memory."""
+    """Offload parameters (and grads) and/or optimizer state to host memory; on CUDA the freed blocks go
+    back to the driver (``empty_cache``) so that vLLM or the next model can use them."""
     if model is not None:
         move_model(model, "cpu")
     if optimizer is not None:
         move_optimizer(optimizer, "cpu")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def onload(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, *,
@@ -154,15 +172,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_hf_pretrained(model: nn.Module, directory: str | Path, *, tokenizer=None) -> bool:
     """Save the HF causal LM inside ``model`` (which may be FSDP2-sharded and/or wrapped) so that
     ``AutoModelForCausalLM.from_pretrained(directory)`` loads it. Collective: every rank calls it;
-    rank 0 writes. Returns True on the writing rank.
+    rank 0 writes, one bucket of whole layers at a time (``checkpoint.export_hf``). Returns True on the
+    writing rank.
     """
-    state = full_state_dict(model)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if rank != 0:
-        return False
-    prefix, hf = hf_model_prefix(model)
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    hf.save_pretrained(str(directory), state_dict=sub)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    return True
+    from .checkpoint import export_hf
+    return export_hf(model, directory, tokenizer=tokenizer)

@@ -66,12 +66,26 @@ class MemoryPlan:
     bytes: dict[str, int]
     placement: dict[str, dict[str, str]]
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
 
     def where(self, phase: str, item: str) -> str:
         return self.placement.get(phase, {}).get(item, "resident")
 
+    def numerics(self) -> str:
+        """One line: what the byte counts assume (compute dtype, masters, optimizer state, activations)."""
+        if self.precision == "bf16":
+            num = ("precision bf16: bf16 compute, fp32 masters + fp32 grads + fp32 AdamW (16 B/param trained), "
+                   "frozen models bf16 (2 B/param)")
+        else:
+            num = "precision fp32: fp32 compute and masters, fp32 grads + AdamW (16 B/param trained)"
+        act = ("activations checkpointed (each layer keeps its input, recomputed in backward)"
+               if self.gradient_checkpointing else "activations stored for backward (no checkpointing)")
+        return f"{num}; {act}"
+
     def as_dict(self) -> dict:
-        return {"device": self.device, "budget_mb": _mb(self.budget_bytes),
+        return {"device": self.device, "budget_mb": _mb(self.budget_bytes), "precision": self.precision,
+                "gradient_checkpointing": self.gradient_checkpointing,
                 "bytes_mb": {k: _mb(v) for k, v in self.bytes.items()},
                 "placement": self.placement, "notes": list(self.notes)}
 
@@ -87,7 +101,7 @@ class MemoryPlan:
     def format(self) -> str:
         """A table: one row per item, one column per phase (R resident, - offloaded, S sequential)."""
         budget = "host memory (no offload)" if self.budget_bytes is None else f"{_mb(self.budget_bytes)} MB"
-        lines = [f"memory plan on {self.device}: budget {budget}",
+        lines = [f"memory plan on {self.device}: budget {budget}", "  " + self.numerics(),
                  f"  {'item':<14}{'MB/rank':>10}  " + "  ".join(f"{p:>8}" for p in PHASES)]
         for item, nbytes in self.bytes.items():
             cells = "  ".join(f"{_CELL[self.placement[p][item]]:>8}" for p in PHASES)
@@ -122,7 +136,8 @@ def item_bytes(sizes: dict[str, ModelSize | None], *, world_size: int = 1, tp: i
 
 def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None, device: str = "cpu",
                 world_size: int = 1, tp: int = 1, vllm_param_bytes: int = 2, vllm_kv_bytes: int = 0,
-                has_vllm: bool = False, activation_reserve: float = 0.1,
+                has_vllm: bool = False, activation_reserve: float = 0.1, precision: str = "fp32",
+                gradient_checkpointing: bool = False, offload: str = "auto",
                 vllm_sleeps: bool = True) -> MemoryPlan:
     """Place every item for every phase.
 
@@ -130,12 +145,16 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
     ``budget_bytes``: free accelerator memory per rank (None: CPU, everything resident).
     ``activation_reserve``: fraction of the budget kept free for activations and transient buffers.
     Raises MemoryPlanError naming the phase when a working set alone exceeds the budget.
+    ``offload`` (the config key) overrides the plan's choice: "none" keeps all training state resident,
+    "optimizer" / "all" offload the AdamW state outside TRAIN; "params" / "all" also note that the trained
+    shards live on the host (FSDP2 ``CPUOffloadPolicy``, applied when the models are sharded).
     """
     nbytes = item_bytes(sizes, world_size=world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
                         vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm)
     if budget_bytes is None:
         placement = {p: {k: "resident" for k in nbytes} for p in PHASES}
-        return MemoryPlan(device, None, nbytes, placement, ["no accelerator: all state stays in host memory"])
+        return MemoryPlan(device, None, nbytes, placement, ["no accelerator: all state stays in host memory"],
+                          precision, gradient_checkpointing)
     usable = int(budget_bytes * (1.0 - activation_reserve))
     placement, notes = {}, []
     for phase in PHASES:
@@ -168,7 +187,22 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
                 phase_plan[item] = "resident" if fits else "offloaded"
                 used += nbytes[item] if fits else 0
         placement[phase] = {k: phase_plan[k] for k in nbytes}
-    return MemoryPlan(device, budget_bytes, nbytes, placement, notes)
+    _force_offload(placement, notes, offload)
+    return MemoryPlan(device, budget_bytes, nbytes, placement, notes, precision, gradient_checkpointing)
+
+
+def _force_offload(placement: dict[str, dict[str, str]], notes: list[str], offload: str) -> None:
+    if offload == "auto":
+        return
+    for phase, items in placement.items():
+        for item in items:
+            if offload == "none" and item.split(".")[0] in ("actor", "critic", "ref", "reward"):
+                items[item] = "resident"
+            elif offload in ("optimizer", "all") and item.endswith(".optim") and phase != "train":
+                items[item] = "offloaded"
+    if offload in ("params", "all"):
+        notes.append("offload=params: actor/critic shards, grads and the AdamW step on the host (CPUOffloadPolicy)")
+    notes.append(f"offload={offload} set by the config (not chosen by the plan)")
 
 
 def _sequential_score_bytes(nbytes: dict[str, int]) -> int:

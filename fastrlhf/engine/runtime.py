@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastrlhf.utils import set_seed
+
 from .distributed import init_distributed
 from .memory import ModelSize, model_size, plan_memory
 from .scheduler import PhaseScheduler
@@ -37,6 +39,10 @@ class Runtime:
     scheduler: PhaseScheduler = field(default=None)  # type: ignore[assignment]
     local_rank: int = 0
     sizes: dict[str, ModelSize | None] = field(default_factory=dict)
+    precision: str = "fp32"  # resolved: "bf16" | "fp32" (prepare_models)
+    gradient_checkpointing: bool = False
+    autocast_bf16: bool = False  # plain modules under bf16 compute by autocast (FSDP2 casts by policy)
+    offload: str = "auto"  # the config's offload key, applied to the memory plan
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -77,41 +83,70 @@ def init_runtime(device: str | None = None, *, seed: int | None = None) -> Runti
     given, Python/NumPy/torch are seeded with ``seed + rank`` (distinct sampling streams per rank)."""
     info = init_distributed(device)
     if seed is not None:
-        from fastrlhf.trainers.common import set_seed
         set_seed(seed + info.rank)
     return Runtime(device=info.device, rank=info.rank, world_size=info.world_size,
                    local_rank=info.local_rank)
 
 
 def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: bool | None = None,
-                   activation_reserve: float = 0.1):
+                   activation_reserve: float = 0.1, precision: str = "auto",
+                   gradient_checkpointing: bool = False, offload: str = "auto"):
     """Move / wrap the four PPO models for this runtime; critic may be None.
 
     ``fsdp`` (default: ``world_size > 1``): FSDP2 over all ranks (``fsdp.shard_model``), actor and critic
-    for training, reference and reward model frozen. Also computes the memory plan from the device's
-    free memory (CUDA) and binds it to ``runtime.scheduler``; it is printed on rank 0.
+    for training, reference and reward model frozen. Models already sharded (``engine.loading``) are kept.
+    ``precision`` (auto | bf16 | fp32, ``engine.precision``): bf16 compute with fp32 masters for actor and
+    critic, frozen models stored in bf16, heads fp32. Actor and critic are left in train mode with every
+    dropout probability at 0 (so HF ``gradient_checkpointing`` runs, and old and new log-probs come from
+    the same function). ``offload``: "params" / "all" put the trained shards on the host (FSDP2
+    ``CPUOffloadPolicy``). Also computes the memory plan from the device's free memory (CUDA) and binds
+    it to ``runtime.scheduler``; it is printed on rank 0.
     """
-    from .fsdp import shard_model
+    from .fsdp import is_fsdp, shard_model
+    from .precision import cast_frozen, enable_gradient_checkpointing, resolve_precision, zero_dropout
     use_fsdp = runtime.world_size > 1 if fsdp is None else fsdp
     if use_fsdp and not torch.distributed.is_initialized():
         raise RuntimeError("prepare_models(fsdp=True) needs a process group; start with torchrun")
+    runtime.precision = resolve_precision(precision, runtime.device)
+    runtime.gradient_checkpointing = gradient_checkpointing
+    runtime.offload = offload
+    runtime.autocast_bf16 = runtime.precision == "bf16" and not use_fsdp
     models = dict(zip(_NAMES, (actor, critic, ref, reward_model), strict=True))
-    # Sizes before sharding (global numel either way) and before the frozen models lose grads.
-    runtime.sizes = {n: model_size(m, trained=n in ("actor", "critic")) if m is not None else None
+    # Sizes before sharding (global numel either way); frozen models at the compute dtype they are kept in.
+    frozen_bytes = 2 if runtime.precision == "bf16" else None
+    runtime.sizes = {n: _size(m, trained=n in ("actor", "critic"), frozen_bytes=frozen_bytes)
                      for n, m in models.items()}
     out = {}
     for name, model in models.items():
+        train = name in ("actor", "critic")
         if model is None:
             out[name] = None
+        elif is_fsdp(model):
+            out[name] = model
         elif use_fsdp:
-            out[name] = shard_model(model, device=runtime.device, train=name in ("actor", "critic"))
+            out[name] = shard_model(model, device=runtime.device, train=train, precision=runtime.precision,
+                                    offload_params=train and offload in ("params", "all"))
         else:
             out[name] = model.to(runtime.device)
-            if name in ("ref", "reward"):
-                out[name].requires_grad_(False).eval()
+            if not train:
+                cast_frozen(out[name].requires_grad_(False).eval(), runtime.precision)
+        if train and out[name] is not None:
+            zero_dropout(out[name])
+            out[name].train()
+            if gradient_checkpointing:
+                enable_gradient_checkpointing(out[name])
     _replan(runtime, has_vllm=False, activation_reserve=activation_reserve)
     runtime.scheduler.bind(models=out)
     return tuple(out[n] for n in _NAMES)
+
+
+def _size(model, *, trained: bool, frozen_bytes: int | None) -> ModelSize | None:
+    if model is None:
+        return None
+    size = model_size(model, trained=trained)
+    if not trained and frozen_bytes is not None:
+        return ModelSize(numel=size.numel, param_bytes=frozen_bytes, trained=False)
+    return size
 
 
 def _free_device_bytes(runtime: Runtime) -> int | None:
@@ -130,7 +165,8 @@ def _replan(runtime: Runtime, *, has_vllm: bool, tp: int = 1, vllm_param_bytes: 
     plan = plan_memory(runtime.sizes, budget_bytes=_free_device_bytes(runtime), device=str(runtime.device),
                        world_size=runtime.world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
                        vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve,
-                       vllm_sleeps=vllm_sleeps)
+                       precision=runtime.precision, gradient_checkpointing=runtime.gradient_checkpointing,
+                       offload=runtime.offload, vllm_sleeps=vllm_sleeps)
     runtime.scheduler.bind(plan=plan)
     runtime.print(plan.format())
 

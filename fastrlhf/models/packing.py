@@ -295,7 +295,9 @@ def policy_forward_packed(policy, input_ids: torch.Tensor, attention_mask: torch
                 None if values is None else _scatter(values[0], resp_mask))
     if mode != "loss":
         raise ValueError(f"packed forward supports modes 'logprobs' and 'loss', got {mode!r}")
-    compact = loss_kwargs.get("loss_agg", "token-mean") == "token-mean"
+    # the variant named by policy_loss (fastrlhf.algo registry); sequence-level ones (gspo) need rows
+    policy_loss = loss_kwargs.pop("policy_loss", "ppo")
+    compact = loss_kwargs.get("loss_agg", "token-mean") == "token-mean" and policy_loss == "ppo"
     if compact:
         h = packed.gather(hidden, where, shift=-1)[None]  # [1, n, H]
         loss_kwargs = {k: (v[resp_mask][None] if torch.is_tensor(v) and v.shape == resp_mask.shape else v)
@@ -310,8 +312,15 @@ def policy_forward_packed(policy, input_ids: torch.Tensor, attention_mask: torch
     if bias is not None:  # folded in exactly, as in the padded path
         h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
         weight = torch.cat([weight, bias.unsqueeze(-1).to(weight.dtype)], dim=-1)
-    loss, stats = fused_ppo_loss(h, weight, labels, **loss_kwargs, **kw)
+    loss_fn = fused_ppo_loss if policy_loss == "ppo" else _policy_loss(policy_loss)
+    loss, stats = loss_fn(h, weight, labels, **loss_kwargs, **kw)
     return loss, stats, values
+
+
+def _policy_loss(name: str):
+    from fastrlhf.models.policy import get_policy_loss
+
+    return get_policy_loss(name)
 
 
 def _scatter(compact: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastrlhf.kernels import fused_ppo_loss, linear_token_logprobs
+from fastrlhf.algo.policy_loss import get_policy_loss
+from fastrlhf.kernels import linear_token_logprobs
+
+from .heads import position_ids_from_mask
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` 0/1 mask -> position ids ``[B, T]`` int64: 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+# one position-id helper for every model class (kept under its old name here for callers)
+positions_from_mask = position_ids_from_mask
 
 
 def effective_temperature(config, temperature: float) -> float:
@@ -49,7 +51,8 @@ class PolicyWithLoss(nn.Module):
     Modes of ``forward``:
       - ``"lm"``: the plain HF call (used by the HF rollout for cached decoding).
       - ``"logprobs"``: ``(logprobs [B, R], entropy [B, R], values [B, R] or None)``, fp32.
-      - ``"loss"``: ``fused_ppo_loss`` over the responses -> ``(loss, stats, values [B, R] or None)``.
+      - ``"loss"``: ``fused_ppo_loss`` (or the ``policy_loss=`` variant) over the responses
+        -> ``(loss, stats, values [B, R] or None)``.
     ``packing=True`` (modes "logprobs" / "loss") runs the forward on packed valid tokens, same outputs.
     """
 
@@ -73,7 +76,7 @@ class PolicyWithLoss(nn.Module):
         self.value_head = nn.Linear(hidden, 1, bias=False) if shared_critic else None
         if self.value_head is not None:
             nn.init.zeros_(self.value_head.weight)  # start from V = 0: no bias in the first advantages
-            self.value_head.to(lm.get_output_embeddings().weight.dtype)
+            self.value_head.to(torch.float32)  # fp32 even on a bf16 body (as the reward / value heads)
 
     @property
     def config(self):
@@ -96,7 +99,8 @@ class PolicyWithLoss(nn.Module):
     def _values(self, hidden: torch.Tensor):
         if self.value_head is None:
             return None
-        return self.value_head(hidden).squeeze(-1).float()
+        with torch.autocast(hidden.device.type, enabled=False):  # the value head computes in fp32
+            return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def forward(
         self, input_ids, attention_mask=None, *, mode: str = "lm", prompt_len: int | None = None, **kwargs
@@ -119,7 +123,9 @@ class PolicyWithLoss(nn.Module):
             if bias is not None:  # folded in exactly: [h, 1] @ [W, b].T = h @ W.T + b (grads reach b too)
                 hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
                 weight = torch.cat([weight, bias.unsqueeze(-1).to(weight.dtype)], dim=-1)
-            loss, stats = fused_ppo_loss(
+            # the variant named by policy_loss (fastrlhf.algo registry; "ppo" is fused_ppo_loss itself)
+            loss_fn = get_policy_loss(kwargs.pop("policy_loss", "ppo"))
+            loss, stats = loss_fn(
                 hidden,
                 weight,
                 labels,

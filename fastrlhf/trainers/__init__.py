@@ -9,6 +9,7 @@ _EXPORTS = {
     "SFTTrainer": "sft", "SFTConfig": "sft",
     "RewardTrainer": "reward", "RewardConfig": "reward",
     "PPOTrainer": "ppo", "PPOConfig": "ppo",
+    "DPOTrainer": "dpo", "DPOConfig": "dpo",
 }
 __all__ = list(_EXPORTS)
 

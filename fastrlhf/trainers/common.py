@@ -32,6 +32,7 @@ from transformers import get_scheduler
 from fastrlhf.config import ConfigError
 from fastrlhf.data import DataError, read_rows, validate_rows
 from fastrlhf.telemetry.metrics import MetricsLogger, truncate_metrics
+from fastrlhf.utils import set_seed  # noqa: F401  (re-exported: trainers call common.set_seed)
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -65,8 +66,9 @@ def validate_common(cfg) -> None:
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
 
 
-def check_dtype(name: str, dtype: str) -> None:
-    if dtype not in DTYPES:
+def check_dtype(name: str, dtype: str | None) -> None:
+    """``dtype`` is a deprecated alias of ``precision`` (None: not given)."""
+    if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"{name}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
 
 
@@ -102,8 +104,12 @@ class StageConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
-    bf16: bool = True
-    dtype: str = "float32"
+    precision: str = "auto"  # auto | bf16 | fp32 (fastrlhf.engine.precision)
+    offload: str = "auto"  # auto | none | optimizer | params | all
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    bf16: bool | None = None  # deprecated alias of precision (bf16 / fp32), removed in 0.3
+    dtype: str | None = None  # deprecated alias of precision (bfloat16 / float32), removed in 0.3
     device: str = "auto"
     gradient_checkpointing: bool = False
     chat_template: bool = False
@@ -127,6 +133,24 @@ class StageConfig:
 
     def __post_init__(self):
         validate_common(self)
+        validate_scale_keys(self)
+
+
+def validate_scale_keys(cfg) -> None:
+    """``precision`` (with the deprecated ``bf16`` / ``dtype`` read as aliases), ``offload``, ``adam_*``."""
+    from fastrlhf.engine.precision import OFFLOADS, PRECISIONS, legacy_precision
+    name = type(cfg).__name__
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"{name}: precision must be one of {'|'.join(PRECISIONS)}, got {cfg.precision!r}")
+    object.__setattr__(cfg, "precision", legacy_precision(name, cfg.precision, bf16=getattr(cfg, "bf16", None),
+                                                         dtype=cfg.dtype))
+    if cfg.offload not in OFFLOADS:
+        raise ConfigError(f"{name}: offload must be one of {'|'.join(OFFLOADS)}, got {cfg.offload!r}")
+    betas = tuple(cfg.adam_betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{name}: adam_betas must be two numbers in [0, 1), got {list(cfg.adam_betas)}")
+    if not cfg.adam_eps > 0:
+        raise ConfigError(f"{name}: adam_eps must be > 0, got {cfg.adam_eps}")
 
 
 def maybe_apply_lora(cfg, model):
@@ -142,6 +166,14 @@ def maybe_apply_lora(cfg, model):
                           target_modules=cfg.lora_target_modules)
     except ValueError as err:
         raise ConfigError(f"{type(cfg).__name__}: {err}") from None
+
+
+def check_lora_unsharded(cfg, fsdp: bool) -> None:
+    """LoRA runs in a single process without FSDP2 for now (its merged export and adapter checkpoints are
+    not written from shards yet)."""
+    if cfg.lora_rank and fsdp:
+        raise ConfigError(f"{type(cfg).__name__}: lora_rank > 0 is not supported with FSDP2 yet (torchrun or a "
+                          "CUDA device); run LoRA in one CPU process or set lora_rank=0")
 
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -186,20 +218,15 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``bf16``; a no-op otherwise (CPU runs stay fp32, as tests expect)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on ``device`` (CPU or CUDA) when ``bf16``; a no-op otherwise. Trainers pass the
+    resolved precision (``precision: auto`` is fp32 on CPU) and False for FSDP2 modules, whose mixed
+    precision policy casts the parameters itself."""
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------- seed
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rng_state() -> dict[str, Any]:
     """Snapshot of every RNG a trainer touches (restore with :func:`set_rng_state`)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -228,7 +255,8 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    from fastrlhf.engine.precision import adamw
+    return adamw(groups, lr=lr, betas=betas, eps=eps)  # fused (plain tensors) or foreach (FSDP2 shards)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, num_training_steps: int,
@@ -252,8 +280,10 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float | N
     if not params:
         return torch.zeros((), dtype=torch.float32)
     if max_norm is None or max_norm <= 0:
-        return torch.nn.utils.get_total_norm([p.grad for p in params]).float()
-    return torch.nn.utils.clip_grad_norm_(params, max_norm).float()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()  # FSDP2: a DTensor
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -515,6 +545,83 @@ class StepTrainer:
     """
 
     stage = ""
+    runtime = None  # fastrlhf.engine.runtime.Runtime (setup_runtime); None: one process, no FSDP
+    fsdp = False
+    autocast_bf16 = False
+
+    # -- one runtime for every stage: process group, precision, FSDP2 (fastrlhf.engine) ---------------
+    def setup_runtime(self, runtime=None) -> None:
+        """Process group (under torchrun), device and resolved ``precision``. ``runtime``: an existing
+        one (the demo passes a one-process runtime to train on rank 0 alone)."""
+        from fastrlhf.engine.precision import resolve_precision
+        from fastrlhf.engine.runtime import init_runtime
+        cfg = self.cfg
+        self.runtime = runtime or init_runtime(None if cfg.device in (None, "auto") else cfg.device)
+        self.device = self.runtime.device
+        self.precision = resolve_precision(cfg.precision, self.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.runtime is None or self.runtime.is_main
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.runtime is None else self.runtime.world_size
+
+    def place_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 over the process group when there is one (``precision`` as its mixed-precision policy,
+        ``offload: params|all`` as CPU offload), a plain module on the device otherwise (bf16 then by
+        autocast); gradient checkpointing when configured."""
+        from fastrlhf.engine.fsdp import is_fsdp, shard_model
+        from fastrlhf.engine.precision import enable_gradient_checkpointing
+        cfg = self.cfg
+        self.fsdp = self.world_size > 1
+        if is_fsdp(model):  # already sharded by engine.loading (rank 0 read it)
+            pass
+        elif self.fsdp:
+            model = shard_model(model, device=self.device, train=True, precision=self.precision,
+                                offload_params=cfg.offload in ("params", "all"))
+        else:
+            model = model.to(self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.autocast_bf16 = self.precision == "bf16" and not self.fsdp
+        return model
+
+    def load_sharded(self, source) -> torch.nn.Module | None:
+        """Under a process group: the model of ``source`` (``engine.loading.ModelSource``) read by rank 0
+        and sent to every rank as FSDP2 shards; None in one process (the caller loads it plainly)."""
+        if self.world_size == 1:
+            return None
+        from fastrlhf.engine.loading import materialize
+        return materialize(self.runtime, source, train=True, precision=self.precision,
+                           offload_params=self.cfg.offload in ("params", "all"))
+
+    def local_rows(self, indices: list[int]) -> tuple[list[int], bool]:
+        """This rank's share of a global batch (every ``world_size``-th row) and whether it is real: a rank
+        left without rows gets the batch's first row to run a zero-weight pass (FSDP2's collectives need
+        every rank in every forward and backward)."""
+        mine = indices[self.runtime.rank::self.world_size] if self.world_size > 1 else list(indices)
+        return (mine, True) if mine else (indices[:1], False)
+
+    def even_micro_batches(self, micro_batches: list[dict], real: bool = True) -> list[dict]:
+        """Pad this rank's micro-batches with zero-weight copies (key ``dummy``) to the largest count on
+        any rank, so every rank runs the same number of forwards and backwards."""
+        if not real:
+            micro_batches = [{**micro_batches[0], "dummy": torch.ones(())}]
+        if self.world_size == 1:
+            return micro_batches
+        n = torch.tensor([len(micro_batches)], device=self.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        pad = [{**micro_batches[0], "dummy": torch.ones(())}] * (int(n) - len(micro_batches))
+        return micro_batches + pad
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return value
+        out = value.detach().clone().to(self.device)
+        torch.distributed.all_reduce(out)
+        return out
 
     def prepare_data(self, kind: str, train_rows: list[dict] | None, eval_rows: list[dict] | None) -> None:
         """Validate and featurize (``self._features``) the train and eval rows, from memory or from
@@ -534,10 +641,12 @@ class StepTrainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler,
                                          num_training_steps=self.total_steps, warmup_ratio=cfg.warmup_ratio)
-        self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
+        self.logger = MetricsLoggerLazy(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                        enabled=self.is_main)
         check_max_length(cfg, self.model)
 
     @property
@@ -574,7 +683,8 @@ class StepTrainer:
                 return json.loads(self.result_path.read_text())  # the run already finished: same answer
         start = self._resume() if self.cfg.resume else self._fresh()
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=start, desc=self.stage, disable=not self.cfg.progress)
+        bar = tqdm(total=self.total_steps, initial=start, desc=self.stage,
+                   disable=not (self.cfg.progress and self.is_main))
         for step in range(start + 1, self.total_steps + 1):
             t0 = time.perf_counter()
             stats = self.last_stats = self.train_step(self.batch_indices(step))
@@ -604,15 +714,36 @@ class StepTrainer:
             self.logger.log(self.total_steps, metrics, stage=self.stage)
         if getattr(self, "last_stats", None) and "loss" in self.last_stats:
             metrics = {"train_loss": float(self.last_stats["loss"]), **metrics}
-        with atomic_save_dir(self.final_dir) as tmp:
-            self.save_model(tmp)
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.result_path.write_text(json.dumps(result, indent=2) + "\n")
+        if self.fsdp:  # a collective export: every rank gathers, rank 0 writes
+            self._save_final_sharded()
+        else:
+            with atomic_save_dir(self.final_dir) as tmp:
+                self.save_model(tmp)
+        if self.is_main:
+            self.result_path.write_text(json.dumps(result, indent=2) + "\n")
+            # The run is complete (a re-run returns result_path): step checkpoints, with their optimizer
+            # state (2x the weights for AdamW), are no longer needed.
+            shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
         self.logger.close()
-        # The run is complete (a re-run returns result_path): step checkpoints, with their optimizer
-        # state (2x the weights for AdamW), are no longer needed.
-        shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+        if self.runtime is not None:
+            self.runtime.barrier()
         return result
+
+    def _save_final_sharded(self) -> None:
+        tmp = self.final_dir.parent / f".tmp-{self.final_dir.name}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.runtime.barrier()
+        self.save_model(tmp)  # collective: FSDP2 shards gathered a bucket at a time, rank 0 writes
+        self.runtime.barrier()
+        if self.is_main:
+            old = self.final_dir.parent / f".old-{self.final_dir.name}"
+            if self.final_dir.exists():
+                os.replace(self.final_dir, old)
+            os.replace(tmp, self.final_dir)
+            shutil.rmtree(old, ignore_errors=True)
 
     def _config_dict(self) -> dict:
         return config_snapshot(self.cfg, RESUMABLE_KEYS)
@@ -627,17 +758,43 @@ class StepTrainer:
                           hint="use another output_dir or resume=false")
 
     def _checkpoint(self, step: int) -> None:
+        if self.fsdp:  # DCP: every rank writes its shards of the model and the AdamW state
+            from fastrlhf.engine import checkpoint as dcp_ckpt
+            dcp_ckpt.save_checkpoint(checkpoint_dir(self.out, step), models={"model": self.model},
+                                     optimizers={"model": (self.model, self.optimizer)},
+                                     state={"step": step, "scheduler": self.scheduler.state_dict()})
+            dcp_ckpt.prune_checkpoints(self.out / CHECKPOINTS, self.cfg.keep_checkpoints)
+            return
         with atomic_save_dir(checkpoint_dir(self.out, step)) as tmp:
             self.save_model(tmp)
             save_trainer_state(tmp, step=step, optimizer=self.optimizer, scheduler=self.scheduler)
         prune_checkpoints(self.out, self.cfg.keep_checkpoints)
 
     def _fresh(self) -> int:
-        truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=0)
-        write_config(self.config_path, self._config_dict())
+        if self.is_main:
+            truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=0)
+            write_config(self.config_path, self._config_dict())
+        if self.runtime is not None:
+            self.runtime.barrier()
         return 0
 
+    def _resume_sharded(self) -> int:
+        from fastrlhf.engine import checkpoint as dcp_ckpt
+        ckpt = dcp_ckpt.latest_checkpoint(self.out / CHECKPOINTS)
+        if ckpt is None:
+            return self._fresh()
+        state = dcp_ckpt.load_checkpoint(ckpt, models={"model": self.model},
+                                         optimizers={"model": (self.model, self.optimizer)})
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.is_main:
+            truncate_metrics(self.out / "metrics.jsonl", stage=self.stage, after_step=state["step"])
+            print(f"[fastrlhf] {self.stage}: resuming from {ckpt} (step {state['step']} of {self.total_steps})")
+        self.runtime.barrier()
+        return int(state["step"])
+
     def _resume(self) -> int:
+        if self.fsdp:
+            return self._resume_sharded()
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return self._fresh()
@@ -652,12 +809,14 @@ class StepTrainer:
 class MetricsLoggerLazy:
     """A ``MetricsLogger`` opened on first use, so a finished or failing run does not create files."""
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool, wandb: bool = False):
+    def __init__(self, out_dir: Path, *, tensorboard: bool, wandb: bool = False, enabled: bool = True):
         self.out_dir, self.tensorboard, self.wandb, self._logger = out_dir, tensorboard, wandb, None
+        self.enabled = enabled
 
     def log(self, step: int, values: dict, *, stage: str) -> dict:
         if self._logger is None:
-            self._logger = MetricsLogger(self.out_dir, tensorboard=self.tensorboard, wandb=self.wandb)
+            self._logger = MetricsLogger(self.out_dir, tensorboard=self.tensorboard, wandb=self.wandb,
+                                         enabled=self.enabled)
         return self._logger.log(step, values, stage=stage)
 
     def close(self) -> None:

@@ -144,5 +144,6 @@ def stage_cli(config_cls, trainer_cls, config_path: str, overrides) -> int:
     with output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         pin_threads(cfg.num_threads, device)
         result = trainer_cls(cfg).train()
-    print(f"[fastrlhf] {stage} done: {Path(cfg.output_dir) / 'final'}  {result}", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one closing line (rank 0 writes the files)
+        print(f"[fastrlhf] {stage} done: {Path(cfg.output_dir) / 'final'}  {result}", flush=True)
     return 0

@@ -20,6 +20,8 @@ its update; evaluation on held-out prompts and the end of a run live in ``ppo_ev
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -33,19 +35,22 @@ from fastrlhf.algo import (
     FixedKLController,
     RunningMoments,
     StepKLController,
+    compute_advantages,
+    filter_groups,
+    needs_critic,
     normalize_rewards,
     token_rewards,
 )
 from fastrlhf.config import RunError
 from fastrlhf.data import prompt_features
 from fastrlhf.engine import runtime as rt
-from fastrlhf.kernels import gae, masked_mean, masked_var, masked_whiten, ppo_value_loss
+from fastrlhf.kernels import masked_mean, masked_var, masked_whiten, ppo_value_loss
 from fastrlhf.models.policy import PolicyWithLoss
 from fastrlhf.rollout.base import SamplingParams
 from fastrlhf.rollout.budget import check_rollout_against_model, config_dict
 from fastrlhf.rollout.correction import apply_tis, missing_eos_penalty, tis_weights
 from fastrlhf.telemetry.metrics import MetricsLogger
-from fastrlhf.trainers import common, ppo_eval
+from fastrlhf.trainers import common, ppo_checkpoint, ppo_eval
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch, count_units, loss_weight, split_rows
 from fastrlhf.trainers.ppo_checks import (  # noqa: F401  (re-exported)
     PPO_BOOKKEEPING,
@@ -59,9 +64,6 @@ from fastrlhf.trainers.ppo_config import EarlyStopConfig, KLConfig, PPOConfig, R
 from fastrlhf.trainers.ppo_state import (
     drop_rows_after,
     early_stop_rule,
-    load_ppo_checkpoint,
-    save_policy,
-    save_ppo_checkpoint,
 )
 
 __all__ = ["PPOTrainer", "PPOConfig", "RolloutConfig", "KLConfig", "EarlyStopConfig", "cli_main"]
@@ -89,6 +91,18 @@ def build_kl_controller(cfg: KLConfig):
     return FixedKLController(cfg.init_coef)
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model.eval()`` inside (HF generate keeps its KV cache only outside checkpointed train mode);
+    the previous mode after. Dropout is 0 either way, so the function computed is the same."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 class PPOTrainer:
     """``PPOTrainer(config, actor=, ref=, reward_model=, critic=, tokenizer=, prompts=).train()``.
 
@@ -99,6 +113,10 @@ class PPOTrainer:
     scorer logged as ``gold_reward``; it never feeds the rewards. ``eval_prompts`` / ``eval_texts``:
     held-out prompts for ``config.eval_every`` (``evaluate``). After ``train()``, ``finish()`` writes
     ``final/``, ``critic/``, ``ppo_result.json`` and ``plots/``.
+    ``reward_fns`` (a ``fastrlhf.algo.RewardFunctions``): Python reward functions added to the reward
+    model's score (``reward_model`` may then be None); ``prompt_fields``: one dict per prompt (the other
+    fields of its data row, e.g. ``answer``) handed to them. With a critic-free ``advantage_estimator``
+    pass ``critic=None``: no critic, no value head, no value loss.
     """
 
     def __init__(
@@ -116,6 +134,8 @@ class PPOTrainer:
         gold_fn: Callable | None = None,
         output_dir: str | Path | None = None,
         prompt_texts: Sequence[str] | None = None,
+        reward_fns: Callable | None = None,
+        prompt_fields: Sequence[dict] | None = None,
         eval_prompts: Sequence | None = None,
         eval_texts: Sequence[str] | None = None,
     ):
@@ -124,8 +144,15 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.gold_fn = gold_fn
         self.output_dir = Path(output_dir or cfg.output_dir)
-        if cfg.shared_critic == (critic is not None):
+        self.critic_free = not needs_critic(cfg.advantage_estimator)
+        if self.critic_free and critic is not None:
+            raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} is critic-free: "
+                             "pass critic=None")
+        if not self.critic_free and cfg.shared_critic == (critic is not None):
             raise ValueError("pass critic=None exactly when config.shared_critic is True")
+        if reward_model is None and reward_fns is None:
+            raise ValueError("PPOTrainer needs a reward_model, reward_fns, or both")
+        self.reward_fns = reward_fns
         check_ppo_config(cfg, self.output_dir)  # before any model is touched
         if critic is not None:
             init_critic_head(critic, reward_model)
@@ -138,23 +165,26 @@ class PPOTrainer:
             else PolicyWithLoss(actor, shared_critic=cfg.shared_critic, **wrap)
         )
         ref = ref if isinstance(ref, PolicyWithLoss) else PolicyWithLoss(ref, **wrap)
+        # Actor and critic stay in train mode (HF gradient checkpointing runs only there) with every dropout
+        # probability at 0: old log-probs, values and the first epoch's new ones come from the same
+        # function, so the PPO ratio starts at exactly 1.
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
-            self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model
+            self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model,
+            precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing, offload=cfg.offload,
         )
-        # Dropout off in every model, training included: old log-probs, values and the first epoch's
-        # new ones must come from the same function, or the PPO ratio starts away from 1.
-        for model in (self.actor, self.critic):
-            if model is not None:
-                model.eval()
         self._setup_prompts(prompts, prompt_texts)
         self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)
         engine_kwargs = self._rollout_kwargs()  # checked even when an engine is passed in
         self.rollout = rollout or rt.make_rollout(self.runtime, cfg.rollout.backend, self.actor, tokenizer,
                                                   **engine_kwargs)
+        fields = list(prompt_fields) if prompt_fields is not None else [{} for _ in prompts]
+        if len(fields) != len(prompts):
+            raise ValueError(f"{len(fields)} prompt_fields for {len(prompts)} prompts")
+        self.prompt_fields = fields[self.runtime.rank :: self.runtime.world_size]
         self._setup_optim()
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.moments = RunningMoments()
-        self.counters = {"skipped_rollouts": 0, "skipped_steps": 0}
+        self.counters = {"skipped_rollouts": 0, "skipped_steps": 0, "reward_errors": 0}
         self.warned_non_finite = False
         self.stop_state = {
             "base_length": None,
@@ -204,13 +234,10 @@ class PPOTrainer:
         cfg = self.config
         rows = cfg.rollout_batch_size * cfg.rollout.n  # minibatch_size counts responses
         steps = cfg.iterations * cfg.ppo_epochs * math.ceil(rows / cfg.minibatch_size)
-        self.optimizers = {
-            "actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, weight_decay=cfg.weight_decay)
-        }
+        adam = dict(weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+        self.optimizers = {"actor": common.build_optimizer(self.actor, lr=cfg.actor_lr, **adam)}
         if self.critic is not None:
-            self.optimizers["critic"] = common.build_optimizer(
-                self.critic, lr=cfg.critic_lr, weight_decay=cfg.weight_decay
-            )
+            self.optimizers["critic"] = common.build_optimizer(self.critic, lr=cfg.critic_lr, **adam)
         self.schedulers = {
             k: common.build_scheduler(
                 o, cfg.lr_scheduler, num_training_steps=max(steps, 1), warmup_ratio=cfg.warmup_ratio
@@ -237,7 +264,7 @@ class PPOTrainer:
 
     def save_final(self, directory: str | Path | None = None) -> Path:
         """The trained policy in HF format (default ``output_dir/final``)."""
-        return save_policy(self, directory or self.output_dir / "final")
+        return ppo_checkpoint.export_policy(self, directory or self.output_dir / "final")
 
     # ---------------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
@@ -264,7 +291,7 @@ class PPOTrainer:
             if self.eval_prompt_ids and cfg.eval_every and ((it + 1) % cfg.eval_every == 0 or last):
                 self.evaluate(it + 1)
             if (it + 1) % cfg.checkpoint_every == 0 or last:
-                save_ppo_checkpoint(self, it + 1)
+                ppo_checkpoint.save_sharded(self, it + 1)
         self.logger.close()
         return self.history
 
@@ -274,14 +301,19 @@ class PPOTrainer:
         prompts = [self.prompt_ids[i] for i in prompt_rows]
         self._refill_engine()
         # 1. generate
-        with sched.phase("generate"):
+        with sched.phase("generate"), _eval_mode(self.actor):  # KV cache on, no checkpointing
             gen = self.rollout.generate(prompts, self._sampling_params(it))
         batch = build_batch(prompts, gen, pad_token_id=self.tokenizer.pad_token_id,
                             device=self.runtime.device, eos_token_ids=self.eos_token_ids)
         trunc = {"truncated_fraction": batch.truncated.float().mean()}
         # 2. score (rows with a non-finite score, log-prob or value are dropped, the rest trains)
         with sched.phase("score"):
-            scores, score_stats = self.score(batch)
+            # rollout.n responses per prompt (rows of a prompt adjacent): the prompt row of every response
+            scores, score_stats = self.score(batch, [prompt_rows[g] for g in batch.group.tolist()])
+            if self._reward_functions_failed(score_stats):  # a reward function raised: skip the rollout
+                self.counters["skipped_rollouts"] += 1
+                return self._log(it, {"skipped_rollouts": self.counters["skipped_rollouts"],
+                                      "reward_errors": self.counters.get("reward_errors", 0)})
             self._check_dropped(it, score_stats)
             kl_stats = self.advantages(batch, scores)
         # the early-stop rules judge this rollout (the current policy) before its update is applied
@@ -290,7 +322,7 @@ class PPOTrainer:
                              batch=batch)
         # 3. train
         with sched.phase("train"):
-            train_stats = self.train_epochs(batch, it)
+            train_stats = self.train_epochs(self._filtered(batch, scores), it)
         kl_now = float(kl_stats["kl"])
         self.kl_ctl.update(kl_now, n_steps=batch.size * self.runtime.world_size)
         # 4. sync
@@ -331,20 +363,30 @@ class PPOTrainer:
         )
 
     @torch.no_grad()
-    def score(self, batch: PPOBatch) -> tuple[torch.Tensor, dict]:
-        """Fill old / ref log-probs and values of ``batch``; return RM scores ``[B]`` and score stats."""
+    def score(self, batch: PPOBatch, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
+        """Fill old / ref log-probs and values of ``batch``; return scores ``[B]`` (reward model plus reward
+        functions of the prompts ``rows``) and score stats."""
         ids, attn, p_len, mask = batch.input_ids, batch.attention_mask, batch.prompt_len, batch.mask
         # micro-batches of micro_batch_size rows, as in training: activations here must fit the same budget
         parts = [self._score_rows(ids[r], attn[r], p_len)
                  for r in split_rows(torch.arange(batch.size, device=ids.device), self.config.micro_batch_size)]
-        old_lp, entropy, values, scores, ref_lp = (torch.cat(x) for x in zip(*parts, strict=True))
+        old_lp, entropy, values, scores, ref_lp = (
+            torch.cat(x) if x[0] is not None else None for x in zip(*parts, strict=True))
         zero = torch.zeros((), device=ids.device)
+        if scores is None:  # no reward model: the reward functions alone
+            scores = torch.zeros(batch.size, device=ids.device)
+        fn_failed = None
+        if self.reward_fns is not None:
+            fn_scores = self._function_rewards(batch, rows)
+            fn_failed = torch.tensor(float(fn_scores is None))
+            if fn_scores is not None:
+                scores = scores + fn_scores.to(scores.device)
         keep = drop_non_finite_rows(mask, scores, old_lp, ref_lp, values)
         batch.mask = mask = mask & keep[:, None]
         scores = torch.where(keep, scores, zero)
         batch.old_logprobs = torch.where(mask, old_lp, zero)
         batch.ref_logprobs = torch.where(mask, ref_lp, zero)
-        batch.old_values = torch.where(mask, values, zero)
+        batch.old_values = torch.where(mask, values, zero) if values is not None else torch.zeros_like(old_lp)
         batch.keep = keep
         diff = (batch.sampler_logprobs - batch.old_logprobs).abs()
         n_keep = keep.sum().float()
@@ -358,18 +400,48 @@ class PPOTrainer:
             "logprob_mismatch_max": torch.where(mask, diff, zero).max(),
             "dropped_rows": (~keep).sum().float(),
         }
+        if fn_failed is not None:
+            stats["reward_fn_failed"] = fn_failed
         return scores, stats
 
     def _score_rows(self, ids, attn, p_len: int):
         """Actor log-probs and entropy, values, RM scores and reference log-probs of some rows."""
+        with common.autocast(self.runtime.device, self.runtime.autocast_bf16):
+            return self._score_rows_fwd(ids, attn, p_len)
+
+    def _score_rows_fwd(self, ids, attn, p_len: int):
         pk = self._packing
         old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.actor))
         ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.ref))
         if self.critic is not None:
             values = self.critic(ids, attn, **pk(self.critic))[:, p_len - 1 : -1].float()
-        scores = self.reward_model(ids, attn, **pk(self.reward_model)).float()
+        scores = (self.reward_model(ids, attn, **pk(self.reward_model)).float()
+                  if self.reward_model is not None else None)
         normalize = getattr(self.reward_model, "normalize", None)  # the RM's saved mean/std (RewardModel)
         return old_lp, entropy, values, normalize(scores) if normalize else scores, ref_lp
+
+    def _responses(self, batch: PPOBatch) -> list[str]:
+        return [self.tokenizer.decode(r[m], skip_special_tokens=True)
+                for r, m in zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)]
+
+    def _function_rewards(self, batch: PPOBatch, rows: Sequence[int] | None) -> torch.Tensor | None:
+        """The reward functions' scores ``[B]``; None when one raised or returned a non-finite value
+        (``RewardFunctions`` logged the error once; the rollout is then skipped and counted)."""
+        rows = list(rows) if rows is not None else list(range(batch.size))
+        fields = [{"prompt": self.prompt_texts[i], **self.prompt_fields[i]} for i in rows]
+        before = self.reward_fns.errors
+        scores = self.reward_fns([self.prompt_texts[i] for i in rows], self._responses(batch), fields)
+        # .get: a checkpoint written before reward functions existed has no such counter
+        failed = self.reward_fns.errors - before
+        self.counters["reward_errors"] = self.counters.get("reward_errors", 0) + failed
+        return scores if self.reward_fns.errors == before else None
+
+    def _reward_functions_failed(self, stats: dict) -> bool:
+        """Whether a reward function failed on any rank (all ranks then skip the rollout together)."""
+        failed = stats.pop("reward_fn_failed", None)
+        if failed is None:
+            return False
+        return float(self.runtime.all_reduce_mean(failed.float().to(self.runtime.device))) > 0
 
     def _packing(self, model) -> dict:
         """``{"packing": True}`` for models with a packed forward when ``config.packing`` (else ``{}``)."""
@@ -405,7 +477,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def advantages(self, batch: PPOBatch, scores: torch.Tensor) -> dict:
-        """normalize_rewards -> token_rewards -> gae -> whitening; fills batch.advantages / returns."""
+        """normalize_rewards -> token_rewards -> the advantage estimator (``gae`` then whitening, or a
+        critic-free one) -> DAPO's group filter; fills batch.advantages / returns."""
         cfg, mask = self.config, batch.mask
         if cfg.missing_eos_penalty:  # responses cut at max_new_tokens: the RM never saw them unfinished
             scores = missing_eos_penalty(scores, batch.truncated, cfg.missing_eos_penalty)
@@ -422,15 +495,21 @@ class PPOTrainer:
         rewards, _ = token_rewards(
             norm, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef=self.kl_ctl.value, kl_kind=cfg.kl.kind
         )
-        adv, ret = gae(
-            rewards, batch.old_values, mask, gamma=cfg.gamma, lam=cfg.lam, backend=cfg.kernel_backend
+        adv, ret = compute_advantages(
+            cfg.advantage_estimator, scores=norm, rewards=rewards, values=batch.old_values, mask=mask,
+            group_size=cfg.rollout.n, gamma=cfg.gamma, lam=cfg.lam, norm_std=cfg.grpo_norm_std,
+            whiten=self._whiten, backend=cfg.kernel_backend,
         )
         batch.returns = ret
-        batch.advantages = self._whiten(adv, mask) if cfg.whiten_advantages else adv
+        whiten = cfg.whiten_advantages and not self.critic_free  # critic-free estimators normalise themselves
+        batch.advantages = self._whiten(adv, mask) if whiten else adv
         tis = {}
         if cfg.rollout_correction == "tis":  # loss_t * w_t, folded into A_t (see rollout/correction.py)
             w, tis = tis_weights(batch.old_logprobs, batch.sampler_logprobs, mask, cap=cfg.tis_cap)
             batch.advantages = apply_tis(batch.advantages, w)
+        extra = {}
+        if cfg.filter_groups:
+            extra["filtered_fraction"] = 1.0 - filter_groups(scores, cfg.rollout.n).float().mean()
         # KL to the reference, per sequence: sum over the response of log pi - log ref (k1), mean over rows
         seq_kl = (batch.old_logprobs - batch.ref_logprobs).sum(-1).sum() / keep.sum().clamp(min=1)
         kl = self.runtime.all_reduce_mean(seq_kl)
@@ -442,19 +521,22 @@ class PPOTrainer:
             "advantage_std": masked_var(adv, mask).sqrt(),
             "return_mean": masked_mean(ret, mask),
             "value_mean": masked_mean(batch.old_values, mask),
+            **extra,
             **tis,
         }
 
+    def _filtered(self, batch: PPOBatch, scores: torch.Tensor) -> PPOBatch:
+        """DAPO dynamic sampling (``filter_groups``): rows of groups whose scores are all equal leave the
+        loss (mask cleared). They keep their place, so every rank takes the same number of steps."""
+        if not self.config.filter_groups:
+            return batch
+        keep = filter_groups(scores, self.config.rollout.n)
+        return dataclasses.replace(batch, mask=batch.mask & keep[:, None])
+
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Advantage whitening over the valid tokens of the global batch (all ranks)."""
-        if self.runtime.world_size == 1:
-            return masked_whiten(adv, mask)
-        m = mask.float()
-        moments = torch.stack([m.sum(), (adv * m).sum(), (adv * adv * m).sum()]) * self.runtime.world_size
-        n, s, ss = self.runtime.all_reduce_mean(moments).tolist()
-        mean = s / max(n, 1.0)
-        var = (ss - n * mean * mean) / max(n - 1.0, 1.0)
-        return torch.where(mask, (adv - mean) / math.sqrt(var + 1e-8), torch.zeros_like(adv))
+        group = torch.distributed.group.WORLD if self.runtime.world_size > 1 else None
+        return masked_whiten(adv, mask, group=group)
 
     # ----------------------------------------------------------------------------------------- 3. train
     def train_epochs(self, batch: PPOBatch, it: int) -> dict:
@@ -471,6 +553,8 @@ class PPOTrainer:
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 n += 1
+        for opt in self.optimizers.values():  # free the grads before SYNC / GENERATE / the next SCORE
+            opt.zero_grad(set_to_none=True)
         out = {k: v / n for k, v in totals.items()}
         out["skipped_steps"] = torch.tensor(float(self.counters["skipped_steps"]))
         out["lr_actor"] = torch.tensor(self.schedulers["actor"].get_last_lr()[0])
@@ -487,7 +571,8 @@ class PPOTrainer:
         for rows in split_rows(torch.arange(mb.size, device=mb.mask.device), cfg.micro_batch_size):
             micro = mb.select(rows)
             w = loss_weight(micro.mask, total, cfg.loss_agg)
-            loss, st = self._micro_loss(micro)
+            with common.autocast(self.runtime.device, self.runtime.autocast_bf16):
+                loss, st = self._micro_loss(micro)
             if backward:
                 (w * loss).backward()
             loss_sum = loss_sum + w * loss.detach()
@@ -514,8 +599,12 @@ class PPOTrainer:
             dual_clip=cfg.dual_clip,
             loss_agg=cfg.loss_agg,
             log_ratio_clip=cfg.log_ratio_clip,
+            policy_loss=cfg.policy_loss,
             **self._packing(self.actor),
         )
+        if self.critic_free:
+            stats = {("policy_" + k if k in ("kl", "entropy") else k): v for k, v in stats.items()}
+            return pg_loss, {"pg_loss": pg_loss.detach(), **stats}
         if self.critic is not None:
             values = self.critic(micro.input_ids, micro.attention_mask, **self._packing(self.critic))
             values = values[:, micro.prompt_len - 1 : -1]
@@ -552,10 +641,7 @@ class PPOTrainer:
     def _gold(self, rows: list[int], batch: PPOBatch) -> dict:
         if self.gold_fn is None:
             return {}
-        responses = [
-            self.tokenizer.decode(r[m], skip_special_tokens=True)
-            for r, m in zip(batch.responses.cpu(), batch.mask.cpu(), strict=True)
-        ]
+        responses = self._responses(batch)
         rows = [rows[g] for g in batch.group.tolist()]  # rollout.n responses per prompt
         gold = [self.gold_fn(self.prompt_texts[i], resp) for i, resp in zip(rows, responses, strict=True)]
         return {"gold_reward": torch.tensor(sum(gold) / len(gold))}
@@ -608,10 +694,10 @@ class PPOTrainer:
         self.stop_state = dict(extra["stop_state"])
 
     def _resume(self) -> int:
-        ckpt = common.latest_checkpoint(self.output_dir)
+        ckpt = ppo_checkpoint.latest(self.output_dir)
         if ckpt is None:
             return 0
-        step = load_ppo_checkpoint(self, ckpt)
+        step = ppo_checkpoint.load_sharded(self, ckpt)
         if self.runtime.is_main:
             drop_rows_after(self.logger.path, step)
             drop_rows_after(self.output_dir / "eval_samples.jsonl", step)

@@ -53,13 +53,20 @@ def encode_prompts(rows, tokenizer, cfg, source: str) -> tuple[list[list[int]], 
 
 def check_ppo_cli_config(cfg, config_path: str) -> None:
     """Everything about ``cfg`` that can be checked without loading a model."""
+    from fastrlhf.algo import needs_critic
     from fastrlhf.models.heads import HEAD_FILE
     from fastrlhf.trainers import guard
     from fastrlhf.trainers.ppo import check_ppo_config
 
-    for key in ("model", "reward_model", "data"):
+    for key in ("model", "data"):
         if not getattr(cfg, key):
             raise ConfigError(f"{config_path}: `{key}` is required for `fastrlhf ppo`")
+    if not cfg.reward_model and not cfg.rewards:
+        raise ConfigError(f"{config_path}: `reward_model` or `rewards` is required for `fastrlhf ppo`")
+    critic_free = not needs_critic(cfg.advantage_estimator)
+    if not (critic_free or cfg.shared_critic or cfg.critic_model or cfg.reward_model):
+        raise ConfigError(f"{config_path}: advantage_estimator={cfg.advantage_estimator} needs a critic: set "
+                          "critic_model (or reward_model), or shared_critic: true")
     guard.check_model_dir("model", cfg.model)
     guard.check_model_dir("reward_model", cfg.reward_model, needs=("config.json", HEAD_FILE))
     guard.check_model_dir("critic_model", cfg.critic_model, needs=("config.json", HEAD_FILE))
@@ -71,32 +78,62 @@ def check_ppo_cli_config(cfg, config_path: str) -> None:
 
 def run_from_config(config_path: str, overrides: Sequence[str] = ()) -> int:
     from fastrlhf.data import read_rows
+    from fastrlhf.algo import needs_critic
     from fastrlhf.engine import runtime as rt
-    from fastrlhf.models import RewardModel, ValueModel, load_causal_lm, load_tokenizer
+    from fastrlhf.models import load_tokenizer
     from fastrlhf.trainers import guard
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+    from fastrlhf.trainers.ppo_rewards import build_reward_functions, combine_reward_models, kept_rows
 
     cfg = load_config(PPOConfig, config_path, overrides)
     check_ppo_cli_config(cfg, config_path)
     rows = read_rows(cfg.data, kind="ppo")  # validates every row before any model is loaded
     eval_rows = read_rows(cfg.eval_data, kind="ppo") if cfg.eval_data else None
     tokenizer = load_tokenizer(cfg.model, padding_side="left")
-    prompts, _ = encode_prompts(rows, tokenizer, cfg, cfg.data)
+    prompts, texts = encode_prompts(rows, tokenizer, cfg, cfg.data)
+    kept = kept_rows(rows, texts)  # the rows of the prompts that fit: their fields reach reward functions
     eval_prompts, eval_texts = (encode_prompts(eval_rows, tokenizer, cfg, cfg.eval_data) if eval_rows
                                 else (None, None))
     with guard.output_dir_lock(cfg.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         runtime = rt.init_runtime()
         guard.pin_threads(cfg.num_threads, runtime.device)
-        actor = load_causal_lm(cfg.model, dtype=cfg.dtype)
-        ref = load_causal_lm(cfg.model, dtype=cfg.dtype)
-        reward_model = RewardModel.from_pretrained(cfg.reward_model, dtype=cfg.dtype)
-        critic = (None if cfg.shared_critic
-                  else ValueModel.from_pretrained(cfg.critic_model or cfg.reward_model, dtype=cfg.dtype))
+        reward_fns = build_reward_functions(cfg, source=config_path)  # before any model loads
+        with_critic = not cfg.shared_critic and needs_critic(cfg.advantage_estimator)
+        actor, critic, ref, main_rm = load_ppo_models(cfg, runtime, critic=with_critic)  # one after another
+        reward_model = combine_reward_models(cfg, main_rm, dtype=cfg.dtype, source=config_path)
         trainer = PPOTrainer(cfg, actor=actor, ref=ref, reward_model=reward_model, critic=critic,
                              tokenizer=tokenizer, prompts=prompts, runtime=runtime,
-                             eval_prompts=eval_prompts, eval_texts=eval_texts)
+                             eval_prompts=eval_prompts, eval_texts=eval_texts, reward_fns=reward_fns,
+                             prompt_texts=texts, prompt_fields=[{k: v for k, v in r.items() if k != "prompt"}
+                                                                for r in kept])
         trainer.train()
         result = trainer.finish()
     if runtime.is_main:
         print(f"[fastrlhf] ppo done: {Path(cfg.output_dir) / 'final'}  {result}", flush=True)
     return 0
+
+
+def load_ppo_models(cfg, runtime, *, critic: bool = True):
+    """Actor, critic (None unless ``critic``), reference and reward model (None without ``reward_model``: reward
+    functions or ``rewards`` entries only), loaded one after another:
+    rank 0 reads each checkpoint, the other ranks build on the meta device and receive their FSDP2
+    shards (``fastrlhf.engine.loading``); frozen models arrive in the compute dtype."""
+    from fastrlhf.engine.loading import causal_lm_source, head_model_source, materialize
+    from fastrlhf.engine.precision import resolve_precision
+    from fastrlhf.models import RewardModel, ValueModel
+    from fastrlhf.models.policy import PolicyWithLoss
+
+    precision = resolve_precision(cfg.precision, runtime.device)
+    wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
+    offload = cfg.offload in ("params", "all")
+    actor = materialize(runtime, causal_lm_source(
+        cfg.model, wrap=lambda m: PolicyWithLoss(m, shared_critic=cfg.shared_critic, **wrap)),
+        train=True, precision=precision, offload_params=offload)
+    critic = None if not critic else materialize(
+        runtime, head_model_source(cfg.critic_model or cfg.reward_model, ValueModel), train=True,
+        precision=precision, offload_params=offload)
+    ref = materialize(runtime, causal_lm_source(cfg.model, wrap=lambda m: PolicyWithLoss(m, **wrap)),
+                      train=False, precision=precision)
+    reward = None if not cfg.reward_model else materialize(
+        runtime, head_model_source(cfg.reward_model, RewardModel), train=False, precision=precision)
+    return actor, critic, ref, reward

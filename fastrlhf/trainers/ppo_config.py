@@ -93,6 +93,19 @@ class EarlyStopConfig:
 
 
 @dataclass(frozen=True)
+class RewardSpec:
+    """One entry of ``rewards``: a Python function ``"module:name"`` (``fn(prompts, responses, **row) ->
+    list[float]``) or reward model directories (one, or several combined as ``RewardEnsemble`` does by
+    ``reduce``: ``mean`` | ``min`` | ``mean_minus_std`` with ``k``), with its ``weight`` in the sum."""
+
+    function: str = ""
+    reward_model: tuple[str, ...] = ()
+    reduce: str = "mean"
+    k: float = 1.0
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     # what to train (``fastrlhf ppo``; the demo builds models in memory and ignores these)
     model: str = ""
@@ -100,7 +113,12 @@ class PPOConfig:
     critic_model: str | None = None  # None: initialise the critic from the reward model
     data: str = ""
     output_dir: str = "runs/ppo"
-    dtype: str = "float32"
+    dtype: str | None = None  # deprecated alias of precision (bfloat16 / float32), removed in 0.3
+    precision: str = "auto"  # auto | bf16 | fp32 (fastrlhf.engine.precision)
+    gradient_checkpointing: bool = False  # actor and critic (kept in train mode with dropout 0)
+    offload: str = "auto"  # auto | none | optimizer | params | all
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
     max_prompt_length: int = 512
     drop_overlong: bool = True  # prompts over max_prompt_length: dropped with a count (False: an error)
     eval_data: str | None = None  # held-out prompts ({"prompt"} rows) for eval_every
@@ -128,6 +146,12 @@ class PPOConfig:
     loss_agg: str = "token-mean"
     reward_norm: str = "running"
     reward_clip: float | None = 10.0
+    # algorithm (fastrlhf.algo registries): critic-free estimators build no critic and no value loss
+    advantage_estimator: str = "gae"  # gae | grpo | rloo | reinforce_pp | reinforce_pp_baseline
+    grpo_norm_std: bool = True  # false: Dr. GRPO (no division by the group std)
+    policy_loss: str = "ppo"  # ppo | gspo
+    rewards: tuple[RewardSpec, ...] = ()  # added to the reward_model's score (weight 1), if any
+    filter_groups: bool = False  # DAPO dynamic sampling: groups whose scores are all equal get no loss
     # optimisation
     actor_lr: float = 2e-6
     critic_lr: float = 1e-5
@@ -183,7 +207,7 @@ class PPOConfig:
             (self.log_ratio_clip is None or self.log_ratio_clip > 0, "log_ratio_clip must be > 0 (or null)"),
         ]
         checks += [
-            (self.dtype in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),
+            (self.dtype is None or self.dtype in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),
              f"dtype must be float32|bfloat16|float16|auto, got {self.dtype!r}"),
             (self.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
             (self.eval_every >= 0 and self.eval_samples >= 0, "eval_every and eval_samples must be >= 0"),
@@ -197,5 +221,35 @@ class PPOConfig:
             if not ok:
                 raise ConfigError(f"PPOConfig: {message}")
         from fastrlhf.rollout.budget import check_lengths
+        from fastrlhf.trainers.common import validate_scale_keys
 
         check_lengths(self.max_prompt_length, self.rollout)  # max_model_len vs prompt + response
+        validate_scale_keys(self)
+        self._check_algorithm()
+
+    def _check_algorithm(self):
+        from fastrlhf.algo import adv_estimator_names, needs_critic, policy_loss_names
+
+        if self.advantage_estimator not in adv_estimator_names():
+            raise ConfigError(f"PPOConfig: advantage_estimator must be one of {adv_estimator_names()}, "
+                              f"got {self.advantage_estimator!r}")
+        if self.policy_loss not in policy_loss_names():
+            raise ConfigError(f"PPOConfig: policy_loss must be one of {policy_loss_names()}, "
+                              f"got {self.policy_loss!r}")
+        if self.rollout.n < 1:
+            raise ConfigError(f"PPOConfig: rollout.n must be >= 1, got {self.rollout.n}")
+        grouped = self.advantage_estimator in ("grpo", "rloo", "reinforce_pp_baseline") or self.filter_groups
+        if grouped and self.rollout.n < 2:
+            what = ("filter_groups" if self.filter_groups
+                    else f"advantage_estimator={self.advantage_estimator}")
+            raise ConfigError(f"PPOConfig: {what} compares the responses of a prompt: set rollout.n >= 2")
+        if not needs_critic(self.advantage_estimator) and self.shared_critic:
+            raise ConfigError(f"PPOConfig: advantage_estimator={self.advantage_estimator} is critic-free; "
+                              "shared_critic must be false")
+        for i, r in enumerate(self.rewards):
+            if bool(r.function) == bool(r.reward_model):
+                raise ConfigError(f"PPOConfig: rewards[{i}] needs exactly one of 'function' or "
+                                  "'reward_model'")
+            if r.reduce not in ("mean", "min", "mean_minus_std"):
+                raise ConfigError(f"PPOConfig: rewards[{i}].reduce must be mean, min or mean_minus_std, "
+                                  f"got {r.reduce!r}")

@@ -22,7 +22,7 @@ from fastrlhf.algo import bradley_terry_loss, expected_calibration_error
 from fastrlhf.config import ConfigError
 from fastrlhf.data import pad_batch, preference_features
 from fastrlhf.models.heads import HEAD_FILE, RewardModel, load_head_model
-from fastrlhf.models.loading import load_tokenizer, resolve_dtype
+from fastrlhf.models.loading import load_tokenizer
 from fastrlhf.models.multihead import MultiHeadRewardModel
 from fastrlhf.telemetry.report import plot_reward_histogram
 from fastrlhf.trainers import common
@@ -105,18 +105,23 @@ def score_pairs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, devic
 
 
 def accumulate_reward_gradients(model, micro_batches: list[dict], *, device: torch.device, bf16: bool = False,
-                                use_margin: bool = True, center_coef: float = 0.0) -> dict[str, torch.Tensor]:
+                                use_margin: bool = True, center_coef: float = 0.0, total: int | None = None,
+                                grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Forward + backward of the batch-mean BT loss over micro-batches (each weighted by its share of
-    pairs, so the gradient equals one big batch's). Returns detached ``loss``, ``accuracy``, ``margin``."""
-    total = sum(int(mb["margin"].shape[0]) for mb in micro_batches)
+    pairs, so the gradient equals one big batch's). Returns detached ``loss``, ``accuracy``, ``margin``.
+    Data parallel: ``total`` is the global pair count, ``grad_scale`` the world size (FSDP2 averages
+    gradients), and the returned stats this rank's shares (summed over ranks: the batch means). A
+    micro-batch with the key ``dummy`` runs forward and backward with weight 0."""
+    if total is None:
+        total = sum(int(mb["margin"].shape[0]) for mb in micro_batches if "dummy" not in mb)
     out = {k: torch.zeros((), device=device) for k in ("loss", "accuracy", "margin", "center")}
     for mb in micro_batches:
         chosen, rejected = score_pairs(model, mb, device=device, bf16=bf16)
-        share = chosen.shape[0] / total
+        share = 0.0 if "dummy" in mb else chosen.shape[0] / total
         margin = mb["margin"].to(device) if use_margin else None
         loss, acc, gap = bradley_terry_loss(chosen, rejected, margin)
         center = ((chosen + rejected) ** 2).mean()
-        ((loss + center_coef * center) * share).backward()
+        ((loss + center_coef * center) * (share * grad_scale)).backward()
         for k, v in (("loss", loss), ("accuracy", acc), ("margin", gap), ("center", center)):
             out[k] += v.detach() * share
     return out
@@ -172,15 +177,18 @@ class RewardTrainer(common.StepTrainer):
 
     stage = STAGE
 
-    def __init__(self, config: RewardConfig, model=None, tokenizer=None, train_rows=None, eval_rows=None):
+    def __init__(self, config: RewardConfig, model=None, tokenizer=None, train_rows=None, eval_rows=None,
+                 runtime=None):
         self.cfg = cfg = config
-        self.device = common.pick_device(cfg.device)
+        self.setup_runtime(runtime)
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("rm", train_rows, eval_rows)
-        self.model = common.maybe_apply_lora(cfg, self._build_model(model)).to(self.device)
-        if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        if model is None and self.world_size > 1:  # rank 0 reads, the others receive their shards
+            from fastrlhf.engine.loading import ModelSource
+            model = self.load_sharded(ModelSource(build=self._build_empty, load=lambda: self._build_model(None)))
+        common.check_lora_unsharded(cfg, self.fsdp)
+        self.model = self.place_model(common.maybe_apply_lora(cfg, self._build_model(model)))
         self.setup_loop()
 
     def _build_model(self, model) -> RewardModel | MultiHeadRewardModel:
@@ -190,7 +198,7 @@ class RewardTrainer(common.StepTrainer):
                 raise ValueError(f"the model passed in has heads {getattr(model, 'heads', None)}, "
                                  f"the config {heads}")
             return model
-        dtype = resolve_dtype(self.cfg.dtype) or torch.float32
+        dtype = torch.float32  # fp32 masters; bf16 compute comes from precision
         if model is None and (Path(self.cfg.model) / HEAD_FILE).is_file():  # continue from a reward model
             return self._build_model(load_head_model(self.cfg.model, dtype=dtype))
         if model is None:
@@ -199,6 +207,23 @@ class RewardTrainer(common.StepTrainer):
         if heads:
             return MultiHeadRewardModel(model, heads, self.cfg.head_weights or None)
         return RewardModel(model)
+
+    def _build_empty(self):
+        """The model's structure from the configs alone (built on the meta device by engine.loading)."""
+        import json
+
+        from transformers import AutoConfig
+        path = Path(self.cfg.model)
+        config = AutoConfig.from_pretrained(self.cfg.model)
+        body = AutoModel.from_config(config, dtype=torch.float32)
+        if (path / HEAD_FILE).is_file():
+            meta = json.loads((path / HEAD_FILE).read_text())
+            if meta.get("class") == "MultiHeadRewardModel":
+                return MultiHeadRewardModel(body, meta["heads"])
+            return RewardModel(body, reward_mean=meta.get("reward_mean"), reward_std=meta.get("reward_std"))
+        if self.cfg.heads:
+            return MultiHeadRewardModel(body, self.cfg.heads, self.cfg.head_weights or None)
+        return RewardModel(body)
 
     def _features(self, rows: list[dict], source: str) -> list[dict]:
         return common.featurize(rows, lambda r: pair_features(r, self.tokenizer, self.cfg.max_length,
@@ -212,17 +237,23 @@ class RewardTrainer(common.StepTrainer):
         return [pair_batch(features[i:i + mbs], pad) for i in range(0, len(features), mbs)]
 
     def train_step(self, indices: list[int]) -> dict:
-        batch = self.micro_batches([self.train_features[i] for i in indices])
-        stats = accumulate_reward_gradients(self.model, batch, device=self.device, bf16=self.cfg.bf16,
+        """One optimizer step on the global batch of pairs ``indices``: this rank's pairs, weighted by
+        their share of all ranks' pairs."""
+        rows, real = self.local_rows(indices)
+        batch = self.even_micro_batches(self.micro_batches([self.train_features[i] for i in rows]), real)
+        stats = accumulate_reward_gradients(self.model, batch, device=self.device, bf16=self.autocast_bf16,
                                             use_margin=self.cfg.use_margin,
-                                            center_coef=self.cfg.center_rewards_coef)
+                                            center_coef=self.cfg.center_rewards_coef,
+                                            total=len(indices) if self.world_size > 1 else None,
+                                            grad_scale=float(self.world_size))
+        stats = {k: self.all_reduce_sum(v) for k, v in stats.items()}
         return {**stats, **self.optimizer_step()}
 
     def evaluate(self, features: list[dict] | None = None) -> dict:
         features = self.eval_features if features is None else features
         if not features:
             return {}
-        s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.cfg.bf16)
+        s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.autocast_bf16)
         self.last_scores = (s["chosen"], s["rejected"])
         metrics = preference_metrics(s["chosen"], s["rejected"], s["margin"] if self.cfg.use_margin else None,
                                      n_bins=self.cfg.ece_bins)
@@ -239,7 +270,7 @@ class RewardTrainer(common.StepTrainer):
         features = self.eval_features or self.train_features
         metrics = self.evaluate(features)
         if self.cfg.heads:  # normalisation stats of the score PPO will see: the weighted combination
-            s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.cfg.bf16,
+            s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.autocast_bf16,
                           combined=True)
             both = torch.cat([s["chosen"], s["rejected"]])
             metrics.update(reward_mean=float(both.mean()), reward_std=float(both.std(correction=0)))
@@ -247,13 +278,20 @@ class RewardTrainer(common.StepTrainer):
         which = "eval" if self.eval_features else "train"
         # eval_* keep their names for consumers; the flag (and the message) say they were measured on train pairs
         metrics["eval_on_train_pairs"] = 0.0 if self.eval_features else 1.0
-        if not self.eval_features:
+        if not self.eval_features and self.is_main:
             print("[fastrlhf] rm: no eval_data: eval_* metrics are measured on the training pairs (optimistic)")
-        plot_reward_histogram(*self.last_scores, Path(self.cfg.output_dir) / "reward_histogram.png",
-                              title=f"reward model on {which} pairs: accuracy {metrics['eval_accuracy']:.3f}")
+        if self.is_main:
+            plot_reward_histogram(*self.last_scores, Path(self.cfg.output_dir) / "reward_histogram.png",
+                                  title=f"reward model on {which} pairs: accuracy {metrics['eval_accuracy']:.3f}")
         return metrics
 
     def save_model(self, directory: Path) -> None:
+        if self.fsdp:  # collective: the full state on rank 0, which writes
+            from fastrlhf.engine.fsdp import full_state_dict
+            state = full_state_dict(self.model)
+            if self.is_main:
+                self.model.save_pretrained(directory, tokenizer=self.tokenizer, state_dict=state)
+            return
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)  # adapters merged (heads.py)
         if self.cfg.lora_rank:
             common.save_adapters(self.model, directory)

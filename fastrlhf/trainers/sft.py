@@ -34,8 +34,10 @@ class SFTConfig(common.StageConfig):
 
     ``batch_size`` sequences per optimizer step, processed ``micro_batch_size`` at a time.
     ``eval_every`` / ``save_every``: in optimizer steps, 0 = only at the end. ``max_steps`` > 0 caps
-    the run (smoke tests). ``bf16`` autocasts forward passes to bf16 on CUDA (master weights stay in
-    ``dtype``); on CPU it is ignored. ``loss_impl="fused"`` computes log-probs from hidden states and
+    the run (smoke tests). ``precision`` (auto | bf16 | fp32): bf16 compute with fp32 master weights and
+    AdamW state (``fastrlhf.engine.precision``). Under ``torchrun`` the model is FSDP2-sharded, each rank
+    trains on its share of every global batch of ``batch_size`` sequences and rank 0 writes the files.
+    ``loss_impl="fused"`` computes log-probs from hidden states and
     the LM head chunk by chunk (``linear_token_logprobs``: no ``[B, T, V]`` logits); ``"logits"`` uses
     the model's logits. ``kernel_backend``: "auto" | "triton" | "torch" for that op.
     """
@@ -83,24 +85,47 @@ def response_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
     return -lp.sum(), (labels != IGNORE_INDEX).sum()
 
 
+def _nll(model, batch, **kwargs):
+    """``response_nll_sum`` through the model's own registered forward method when it has one (FSDP2:
+    the root's embeddings and LM head are unsharded only inside a forward of the root)."""
+    method = getattr(model, "response_nll_sum", None)
+    return method(batch, **kwargs) if method is not None else response_nll_sum(model, batch, **kwargs)
+
+
+def register_nll_forward(model: torch.nn.Module) -> None:
+    """Make ``response_nll_sum`` a forward method of an FSDP2 root (all-gather before, reshard after)."""
+    import types
+
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    model.response_nll_sum = types.MethodType(response_nll_sum, model)
+    register_fsdp_forward_method(model, "response_nll_sum")
+
+
 def accumulate_sft_gradients(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], *,
                              device: torch.device, bf16: bool = False, loss_impl: str = "fused",
-                             backend: str = "auto") -> tuple[torch.Tensor, int]:
+                             backend: str = "auto", total: int | None = None,
+                             grad_scale: float = 1.0) -> tuple[torch.Tensor, int]:
     """Forward + backward over ``micro_batches``; gradients of ``sum NLL / total response tokens``.
 
     Returns ``(loss, total_tokens)``: the batch loss as a detached fp32 0-dim tensor and the token count
-    (one host sync per step, before any forward, to get the normaliser).
+    (one host sync per step, before any forward, to get the normaliser). Data parallel: ``total`` is
+    the global token count (all ranks), ``grad_scale`` the world size (FSDP2 averages gradients over
+    ranks), and the returned loss this rank's share (their sum over ranks is the batch loss). A
+    micro-batch with the key ``dummy`` runs forward and backward with weight 0 (collectives stay even).
     """
-    total = int(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches))
+    if total is None:
+        total = int(sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches
+                        if "dummy" not in mb))
     if total == 0:
         raise ValueError("an SFT batch has no response tokens (every label is -100)")
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro_batches:
-        mb = {k: v.to(device) for k, v in mb.items()}
+        weight = 0.0 if "dummy" in mb else 1.0
+        mb = {k: v.to(device) for k, v in mb.items() if k != "dummy"}
         with common.autocast(device, bf16):
-            nll, _ = response_nll_sum(model, mb, loss_impl=loss_impl, backend=backend)
-        (nll / total).backward()
-        loss += nll.detach().double() / total
+            nll, _ = _nll(model, mb, loss_impl=loss_impl, backend=backend)
+        (nll * (weight * grad_scale / total)).backward()
+        loss += weight * nll.detach().double() / total
     return loss.float(), total
 
 
@@ -115,7 +140,7 @@ def evaluate_sft(model: torch.nn.Module, micro_batches, *, device: torch.device,
     for mb in micro_batches:
         mb = {k: v.to(device) for k, v in mb.items()}
         with common.autocast(device, bf16):
-            s, n = response_nll_sum(model, mb, loss_impl=loss_impl, backend=backend)
+            s, n = _nll(model, mb, loss_impl=loss_impl, backend=backend)
         nll += s.double()
         count += int(n)
     model.train(was_training)
@@ -202,16 +227,20 @@ class SFTTrainer(common.StepTrainer):
 
     stage = STAGE
 
-    def __init__(self, config: SFTConfig, model=None, tokenizer=None, train_rows=None, eval_rows=None):
+    def __init__(self, config: SFTConfig, model=None, tokenizer=None, train_rows=None, eval_rows=None,
+                 runtime=None):
         self.cfg = cfg = config
-        self.device = common.pick_device(cfg.device)
+        self.setup_runtime(runtime)
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("sft", train_rows, eval_rows)
-        model = model if model is not None else load_causal_lm(cfg.model, dtype=cfg.dtype)
-        self.model = common.maybe_apply_lora(cfg, model).to(self.device)
-        if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        if model is None:  # fp32 masters; under torchrun rank 0 reads, the others receive shards
+            from fastrlhf.engine.loading import causal_lm_source
+            model = self.load_sharded(causal_lm_source(cfg.model)) or load_causal_lm(cfg.model)
+        common.check_lora_unsharded(cfg, self.fsdp)
+        self.model = self.place_model(common.maybe_apply_lora(cfg, model))
+        if self.fsdp:
+            register_nll_forward(self.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.setup_loop()
 
@@ -228,22 +257,35 @@ class SFTTrainer(common.StepTrainer):
                 for i in range(0, len(features), mbs)]
 
     def train_step(self, indices: list[int]) -> dict:
-        batch = self.micro_batches([self.train_features[i] for i in indices])
-        loss, tokens = accumulate_sft_gradients(self.model, batch, device=self.device, bf16=self.cfg.bf16,
-                                                loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend)
-        return {"loss": loss, "tokens": tokens, **self.optimizer_step()}
+        """One optimizer step on the global batch ``indices``: this rank's rows, the loss normalized by
+        the response tokens of all ranks."""
+        rows, real = self.local_rows(indices)
+        batch = self.even_micro_batches(self.micro_batches([self.train_features[i] for i in rows]), real)
+        total = None
+        if self.world_size > 1:
+            local = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in batch if "dummy" not in mb)
+            total = int(self.all_reduce_sum(torch.tensor(float(local), dtype=torch.float64)))
+        loss, tokens = accumulate_sft_gradients(self.model, batch, device=self.device,
+                                                bf16=self.autocast_bf16, loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend,
+                                                total=total, grad_scale=float(self.world_size))
+        return {"loss": self.all_reduce_sum(loss), "tokens": tokens, **self.optimizer_step()}
 
     def evaluate(self) -> dict:
+        # every rank evaluates every row (FSDP2 needs all ranks in each forward); the same numbers everywhere
         if not self.eval_features:
             return {}
         return evaluate_sft(self.model, self.micro_batches(self.eval_features), device=self.device,
-                            bf16=self.cfg.bf16, loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend)
+                            bf16=self.autocast_bf16, loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend)
 
     def save_model(self, directory: Path) -> None:
         if self.cfg.lora_rank:  # a plain HF checkpoint (adapters merged) + the adapters for resume
             from fastrlhf.models.lora import save_merged_pretrained
             save_merged_pretrained(self.model, directory, tokenizer=self.tokenizer)
             common.save_adapters(self.model, directory)
+            return
+        if self.fsdp:  # collective, streamed a bucket of layers at a time; rank 0 writes
+            from fastrlhf.engine.checkpoint import export_hf
+            export_hf(self.model, directory, tokenizer=self.tokenizer)
             return
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)

@@ -219,3 +219,21 @@ def test_micro_batch_with_no_valid_response_token(loss_agg):
     assert float(ploss) == float(loss) == 0.0
     assert all(float(pstats[k]) == float(stats[k]) for k in stats)
     (ploss + pvalues.sum()).backward()  # no error on an empty selection
+
+
+def test_sequence_level_policy_loss_gspo_equals_padded():
+    """GSPO's ratio is per sequence: the packed path keeps rows for it and matches the padded loss."""
+    policy = PolicyWithLoss(tiny_llama(V, seed=12), backend="torch")
+    twin = copy.deepcopy(policy)
+    ids, attn, p = _ppo_batch("left", seed=13)
+    mask = attn[:, p:].bool()
+    g = torch.Generator().manual_seed(14)
+    kw = dict(old_logprobs=-torch.rand(mask.shape, generator=g) * 3, advantages=torch.randn(mask.shape, generator=g),
+              mask=mask, policy_loss="gspo", loss_agg="seq-mean-token-mean")
+    loss, stats, _ = policy(ids, attn, mode="loss", prompt_len=p, **kw)
+    ploss, pstats, _ = policy_forward_packed(twin, ids, attn, mode="loss", prompt_len=p, **kw)
+    torch.testing.assert_close(ploss, loss, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    ploss.backward()
+    for (name, a), b in zip(policy.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=2e-5, rtol=1e-4, msg=name)

@@ -120,7 +120,7 @@ def test_missing_eos_penalty_reaches_exactly_the_truncated_rows(tmp_path, tok, m
     orig_norm = ppo_module.normalize_rewards
     monkeypatch.setattr(ppo_module, "normalize_rewards", lambda s, **kw: (seen.setdefault("s", s), orig_norm(s, **kw))[1])
     orig_score = trainer.score
-    trainer.score = lambda batch: (lambda out: (seen.setdefault("raw", out[0]), out)[1])(orig_score(batch))
+    trainer.score = lambda batch, *rows: (lambda out: (seen.setdefault("raw", out[0]), out)[1])(orig_score(batch, *rows))
     rows = trainer.train()
     assert rows[0]["truncated_fraction"] == 0.5
     torch.testing.assert_close(seen["s"], seen["raw"] - 2.5 * torch.tensor([0.0, 1.0, 0.0, 1.0]))

@@ -1,7 +1,7 @@
 """Per-phase timeline and peak memory of PPO iterations on a random-weight model (no downloads).
 
-    python -m fastrlhf.engine.measure_phases --model qwen0.5b --iterations 3 [--rollout hf|vllm] [--out F]
-    torchrun --nproc_per_node N -m fastrlhf.engine.measure_phases ...        (FSDP2 over N ranks)
+    python -m bench.measure_phases --model qwen0.5b --iterations 3 [--rollout hf|vllm] [--out F]
+    torchrun --nproc_per_node N -m bench.measure_phases ...        (FSDP2 over N ranks)
 
 Builds actor, reference, reward model and critic from one config (``tiny`` = the demo's shape class,
 ``qwen0.5b`` / ``qwen1.5b`` = those models' shapes, random weights), runs ``--iterations`` PPO iterations
@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from fastrlhf.engine.measure_sync import QWEN2_05B
+from bench.measure_sync import QWEN2_05B
 
 SHAPES = {
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,7 +1,7 @@
 """Measure trainer -> vLLM weight sync (bucket size vs calls vs time) and vLLM vs HF generation time.
 
-    python -m fastrlhf.engine.measure_sync [--sizes tiny,10m,50m] [--buckets 0,4,64,256] [--out FILE.json]
-    torchrun --nproc_per_node 2 -m fastrlhf.engine.measure_sync --sizes 10m ...   (FSDP2 trainer, gloo;
+    python -m bench.measure_sync [--sizes tiny,10m,50m] [--buckets 0,4,64,256] [--out FILE.json]
+    torchrun --nproc_per_node 2 -m bench.measure_sync --sizes 10m ...   (FSDP2 trainer, gloo;
         one size per launch: a second vLLM engine in the same torchrun process hangs)
 
 For each Llama config (random weights; timing only) one in-process vLLM engine is started from the
