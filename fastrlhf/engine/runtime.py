@@ -240,15 +240,20 @@ def sync_weights(runtime: Runtime, actor, rollout) -> dict | None:
     if not hasattr(rollout, "load_bucket"):  # a generic RolloutEngine: named tensors in one go
         rollout.update_weights(actor.state_dict().items())
         return None
-    from .weight_sync import iter_weight_buckets, policy_parameters
+    from fastrlhf.models.lora import has_lora
+
+    from .weight_sync import iter_merged_buckets, iter_weight_buckets, merged_policy_names, policy_parameters
     sched = runtime.scheduler
     ctx = sched.phase("sync") if sched.current is None else contextlib.nullcontext()
+    lora = has_lora(actor)  # LoRA (unsharded): adapters merged into the synced tensors, base names
     with ctx:
-        buckets = iter_weight_buckets(actor, rollout.bucket_bytes, dtype=rollout.dtype)
+        buckets = (iter_merged_buckets if lora else iter_weight_buckets)(actor, rollout.bucket_bytes,
+                                                                          dtype=rollout.dtype)
         if getattr(rollout, "stream_sync", False):
             rollout.load_stream(buckets)
         else:
             for bucket in buckets:
                 rollout.load_bucket(bucket)
-        names = [hf for _, hf in policy_parameters(actor)]
+        names = (merged_policy_names(actor) if lora
+                 else [hf for _, hf in policy_parameters(actor)])
         return rollout.finish_update(names)

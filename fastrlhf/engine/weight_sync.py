@@ -137,3 +137,46 @@ def bucket_plan(sizes: list[int], bucket_bytes: int) -> list[int]:
             counts.append(1)
             size = n
     return counts
+
+
+def merged_policy_tensors(model: nn.Module, *, dtype: torch.dtype | None = None
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of the HF causal LM inside an unsharded LoRA model (``fastrlhf.models.lora``),
+    adapters merged (``W + scaling * B A``) under the base model's names, in parameter order, lazily (one
+    merged tensor at a time); tied weights once, as :func:`policy_parameters`."""
+    from fastrlhf.models.lora import merged_named_tensors
+    _, hf = hf_model_prefix(model)
+    keep = set(merged_policy_names(model))
+    for name, t in merged_named_tensors(hf):
+        if name in keep:
+            yield name, t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+
+def merged_policy_names(model: nn.Module) -> list[str]:
+    """The HF names :func:`merged_policy_tensors` yields (``.base_layer`` dropped, adapters left out)."""
+    _, hf = hf_model_prefix(model)
+    return [n.replace(".base_layer.", ".") for n, _ in hf.named_parameters() if "lora_" not in n]
+
+
+def iter_merged_buckets(model: nn.Module, bucket_bytes: int, *,
+                        dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+    """:func:`iter_weight_buckets` for an unsharded LoRA model: the merged tensors of
+    :func:`merged_policy_tensors` in buckets of whole layers of at most ``bucket_bytes``."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    bucket: Bucket = []
+    layer: Bucket = []
+    size = 0
+    for name, t in [*merged_policy_tensors(model, dtype=dtype), ("", None)]:  # sentinel flushes the last
+        if layer and (t is None or layer_key(name) != layer_key(layer[-1][0])):
+            nbytes = sum(x.numel() * x.element_size() for _, x in layer)
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket += layer
+            size += nbytes
+            layer = []
+        if t is not None:
+            layer.append((name, t))
+    if bucket:
+        yield bucket

@@ -69,6 +69,12 @@ from fastrlhf.trainers.ppo_state import (
 __all__ = ["PPOTrainer", "PPOConfig", "RolloutConfig", "KLConfig", "EarlyStopConfig", "cli_main"]
 
 
+def rt_fsdp(*models) -> bool:
+    """Whether any of ``models`` is already FSDP2-sharded (``engine.loading`` under torchrun)."""
+    from fastrlhf.engine.fsdp import is_fsdp
+    return any(m is not None and is_fsdp(m) for m in models)
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed hashed from ``parts`` (seed, purpose, iteration, rank): streams for different
     iterations / ranks / purposes are unrelated, and small structured seeds (0, 1, 2, ...) are avoided."""
@@ -156,6 +162,12 @@ class PPOTrainer:
         check_ppo_config(cfg, self.output_dir)  # before any model is touched
         if critic is not None:
             init_critic_head(critic, reward_model)
+        self.lora = cfg.lora_rank > 0
+        if self.lora and ref is not None:
+            raise ValueError("with lora_rank > 0 the reference is the actor with its adapters disabled: "
+                             "pass ref=None")
+        if not self.lora and ref is None:
+            raise ValueError("PPOTrainer needs a ref model (or lora_rank > 0: the actor without adapters)")
         common.set_seed(cfg.seed)
         # log-probs under the sampling temperature (greedy sampling reports temperature-1 log-probs)
         wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
@@ -164,7 +176,12 @@ class PPOTrainer:
             if isinstance(actor, PolicyWithLoss)
             else PolicyWithLoss(actor, shared_critic=cfg.shared_critic, **wrap)
         )
-        ref = ref if isinstance(ref, PolicyWithLoss) else PolicyWithLoss(ref, **wrap)
+        if ref is not None:
+            ref = ref if isinstance(ref, PolicyWithLoss) else PolicyWithLoss(ref, **wrap)
+        if self.lora:  # adapters on actor and critic before placement (refused under FSDP2 for now)
+            common.check_lora_unsharded(cfg, self.runtime.world_size > 1 or rt_fsdp(actor, critic))
+            actor = common.maybe_apply_lora(cfg, actor)
+            critic = common.maybe_apply_lora(cfg, critic) if critic is not None else None
         # Actor and critic stay in train mode (HF gradient checkpointing runs only there) with every dropout
         # probability at 0: old log-probs, values and the first epoch's new ones come from the same
         # function, so the PPO ratio starts at exactly 1.
@@ -412,7 +429,12 @@ class PPOTrainer:
     def _score_rows_fwd(self, ids, attn, p_len: int):
         pk = self._packing
         old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.actor))
-        ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.ref))
+        if self.ref is not None:
+            ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.ref))
+        else:  # LoRA: the reference is the actor's base model (no fourth model)
+            from fastrlhf.models.lora import adapters_disabled
+            with adapters_disabled(self.actor):
+                ref_lp, _, _ = self.actor(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.actor))
         if self.critic is not None:
             values = self.critic(ids, attn, **pk(self.critic))[:, p_len - 1 : -1].float()
         scores = (self.reward_model(ids, attn, **pk(self.reward_model)).float()

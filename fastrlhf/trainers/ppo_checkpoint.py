@@ -52,7 +52,11 @@ def export_policy(trainer, directory) -> Path:
     if trainer.runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.runtime.barrier()
-    dcp_ckpt.export_hf(trainer.actor, tmp, tokenizer=trainer.tokenizer)
+    if getattr(trainer, "lora", False):  # one process (LoRA is refused under FSDP2): adapters merged
+        from fastrlhf.models.lora import save_merged_pretrained
+        save_merged_pretrained(trainer.actor.lm, tmp, tokenizer=trainer.tokenizer)
+    else:
+        dcp_ckpt.export_hf(trainer.actor, tmp, tokenizer=trainer.tokenizer)
     trainer.runtime.barrier()
     if trainer.runtime.is_main:
         old = directory.parent / f".old-{directory.name}"

@@ -64,6 +64,9 @@ def check_ppo_cli_config(cfg, config_path: str) -> None:
     if not cfg.reward_model and not cfg.rewards:
         raise ConfigError(f"{config_path}: `reward_model` or `rewards` is required for `fastrlhf ppo`")
     critic_free = not needs_critic(cfg.advantage_estimator)
+    if cfg.lora_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{config_path}: lora_rank > 0 is not supported with FSDP2 yet (torchrun); run LoRA "
+                          "in one process or set lora_rank: 0")
     if not (critic_free or cfg.shared_critic or cfg.critic_model or cfg.reward_model):
         raise ConfigError(f"{config_path}: advantage_estimator={cfg.advantage_estimator} needs a critic: set "
                           "critic_model (or reward_model), or shared_critic: true")
@@ -132,8 +135,10 @@ def load_ppo_models(cfg, runtime, *, critic: bool = True):
     critic = None if not critic else materialize(
         runtime, head_model_source(cfg.critic_model or cfg.reward_model, ValueModel), train=True,
         precision=precision, offload_params=offload)
-    ref = materialize(runtime, causal_lm_source(cfg.model, wrap=lambda m: PolicyWithLoss(m, **wrap)),
-                      train=False, precision=precision)
+    # LoRA: no reference model (the actor with its adapters disabled computes the reference log-probs)
+    ref = None if cfg.lora_rank else materialize(
+        runtime, causal_lm_source(cfg.model, wrap=lambda m: PolicyWithLoss(m, **wrap)),
+        train=False, precision=precision)
     reward = None if not cfg.reward_model else materialize(
         runtime, head_model_source(cfg.reward_model, RewardModel), train=False, precision=precision)
     return actor, critic, ref, reward

@@ -161,6 +161,14 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     shared_critic: bool = False
     packing: bool = True  # score / train forwards on packed valid tokens (fastrlhf.models.packing)
+    # LoRA through PEFT (fastrlhf.models.lora) on actor and critic: 0 = full fine-tuning; alpha None = 2 * rank;
+    # target modules None = every linear of the transformer blocks. With lora_rank > 0 there is no reference
+    # model: the reference log-probs are the actor's with its adapters disabled. Single process for now;
+    # lora_dropout must stay 0 (PPO turns every dropout off).
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] | None = None
     # rows with a non-finite reward score are dropped; the run stops when more than this share of the
     # rows of the last ``nonfinite_window`` iterations was lost
     max_nonfinite_share: float = 0.5
@@ -216,6 +224,10 @@ class PPOConfig:
             (0.0 <= self.lam <= 1.0 and 0.0 <= self.gamma <= 1.0, "gamma and lam must be in [0, 1]"),
             (self.actor_lr > 0 and self.critic_lr > 0, "actor_lr and critic_lr must be > 0"),
             (self.keep_checkpoints >= 0, "keep_checkpoints must be >= 0"),
+            (self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}"),
+            (self.lora_dropout == 0.0, f"lora_dropout must be 0 in PPO (every dropout is off so old and new "
+                                       f"log-probs come from one function), got {self.lora_dropout}"),
+            (self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
         ]
         for ok, message in checks:
             if not ok:

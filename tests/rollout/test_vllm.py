@@ -297,6 +297,32 @@ def test_version_floor_api_check(setup):
     assert not _has_layerwise_reload(OldWorker())
 
 
+def test_lora_sync_sends_merged_weights_under_base_names(setup):
+    """A LoRA actor (PEFT adapters injected in place, adapters moved away from zero as after an update):
+    the sync sends W + scaling * B A under the base names, and vLLM's greedy output equals HF's on a
+    plain model holding the merged weights (and differs from the base model's)."""
+    pytest.importorskip("peft")
+    from fastrlhf.engine.weight_sync import merged_policy_names
+    from fastrlhf.models.lora import apply_lora, merged_state_dict
+    tok, runtime, rollout, _ = setup
+    base = _model(tok, seed=3)
+    lora = apply_lora(_model(tok, seed=3), rank=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    names = merged_policy_names(lora)
+    assert names == [hf for _, hf in policy_parameters(base)]  # same names, same order as a plain model
+    merged = _model(tok, seed=3)
+    merged.load_state_dict(merged_state_dict(lora))
+    ids = _prompt_ids(tok)
+    sync_weights(runtime, lora, rollout)
+    got = rollout.generate(ids, SamplingParams(max_new_tokens=12, temperature=0.0)).token_ids
+    assert got == _hf_greedy(merged, ids, 12, tok.eos_token_id)
+    assert got != _hf_greedy(base, ids, 12, tok.eos_token_id)  # the adapters reached the engine
+
+
 # Last: a second engine in the process; when it is collected it tears down vLLM's global parallel
 # state, which the module's engine needs.
 def test_qwen2_with_biases_and_tied_embeddings(setup):
