@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="CI-sized run (a few minutes on 2 CPU cores)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--rollout", choices=("hf", "vllm"), default="hf")
+    demo.add_argument("--lora", action="store_true",
+                      help="PPO trains LoRA adapters; the reference is the actor with adapters disabled")
     demo.add_argument("--task", choices=("preference", "arithmetic"), default="preference",
                       help="preference (reward model, hidden gold score) or arithmetic (exact-answer reward)")
     demo.add_argument("--algo", choices=("ppo", "grpo", "rloo", "reinforce_pp", "dpo"), default="ppo")

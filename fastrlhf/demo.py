@@ -22,6 +22,7 @@ leave the length range the reward model was trained on.
 the gold order), ``ece``, ``heldout_pairs``, ``train_pairs``; ``ppo``: ``gold_reward_before`` /
 ``_after`` / ``_max``, ``gap_closed``, ``rm_score_before`` / ``_after``, ``length_before`` / ``_after``,
 ``kl_final``, ``kl_target``, ``kl_definition``, ``iterations``; ``world_size``, ``rollout``, ``quick``,
+``lora`` (``--lora``: PPO trains LoRA adapters, the reference is the actor with adapters disabled),
 ``plots`` and ``seconds`` (wall time of this invocation: a resumed run counts only its own part).
 """
 
@@ -294,8 +295,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- PPO
+# ``--lora``: the PPO stage trains LoRA adapters (actor and critic; SFT and RM stay full fine-tuning) with
+# the reference = the actor with its adapters disabled; adapters take larger learning rates than full weights.
+LORA = dict(lora_rank=16, lora_alpha=32.0, actor_lr=2e-3, critic_lr=3e-3)
+
+
 def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path, rm_dir: Path, rollout: str,
-              algo: str = "ppo"):
+              algo: str = "ppo", lora: bool = False):
     from fastrlhf.demo_algos import rl_config, stage_dir, stage_dpo
     from fastrlhf.models import RewardModel, ValueModel
     from fastrlhf.trainers.ppo import PPOTrainer
@@ -303,10 +309,13 @@ def stage_ppo(out: Path, s: DemoSettings, tok, runtime, seed: int, sft_dir: Path
     if algo == "dpo":  # offline: DPO on the reward model's labelled pairs replaces the RL stage
         return stage_dpo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout)
     cfg = rl_config(ppo_config(s, seed, rollout, stage_dir(out, algo)), algo)
+    if lora:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, **LORA)
     trainer = PPOTrainer(
         cfg,
         actor=load_policy(sft_dir),
-        ref=load_policy(sft_dir),
+        ref=None if lora else load_policy(sft_dir),
         reward_model=RewardModel.from_pretrained(rm_dir),
         critic=ValueModel.from_pretrained(rm_dir) if cfg.advantage_estimator == "gae" else None,
         tokenizer=tok,
@@ -328,10 +337,13 @@ def evaluate_policies(trainer, tok, s: DemoSettings, seed: int) -> dict:
     prompts = task.make_prompts(s.n_eval_prompts, seed + 4)
     result = {}
     for name, policy in (("before", trainer.ref), ("after", trainer.actor)):
+        base = policy is None  # LoRA: the SFT policy is the actor with its adapters disabled
+        policy = trainer.actor if base else policy
         policy.eval()
-        texts, tokens = sample(
-            policy, tok, prompts, seed=derive_seed(seed, "eval"), max_new_tokens=s.max_new_tokens
-        )
+        with _reference(trainer, base):
+            texts, tokens = sample(
+                policy, tok, prompts, seed=derive_seed(seed, "eval"), max_new_tokens=s.max_new_tokens
+            )
         gold = [task.gold_reward(p, t) for p, t in zip(prompts, texts, strict=True)]
         rm = score_texts(trainer.reward_model, tok, prompts, texts)
         result[name] = {
@@ -353,11 +365,20 @@ def evaluate_policies(trainer, tok, s: DemoSettings, seed: int) -> dict:
     lp, _, _ = trainer.actor(
         batch.input_ids, batch.attention_mask, mode="logprobs", prompt_len=batch.prompt_len
     )
-    ref, _, _ = trainer.ref(
-        batch.input_ids, batch.attention_mask, mode="logprobs", prompt_len=batch.prompt_len
-    )
+    with _reference(trainer, trainer.ref is None):
+        ref, _, _ = (trainer.ref or trainer.actor)(
+            batch.input_ids, batch.attention_mask, mode="logprobs", prompt_len=batch.prompt_len
+        )
     result["kl"] = float(torch.where(batch.mask, lp - ref, torch.zeros_like(lp)).sum(-1).mean())
     return result
+
+
+def _reference(trainer, base: bool):
+    """Inside: ``trainer.actor`` computes the SFT policy when ``base`` (LoRA adapters disabled)."""
+    if not base:
+        return contextlib.nullcontext()
+    from fastrlhf.models.lora import adapters_disabled
+    return adapters_disabled(trainer.actor)
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -430,7 +451,7 @@ def make_plots(out: Path, rm_result: dict, evals: dict, rl_stage: str = "ppo") -
 
 
 def build_summary(
-    rm_result: dict, evals: dict, cfg, runtime, rollout: str, seconds: float, quick: bool
+    rm_result: dict, evals: dict, cfg, runtime, rollout: str, seconds: float, quick: bool, lora: bool = False
 ) -> dict:
     before, after = evals["before"]["gold"], evals["after"]["gold"]
     gap = task.GOLD_MAX - before
@@ -454,6 +475,7 @@ def build_summary(
         "world_size": runtime.world_size,
         "rollout": rollout,
         "quick": quick,
+        "lora": lora,
         "seed": cfg.seed,
         "seconds": seconds,
         "memory_plan": runtime.scheduler.plan_dict(),
@@ -478,7 +500,7 @@ def print_summary(summary: dict) -> None:
     print(f"length       : {p['length_before']:.2f} -> {p['length_after']:.2f} tokens")
     print(
         f"time         : {summary['seconds']:.0f} s  (world size {summary['world_size']}, "
-        f"rollout {summary['rollout']})\n",
+        f"rollout {summary['rollout']}{', PPO with LoRA' if summary.get('lora') else ''})\n",
         flush=True,
     )
 
@@ -487,16 +509,18 @@ def print_summary(summary: dict) -> None:
 RUN_FILE = "demo_run.json"
 
 
-def check_demo_run(out: Path, *, seed: int, quick: bool, rollout: str, write: bool = True) -> None:
+def check_demo_run(out: Path, *, seed: int, quick: bool, rollout: str, write: bool = True,
+                   lora: bool = False) -> None:
     """``out`` resumes only the run it holds: ``out/demo_run.json`` records ``--seed``, ``--quick`` and
     ``--rollout`` when a run starts; a re-run with other values is refused (``ConfigError`` naming the
     flags), as is a folder with stage outputs but no record. Use another ``--out`` for another run."""
     from fastrlhf.config import ConfigError
 
-    mine = {"seed": seed, "quick": quick, "rollout": rollout}
+    mine = {"seed": seed, "quick": quick, "rollout": rollout, "lora": lora}
     path = out / RUN_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
+        saved.setdefault("lora", False)  # recorded before --lora existed
         diff = sorted(k for k in mine if saved.get(k) != mine[k])
         if diff:
             held = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
@@ -512,7 +536,7 @@ def check_demo_run(out: Path, *, seed: int, quick: bool, rollout: str, write: bo
 
 def run_demo(
     out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0, rollout: str = "hf",
-    task_name: str = "preference", algo: str = "ppo",
+    task_name: str = "preference", algo: str = "ppo", lora: bool = False,
 ) -> dict:
     """The whole pipeline; returns the summary dict (also written to ``out/summary.json``).
     ``task_name="arithmetic"`` runs ``fastrlhf.demo_algos.run_arithmetic``; ``algo`` other than ppo
@@ -520,15 +544,18 @@ def run_demo(
     from fastrlhf.demo_algos import annotate_summary, run_arithmetic, stage_dir
     from fastrlhf.engine import runtime as rt
 
+    if lora and (task_name != "preference" or algo == "dpo"):
+        from fastrlhf.config import ConfigError
+        raise ConfigError(f"--lora runs the preference task's RL stage; not --task {task_name} --algo {algo}")
     if task_name == "arithmetic":
         return run_arithmetic(out, algo=algo, quick=quick, seed=seed, rollout=rollout)
 
     start, out = time.time(), Path(out)
     s = QUICK if quick else FULL
-    check_demo_run(out, seed=seed, quick=quick, rollout=rollout, write=False)
+    check_demo_run(out, seed=seed, quick=quick, rollout=rollout, write=False, lora=lora)
     runtime = rt.init_runtime()
     if runtime.is_main:
-        check_demo_run(out, seed=seed, quick=quick, rollout=rollout)
+        check_demo_run(out, seed=seed, quick=quick, rollout=rollout, lora=lora)
     runtime.barrier()
     with _single_thread():
         tok = task.build_tokenizer()
@@ -536,9 +563,10 @@ def run_demo(
         _say(runtime, "SFT policy ready")
         rm_dir, rm_result = stage_rm(out, s, tok, runtime, seed, sft_dir)
         _say(runtime, f"reward model ready: held-out accuracy {rm_result['heldout_accuracy']:.3f}")
-        trainer = stage_ppo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout, algo)
+        trainer = stage_ppo(out, s, tok, runtime, seed, sft_dir, rm_dir, rollout, algo, lora=lora)
         evals = evaluate_policies(trainer, tok, s, seed)
-    summary = build_summary(rm_result, evals, trainer.config, runtime, rollout, time.time() - start, quick)
+    summary = build_summary(rm_result, evals, trainer.config, runtime, rollout, time.time() - start, quick,
+                            lora=lora)
     summary = annotate_summary(summary, algo=algo, task_name=task_name, trainer=trainer)
     if runtime.is_main:
         collect_metrics(out, stage_dir(out, algo).name)
@@ -560,8 +588,9 @@ def run_demo_cli(args) -> int:
 
     out = Path(args.out)
     # refused before the lock is taken (a refused run must not touch --out)
-    check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False)
+    lora = bool(getattr(args, "lora", False))
+    check_demo_run(out, seed=args.seed, quick=args.quick, rollout=args.rollout, write=False, lora=lora)
     with output_dir_lock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
         run_demo(out, quick=args.quick, seed=args.seed, rollout=args.rollout,
-                 task_name=getattr(args, "task", "preference"), algo=getattr(args, "algo", "ppo"))
+                 task_name=getattr(args, "task", "preference"), algo=getattr(args, "algo", "ppo"), lora=lora)
     return 0

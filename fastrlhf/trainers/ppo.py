@@ -384,11 +384,16 @@ class PPOTrainer:
         """Fill old / ref log-probs and values of ``batch``; return scores ``[B]`` (reward model plus reward
         functions of the prompts ``rows``) and score stats."""
         ids, attn, p_len, mask = batch.input_ids, batch.attention_mask, batch.prompt_len, batch.mask
-        # micro-batches of micro_batch_size rows, as in training: activations here must fit the same budget
-        parts = [self._score_rows(ids[r], attn[r], p_len)
-                 for r in split_rows(torch.arange(batch.size, device=ids.device), self.config.micro_batch_size)]
+        # micro-batches as in training (micro_batch_size rows or max_tokens_per_micro_batch tokens): activations
+        # here must fit the same budget; a padding micro-batch (a rank with fewer bins' worth of rows) is dropped
+        micro = self._micro_rows(attn)
+        parts = [(self._score_rows(ids[r], attn[r], p_len), pad) for r, pad in micro]
+        parts = [part for part, pad in parts if not pad]
+        order = torch.cat([r for r, pad in micro if not pad])  # bins need not hold consecutive rows
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         old_lp, entropy, values, scores, ref_lp = (
-            torch.cat(x) if x[0] is not None else None for x in zip(*parts, strict=True))
+            torch.cat(x)[inverse] if x[0] is not None else None for x in zip(*parts, strict=True))
         zero = torch.zeros((), device=ids.device)
         if scores is None:  # no reward model: the reward functions alone
             scores = torch.zeros(batch.size, device=ids.device)
@@ -590,9 +595,10 @@ class PPOTrainer:
         total = self.runtime.all_reduce_mean(count_units(mb.mask, cfg.loss_agg).float())
         loss_sum = torch.zeros((), device=mb.mask.device)  # stats stay on the device: no sync per micro-batch
         stats: dict[str, torch.Tensor] = {}
-        for rows in split_rows(torch.arange(mb.size, device=mb.mask.device), cfg.micro_batch_size):
+        for rows, pad in self._micro_rows(mb.attention_mask):
             micro = mb.select(rows)
-            w = loss_weight(micro.mask, total, cfg.loss_agg)
+            # a padding micro-batch (every rank runs as many as the rank with the most) adds nothing
+            w = loss_weight(micro.mask, total, cfg.loss_agg) * (0.0 if pad else 1.0)
             with common.autocast(self.runtime.device, self.runtime.autocast_bf16):
                 loss, st = self._micro_loss(micro)
             if backward:
@@ -601,6 +607,29 @@ class PPOTrainer:
             for k, v in st.items():
                 stats[k] = stats.get(k, 0.0) + w * v.detach()
         return loss_sum, stats
+
+    def _micro_rows(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+        """Row indices of each micro-batch, with a flag for padding micro-batches: ``micro_batch_size``
+        consecutive rows, or with ``max_tokens_per_micro_batch`` a balanced bin-packing of the rows' valid
+        tokens (``packing.balanced_micro_batches``) with as many bins on every rank as on the rank that needs
+        the most (all-reduced max; a rank short of rows runs its first row again as padding, weight 0)."""
+        dev, cfg = attention_mask.device, self.config
+        if cfg.max_tokens_per_micro_batch is None:
+            return [(r, False) for r in split_rows(torch.arange(attention_mask.shape[0], device=dev),
+                                                   cfg.micro_batch_size)]
+        from fastrlhf.models.packing import balanced_micro_batches
+        lengths = attention_mask.sum(-1).tolist()
+        k = 1
+        while True:  # until every rank has the global max (LPT may need one more bin than asked: repeat);
+            # the loop's decision depends on global values only, so every rank all-reduces equally often
+            bins = balanced_micro_batches(lengths, cfg.max_tokens_per_micro_batch, min_bins=k)
+            n = torch.tensor(float(len(bins)), device=dev)
+            if self.runtime.world_size > 1:
+                torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+            if int(n) == k:
+                break
+            k = int(n)
+        return [(torch.tensor(b if b else [0], device=dev, dtype=torch.long), not b) for b in bins]
 
     def _micro_loss(self, micro: PPOBatch) -> tuple[torch.Tensor, dict]:
         cfg = self.config

@@ -131,6 +131,9 @@ class PPOConfig:
     rollout_batch_size: int = 64  # prompts per rank per iteration
     minibatch_size: int = 32  # rows per optimizer step (per rank)
     micro_batch_size: int | None = None  # rows per forward/backward; None = whole minibatch
+    # instead of micro_batch_size: rows grouped (balanced bin-packing of their valid tokens) into micro-batches
+    # of at most this many tokens, for SCORE and TRAIN; every rank runs the same number of micro-batches
+    max_tokens_per_micro_batch: int | None = None
     ppo_epochs: int = 4
     # advantages and losses
     gamma: float = 1.0
@@ -202,6 +205,13 @@ class PPOConfig:
             ),
             (self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
+            (self.max_tokens_per_micro_batch is None or self.micro_batch_size is None,
+             "set one of micro_batch_size (rows) and max_tokens_per_micro_batch (tokens), not both"),
+            (self.max_tokens_per_micro_batch is None
+             or self.max_tokens_per_micro_batch >= self.max_prompt_length + self.rollout.max_new_tokens,
+             f"max_tokens_per_micro_batch must hold the longest row: >= max_prompt_length + "
+             f"rollout.max_new_tokens = {self.max_prompt_length + self.rollout.max_new_tokens}, "
+             f"got {self.max_tokens_per_micro_batch}"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.kl.target > 0, "kl.target must be > 0"),
             (self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
