@@ -145,3 +145,37 @@ def test_lora_ppo_config_errors(tmp_path, tok):
         PPOConfig(lora_rank=-1)
     with pytest.raises(ConfigError, match="lora_target_modules"):
         make(tmp_path, tok, lora_target_modules=("nonexistent_proj",))
+
+
+def test_cli_ppo_with_lora_loads_no_reference_and_exports_merged(tmp_path, tok, monkeypatch, capsys):
+    import json
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from fastrlhf.cli import main
+    from fastrlhf.trainers import ppo_cli
+
+    _lm(tok, 0).save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    rows = [{"prompt": p, "answer": str(i)} for i, p in enumerate(PROMPTS)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model": str(tmp_path / "sft"), "data": str(tmp_path / "data.jsonl"),
+              "output_dir": str(tmp_path / "out"), "iterations": 1, "rollout_batch_size": 2,
+              "minibatch_size": 4, "ppo_epochs": 1, "advantage_estimator": "grpo", "progress": False,
+              "max_prompt_length": 16, "rollout": {"max_new_tokens": 3, "n": 2}, "lora_rank": 4,
+              "rewards": [{"function": "fastrlhf.data.arithmetic_task:exact_answer_reward", "weight": 1.0}]}
+    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(config))
+    loaded = {}
+    real = ppo_cli.load_ppo_models
+    monkeypatch.setattr(ppo_cli, "load_ppo_models",
+                        lambda *a, **k: loaded.setdefault("models", real(*a, **k)))
+    assert main(["ppo", "--config", str(tmp_path / "ppo.yaml")]) == 0
+    assert loaded["models"][2] is None  # no reference model loaded
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert not any("lora_" in k or "base_layer" in k for k in final.state_dict())
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before anything loads
+    assert main(["ppo", "--config", str(tmp_path / "ppo.yaml"), f"output_dir={tmp_path / 'o2'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lora_rank" in err[0] and "ppo.yaml" in err[0]
