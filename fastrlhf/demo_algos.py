@@ -179,7 +179,16 @@ def arith_accuracy(policy, tok, prompts: list[str], *, seed: int, max_new_tokens
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     greedy = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0))
     greedy_texts = [tok.decode(t, skip_special_tokens=True) for t in greedy.token_ids]
-    return {"sampled": arith.accuracy(prompts, texts), "greedy": arith.accuracy(prompts, greedy_texts)}
+    hard = [arith.is_hard(*arith.parse_question(p)) for p in prompts]
+    out = {"sampled": arith.accuracy(prompts, texts), "greedy": arith.accuracy(prompts, greedy_texts)}
+    for name, keep in (("hard", True), ("easy", False)):
+        sel = [i for i, h in enumerate(hard) if h == keep]
+        out[f"greedy_{name}"] = arith.accuracy([prompts[i] for i in sel], [greedy_texts[i] for i in sel])
+    # hard questions answered greedily with the demonstrators' habit (the systematic mistake)
+    sel = [i for i, h in enumerate(hard) if h]
+    out["greedy_habit_hard"] = sum(arith.final_number(greedy_texts[i]) == arith.habit(*arith.parse_question(prompts[i]))
+                                   for i in sel) / max(len(sel), 1)
+    return out
 
 
 def arith_rl(out: Path, s: ArithSettings, tok, runtime, seed: int, sft_dir: Path, algo: str, rollout: str):
@@ -273,18 +282,25 @@ def run_arithmetic(out: str | Path, *, algo: str = "grpo", quick: bool = False, 
                      "train_reward_first": hist[0]["rm_score"] if hist else None,
                      "train_reward_last": hist[-1]["rm_score"] if hist else None}
         after = arith_accuracy(policy, tok, heldout, seed=seed, max_new_tokens=s.max_new_tokens)
-    rl = {"accuracy_before": before["sampled"], "accuracy_after": after["sampled"],
-          "greedy_accuracy_before": before["greedy"], "greedy_accuracy_after": after["greedy"],
+    rl = {"accuracy_before": before["greedy"], "accuracy_after": after["greedy"],
+          "sampled_accuracy_before": before["sampled"], "sampled_accuracy_after": after["sampled"],
+          **{f"{k}_before": before[k] for k in ("greedy_hard", "greedy_easy", "greedy_habit_hard")},
+          **{f"{k}_after": after[k] for k in ("greedy_hard", "greedy_easy", "greedy_habit_hard")},
           "heldout_questions": len({p for p in heldout}), "eval_prompts": len(heldout),
-          "accuracy_definition": "share of held-out questions (never in SFT or RL data) answered exactly, "
-                                 "sampling at temperature 1", **extra}
+          "heldout_hard_prompts": sum(arith.is_hard(*arith.parse_question(p)) for p in heldout),
+          "accuracy_definition": "share of held-out prompts (questions never in SFT or RL data) answered exactly "
+                                 "by the greedy answer; sampled_accuracy_*: sampling at temperature 1; "
+                                 "greedy_hard/easy_*: greedy accuracy on the hard (carry, subtraction of 5 or "
+                                 "more) / other held-out prompts; greedy_habit_hard_*: share of hard ones answered "
+                                 "with the demonstrators' systematic mistake", **extra}
     summary = {"task": "arithmetic", "algo": algo, "rl": rl, "world_size": runtime.world_size, "rollout": rollout,
                "quick": quick, "seed": seed, "seconds": time.time() - start}
     if runtime.is_main:
         _write_json(out / "summary.json", summary)
-        print(f"\n==== fastrlhf demo (arithmetic, {algo}) ====\nheld-out accuracy (sampled): "
-              f"{before['sampled']:.3f} -> {after['sampled']:.3f}; greedy {before['greedy']:.3f} -> "
-              f"{after['greedy']:.3f}; {summary['seconds']:.0f} s\n", flush=True)
+        print(f"\n==== fastrlhf demo (arithmetic, {algo}) ====\nheld-out accuracy (greedy): "
+              f"{before['greedy']:.3f} -> {after['greedy']:.3f} (hard questions {before['greedy_hard']:.3f} -> "
+              f"{after['greedy_hard']:.3f}); sampled at T=1: {before['sampled']:.3f} -> {after['sampled']:.3f}; "
+              f"{summary['seconds']:.0f} s\n", flush=True)
     runtime.barrier()
     return summary
 
