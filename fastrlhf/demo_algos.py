@@ -121,7 +121,7 @@ class ArithSettings:
 
 
 # measured (seed 0, 2-core CPU): see README "Algorithms"; SFT 8 epochs gets the train questions to ~50% sampled
-ARITH_QUICK = ArithSettings(n_demos=4000, sft_epochs=8, iterations=80, actor_lr=2e-4, kl_coef=0.1, n_eval=256,
+ARITH_QUICK = ArithSettings(n_demos=4000, sft_epochs=16, iterations=80, actor_lr=2e-4, kl_coef=0.1, n_eval=256,
                             dpo_pairs=1024)
 ARITH_FULL = ArithSettings(n_demos=4000, sft_epochs=8, iterations=120, actor_lr=1e-4, kl_coef=0.1, n_eval=512)
 
