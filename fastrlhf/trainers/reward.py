@@ -187,7 +187,8 @@ class RewardTrainer(common.StepTrainer):
         if model is None and self.world_size > 1:  # rank 0 reads, the others receive their shards
             from fastrlhf.engine.loading import ModelSource
             model = self.load_sharded(ModelSource(build=self._build_empty, load=lambda: self._build_model(None)))
-        self.model = self.place_model(self._build_model(model))
+        common.check_lora_unsharded(cfg, self.fsdp)
+        self.model = self.place_model(common.maybe_apply_lora(cfg, self._build_model(model)))
         self.setup_loop()
 
     def _build_model(self, model) -> RewardModel | MultiHeadRewardModel:
@@ -291,9 +292,16 @@ class RewardTrainer(common.StepTrainer):
             if self.is_main:
                 self.model.save_pretrained(directory, tokenizer=self.tokenizer, state_dict=state)
             return
-        self.model.save_pretrained(directory, tokenizer=self.tokenizer)
+        self.model.save_pretrained(directory, tokenizer=self.tokenizer)  # adapters merged (heads.py)
+        if self.cfg.lora_rank:
+            common.save_adapters(self.model, directory)
 
     def load_model(self, directory: Path) -> None:
+        if self.cfg.lora_rank:
+            common.load_adapters(self.model, directory)
+            loaded = load_head_model(directory, dtype=next(self.model.parameters()).dtype)
+            self.model.reward_mean, self.model.reward_std = loaded.reward_mean, loaded.reward_std
+            return
         loaded = load_head_model(directory, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(loaded.state_dict())
         self.model.reward_mean, self.model.reward_std = loaded.reward_mean, loaded.reward_std
