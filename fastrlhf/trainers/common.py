@@ -519,7 +519,7 @@ class StepTrainer:
         from fastrlhf.engine.fsdp import is_fsdp, shard_model
         from fastrlhf.engine.precision import enable_gradient_checkpointing
         cfg = self.cfg
-        self.fsdp = self.world_size > 1
+        self.fsdp = self.world_size > 1 or self.runtime.fsdp
         if is_fsdp(model):  # already sharded by engine.loading (rank 0 read it)
             pass
         elif self.fsdp:
@@ -535,7 +535,7 @@ class StepTrainer:
     def load_sharded(self, source) -> torch.nn.Module | None:
         """Under a process group: the model of ``source`` (``engine.loading.ModelSource``) read by rank 0
         and sent to every rank as FSDP2 shards; None in one process (the caller loads it plainly)."""
-        if self.world_size == 1:
+        if self.world_size == 1 and not self.runtime.fsdp:
             return None
         from fastrlhf.engine.loading import materialize
         return materialize(self.runtime, source, train=True, precision=self.precision,

@@ -184,7 +184,7 @@ class RewardTrainer(common.StepTrainer):
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("rm", train_rows, eval_rows)
-        if model is None and self.world_size > 1:  # rank 0 reads, the others receive their shards
+        if model is None and self.runtime.fsdp:  # rank 0 reads, the others receive their shards
             from fastrlhf.engine.loading import ModelSource
             model = self.load_sharded(ModelSource(build=self._build_empty, load=lambda: self._build_model(None)))
         self.model = self.place_model(self._build_model(model))
