@@ -285,11 +285,9 @@ class RewardTrainer(common.StepTrainer):
         return metrics
 
     def save_model(self, directory: Path) -> None:
-        if self.fsdp:  # collective: the full state on rank 0, which writes
-            from fastrlhf.engine.fsdp import full_state_dict
-            state = full_state_dict(self.model)
-            if self.is_main:
-                self.model.save_pretrained(directory, tokenizer=self.tokenizer, state_dict=state)
+        if self.fsdp:  # collective, streamed a bucket of layers at a time; rank 0 writes
+            from fastrlhf.engine.checkpoint import export_head_model
+            export_head_model(self.model, directory, tokenizer=self.tokenizer)
             return
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)
 

@@ -49,6 +49,17 @@ def test_full_state_dict_save_and_weight_buckets(result):
 
 
 @pytest.mark.slow
+def test_head_models_export_streamed_and_load(result):
+    """The PPO critic (``ppo_state.save_critic``) and a reward model (``checkpoint.export_head_model``) written
+    from FSDP2 shards one bucket of layers at a time: ``from_pretrained`` loads exactly the full model."""
+    assert result["rm_wrote"] and result["rm_export_files"] > 1
+    assert result["critic_export_class"] == "ValueModel"
+    assert result["critic_export_diff"] == 0.0 and result["rm_export_diff"] == 0.0
+    assert result["rm_export_stats"] == [0.25, 2.0]
+    assert result["rm_export_score_diff"] < 1e-5
+
+
+@pytest.mark.slow
 def test_memory_plan_on_cpu_is_all_resident(result):
     plan = result["plan"]
     assert plan["budget_mb"] is None
