@@ -140,6 +140,8 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
             out[name].train()
             if gradient_checkpointing:
                 enable_gradient_checkpointing(out[name])
+    runtime.print(f"[fastrlhf] models: FSDP2 over {runtime.world_size} rank(s), precision {runtime.precision}"
+                  if use_fsdp else f"[fastrlhf] models: plain modules on {runtime.device}, precision {runtime.precision}")
     _replan(runtime, has_vllm=False, activation_reserve=activation_reserve)
     runtime.scheduler.bind(models=out)
     return tuple(out[n] for n in _NAMES)
