@@ -238,3 +238,25 @@ def test_plan_with_an_engine_that_never_sleeps_counts_it_in_every_phase():
     with pytest.raises(MemoryPlanError, match="'train' needs"):  # 4 + 12 MB of actor + 10 MB engine > 18 usable
         plan_memory(sizes, **{**kw, "budget_bytes": 20 * MB}, vllm_sleeps=False)
     plan_memory(sizes, **{**kw, "budget_bytes": 20 * MB})  # fits when the engine sleeps
+
+
+def test_phase_peak_on_cuda_is_reserved_memory(monkeypatch):
+    """The per-phase peak on CUDA is what PyTorch's allocator reserved (what vLLM and the next phase cannot
+    use), with the allocated peak next to it; CPU keeps its RSS figures. CUDA calls faked: no GPU here."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 300 * MB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 120 * MB)
+    s = PhaseScheduler(torch.device("cuda"))
+    run(s, "generate")
+    stats = s.pop_stats()
+    assert stats["mem/generate_peak_mb"] == 300.0
+    assert stats["mem/generate_peak_alloc_mb"] == 120.0
+    assert calls == ["reset"]
+    assert not any("rss" in k for k in stats)
+    cpu = PhaseScheduler("cpu")
+    run(cpu, "generate")
+    cpu_stats = cpu.pop_stats()
+    assert "mem/generate_rss_mb" in cpu_stats and "mem/peak_rss_mb" in cpu_stats
+    assert not any("peak_alloc" in k or k == "mem/generate_peak_mb" for k in cpu_stats)
