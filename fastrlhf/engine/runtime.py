@@ -45,6 +45,7 @@ class Runtime:
     autocast_bf16: bool = False  # plain modules under bf16 compute by autocast (FSDP2 casts by policy)
     offload: str = "auto"  # the config's offload key, applied to the memory plan
     fsdp: bool = False  # models go through FSDP2 (distributed.use_fsdp; init_runtime decides)
+    fsdp_models: bool = False  # prepare_models sharded the models (the memory plan counts HF's gather)
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -140,6 +141,7 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
             out[name].train()
             if gradient_checkpointing:
                 enable_gradient_checkpointing(out[name])
+    runtime.fsdp_models = any(m is not None and is_fsdp(m) for m in out.values())
     runtime.print(f"[fastrlhf] models: FSDP2 over {runtime.world_size} rank(s), precision {runtime.precision}"
                   if use_fsdp else f"[fastrlhf] models: plain modules on {runtime.device}, precision {runtime.precision}")
     _replan(runtime, has_vllm=False, activation_reserve=activation_reserve)
@@ -173,7 +175,7 @@ def _replan(runtime: Runtime, *, has_vllm: bool, tp: int = 1, vllm_param_bytes: 
                        world_size=runtime.world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
                        vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve,
                        precision=runtime.precision, gradient_checkpointing=runtime.gradient_checkpointing,
-                       offload=runtime.offload, vllm_sleeps=vllm_sleeps)
+                       offload=runtime.offload, vllm_sleeps=vllm_sleeps, fsdp=runtime.fsdp_models)
     runtime.scheduler.bind(plan=plan)
     runtime.print(plan.format())
 

@@ -260,3 +260,24 @@ def test_phase_peak_on_cuda_is_reserved_memory(monkeypatch):
     cpu_stats = cpu.pop_stats()
     assert "mem/generate_rss_mb" in cpu_stats and "mem/peak_rss_mb" in cpu_stats
     assert not any("peak_alloc" in k or k == "mem/generate_peak_mb" for k in cpu_stats)
+
+
+def test_plan_counts_the_gathered_actor_in_hf_generate_under_fsdp():
+    """HF rollout of an FSDP2 actor all-gathers the whole actor for GENERATE (``rollout.hf.gathered``): the
+    plan holds it there, in the compute dtype, on top of the shards; vLLM or plain modules: no such item."""
+    sizes = _sizes(10 * MB)  # 10M params each; per rank over 8 ranks: 5 MB fp32 shards
+    kw = dict(device="cuda:0", world_size=8, precision="bf16")
+    plan = plan_memory(sizes, budget_bytes=10**12, fsdp=True, **kw)
+    assert plan.bytes["actor.gathered"] == 10 * MB * 2  # the full actor in bf16, not a shard
+    assert {p: plan.placement[p]["actor.gathered"] for p in ("generate", "score", "train", "sync")} == {
+        "generate": "resident", "score": "offloaded", "train": "offloaded", "sync": "offloaded"}
+    assert "actor.gathered" in plan.format() and any("all-gathers the whole actor" in n for n in plan.notes)
+    assert "actor.gathered" not in plan_memory(sizes, budget_bytes=10**12, **kw).bytes  # plain modules
+    assert "actor.gathered" not in plan_memory(sizes, budget_bytes=10**12, fsdp=True, has_vllm=True, **kw).bytes
+    # without a critic, 24 MB usable: TRAIN (5 + 15 MB) and SCORE (3 x 5 MB) fit, and so would GENERATE's
+    # 5 MB shard alone; with the gathered 20 MB actor GENERATE needs 25 MB: refused, naming the phase
+    no_critic = {**sizes, "critic": None}
+    budget = int(24 * MB / 0.9)
+    plan_memory(no_critic, budget_bytes=budget, **kw)
+    with pytest.raises(MemoryPlanError, match=r"phase 'generate' needs 25.0 MB .*actor.gathered"):
+        plan_memory(no_critic, budget_bytes=budget, fsdp=True, **kw)
