@@ -129,3 +129,20 @@ def test_one_process_fsdp2_matches_plain_modules(tmp_path):
     v2 = ValueModel.from_pretrained(tmp_path / "sharded" / "critic").state_dict()
     assert (tmp_path / "sharded" / "critic" / "model.safetensors.index.json").is_file()  # the streamed export
     assert max((v1[k] - v2[k]).abs().max().item() for k in v1) < 1e-5
+
+
+@pytest.mark.slow
+def test_one_process_fsdp2_then_in_process_vllm(tmp_path):
+    """The single-GPU order, on CPU: the 1-rank group first (``FASTRLHF_FSDP=1``, gloo), then vLLM's in-process
+    engine, which finds that world of 1 and uses it (no clash); weights sync and its log-probs match."""
+    _setup(tmp_path)
+    cmd = [sys.executable, "-m", "fastrlhf", "ppo", "--config", str(_config(tmp_path, "v")), "iterations=2",
+           "checkpoint_every=2", "max_prompt_length=16", "rollout.backend=vllm"]
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "FASTRLHF_FSDP": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "[fastrlhf] models: FSDP2 over 1 rank(s)" in proc.stdout and "vllm.weights" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if r.get("stage") == "ppo" and "kl" in r]
+    assert [r["iteration"] for r in ppo] == [1, 2]
+    assert max(r["logprob_mismatch_max"] for r in ppo) < 1e-4  # vLLM samples from the synced actor
