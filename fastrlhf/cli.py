@@ -1,4 +1,4 @@
-"""`fastrlhf demo | arena | sft | rm | ppo | dpo | report` (also `python -m fastrlhf`).
+"""`fastrlhf demo | arena | sft | rm | ppo | dpo | plan | report` (also `python -m fastrlhf`).
 
 Each subcommand imports its module only when run, so `fastrlhf --help` stays fast.
 """
@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", required=True, help="YAML config file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides (dotted for sections)")
+    plan = sub.add_parser("plan", help="memory per GPU and PPO phase for a config, without allocating")
+    plan.add_argument("--config", required=True, help="PPO YAML config file")
+    plan.add_argument("--model", default=None, help="a folder with a config.json (or a transformers model "
+                      "type such as qwen2) replacing the config's model for planning")
+    plan.add_argument("--gpus", type=int, default=1, help="ranks sharding the models (FSDP2)")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB")
     rep = sub.add_parser("report", help="plots and a summary of a run's metrics")
     rep.add_argument("run_dir")
     return p
@@ -92,6 +98,9 @@ def _run(args) -> int:
     if args.command == "demo":
         from fastrlhf.demo import run_demo_cli
         return int(run_demo_cli(args) or 0)
+    if args.command == "plan":
+        from fastrlhf.engine.planner import plan_cli
+        return int(plan_cli(args))
     if args.command == "arena":
         from fastrlhf.arena import run_arena_cli
         return int(run_arena_cli(args) or 0)

@@ -126,8 +126,11 @@ class ScalarHeadModel(nn.Module):
         ``state_dict``: the full weights when the module itself holds shards (FSDP2)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu()
-                 for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
+        state = self.state_dict() if state_dict is None else state_dict
+        if any(".lora_" in k for k in state):  # LoRA (fastrlhf.models.lora): save the merged weights
+            from .lora import merged_state_dict
+            state = merged_state_dict(self)
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         self.save_metadata(directory, tokenizer=tokenizer)
 
@@ -212,7 +215,13 @@ class RewardModel(ScalarHeadModel):
         self.reward_mean = reward_mean
         self.reward_std = reward_std
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    supports_packing = True
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                packing: bool = False) -> torch.Tensor:
+        if packing:  # valid tokens only, attention confined to each row (fastrlhf.models.packing)
+            from .packing import last_token_outputs_packed
+            return last_token_outputs_packed(self, input_ids, attention_mask)[:, 0]
         return self.last_token_outputs(input_ids, attention_mask)[:, 0]
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
@@ -244,7 +253,13 @@ class ValueModel(ScalarHeadModel):
     def __init__(self, backbone: nn.Module, *, head_init_std: float | None = 0.0):
         super().__init__(backbone, num_heads=1, head_init_std=head_init_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    supports_packing = True
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                packing: bool = False) -> torch.Tensor:
+        if packing:  # valid tokens only, attention confined to each row (fastrlhf.models.packing)
+            from .packing import head_outputs_packed
+            return head_outputs_packed(self, input_ids, attention_mask)[..., 0]
         values = self.head_outputs(input_ids, attention_mask)[..., 0]
         return torch.where(attention_mask.bool(), values, torch.zeros_like(values))
 

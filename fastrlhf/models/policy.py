@@ -53,7 +53,10 @@ class PolicyWithLoss(nn.Module):
       - ``"logprobs"``: ``(logprobs [B, R], entropy [B, R], values [B, R] or None)``, fp32.
       - ``"loss"``: ``fused_ppo_loss`` (or the ``policy_loss=`` variant) over the responses
         -> ``(loss, stats, values [B, R] or None)``.
+    ``packing=True`` (modes "logprobs" / "loss") runs the forward on packed valid tokens, same outputs.
     """
+
+    supports_packing = True
 
     def __init__(
         self,
@@ -106,6 +109,10 @@ class PolicyWithLoss(nn.Module):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if prompt_len is None or not 1 <= prompt_len < input_ids.shape[1]:
             raise ValueError(f"mode={mode!r} needs 1 <= prompt_len < {input_ids.shape[1]}, got {prompt_len}")
+        if kwargs.pop("packing", False):  # valid tokens only (fastrlhf.models.packing); same outputs
+            from .packing import policy_forward_packed
+            return policy_forward_packed(self, input_ids, attention_mask, mode=mode, prompt_len=prompt_len,
+                                         **kwargs)
         hidden = self._response_hidden(input_ids, attention_mask, prompt_len)
         labels = input_ids[:, prompt_len:]
         weight, bias = self._head()

@@ -124,6 +124,12 @@ class StageConfig:
     wandb: bool = False
     num_threads: int = 1
     resume: bool = True
+    # LoRA through PEFT (fastrlhf.models.lora): 0 = full fine-tuning; alpha None = 2 * rank; target modules
+    # None = every linear of the transformer blocks. Checkpoints hold the merged model + adapter.safetensors.
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self):
         validate_common(self)
@@ -145,6 +151,56 @@ def validate_scale_keys(cfg) -> None:
         raise ConfigError(f"{name}: adam_betas must be two numbers in [0, 1), got {list(cfg.adam_betas)}")
     if not cfg.adam_eps > 0:
         raise ConfigError(f"{name}: adam_eps must be > 0, got {cfg.adam_eps}")
+
+
+def maybe_apply_lora(cfg, model):
+    """``apply_lora`` with the config's ``lora_*`` keys when ``lora_rank > 0``; else ``model`` unchanged."""
+    if cfg.lora_rank < 0:
+        raise ConfigError(f"{type(cfg).__name__}: lora_rank must be >= 0, got {cfg.lora_rank}")
+    if not cfg.lora_rank:
+        return model
+    from fastrlhf.models.lora import apply_lora
+
+    try:
+        return apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules)
+    except ValueError as err:
+        raise ConfigError(f"{type(cfg).__name__}: {err}") from None
+
+
+def check_lora_unsharded(cfg, fsdp: bool) -> None:
+    """LoRA runs in a single process without FSDP2 for now (its merged export and adapter checkpoints are
+    not written from shards yet)."""
+    if cfg.lora_rank and fsdp:
+        raise ConfigError(f"{type(cfg).__name__}: lora_rank > 0 is not supported with FSDP2 yet (torchrun); "
+                          "run LoRA in one process or set lora_rank=0")
+
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def save_adapters(model, directory) -> None:
+    """The trainable tensors of a LoRA model (adapters, heads) next to its merged export, for resume."""
+    from safetensors.torch import save_file
+
+    from fastrlhf.models.lora import adapter_state_dict
+
+    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(state, str(Path(directory) / ADAPTER_FILE))
+
+
+def load_adapters(model, directory) -> None:
+    """Load ``save_adapters``' tensors back into an adapted model (names must all match)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(directory) / ADAPTER_FILE))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"{directory}/{ADAPTER_FILE}: tensors {unknown[:3]} are not in the model")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 # ----------------------------------------------------------------------------------------------- device
@@ -503,6 +559,9 @@ class StepTrainer:
         self.runtime = runtime or init_runtime(None if cfg.device in (None, "auto") else cfg.device)
         self.device = self.runtime.device
         self.precision = resolve_precision(cfg.precision, self.device)
+        # FSDP2 over several ranks, or in one GPU process (runtime.fsdp: a 1-rank group); LoRA in one
+        # process stays a plain module (its merged export and adapters are not written from shards yet)
+        self.fsdp = self.world_size > 1 or (self.runtime.fsdp and not getattr(cfg, "lora_rank", 0))
 
     @property
     def is_main(self) -> bool:
@@ -519,7 +578,6 @@ class StepTrainer:
         from fastrlhf.engine.fsdp import is_fsdp, shard_model
         from fastrlhf.engine.precision import enable_gradient_checkpointing
         cfg = self.cfg
-        self.fsdp = self.world_size > 1 or self.runtime.fsdp
         if is_fsdp(model):  # already sharded by engine.loading (rank 0 read it)
             pass
         elif self.fsdp:
@@ -535,7 +593,7 @@ class StepTrainer:
     def load_sharded(self, source) -> torch.nn.Module | None:
         """Under a process group: the model of ``source`` (``engine.loading.ModelSource``) read by rank 0
         and sent to every rank as FSDP2 shards; None in one process (the caller loads it plainly)."""
-        if self.world_size == 1 and not self.runtime.fsdp:
+        if not self.fsdp:
             return None
         from fastrlhf.engine.loading import materialize
         return materialize(self.runtime, source, train=True, precision=self.precision,

@@ -407,11 +407,13 @@ class PPOTrainer:
             return self._score_rows_fwd(ids, attn, p_len)
 
     def _score_rows_fwd(self, ids, attn, p_len: int):
-        old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len)
-        ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len)
+        pk = self._packing
+        old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.actor))
+        ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.ref))
         if self.critic is not None:
-            values = self.critic(ids, attn)[:, p_len - 1 : -1].float()
-        scores = self.reward_model(ids, attn).float() if self.reward_model is not None else None
+            values = self.critic(ids, attn, **pk(self.critic))[:, p_len - 1 : -1].float()
+        scores = (self.reward_model(ids, attn, **pk(self.reward_model)).float()
+                  if self.reward_model is not None else None)
         normalize = getattr(self.reward_model, "normalize", None)  # the RM's saved mean/std (RewardModel)
         return old_lp, entropy, values, normalize(scores) if normalize else scores, ref_lp
 
@@ -437,6 +439,10 @@ class PPOTrainer:
         if failed is None:
             return False
         return float(self.runtime.all_reduce_mean(failed.float().to(self.runtime.device))) > 0
+
+    def _packing(self, model) -> dict:
+        """``{"packing": True}`` for models with a packed forward when ``config.packing`` (else ``{}``)."""
+        return {"packing": True} if self.config.packing and getattr(model, "supports_packing", False) else {}
 
     def _check_dropped(self, it: int, stats: dict) -> None:
         """Count the rows dropped for non-finite values (all ranks); warn once; stop the run with
@@ -591,12 +597,14 @@ class PPOTrainer:
             loss_agg=cfg.loss_agg,
             log_ratio_clip=cfg.log_ratio_clip,
             policy_loss=cfg.policy_loss,
+            **self._packing(self.actor),
         )
         if self.critic_free:
             stats = {("policy_" + k if k in ("kl", "entropy") else k): v for k, v in stats.items()}
             return pg_loss, {"pg_loss": pg_loss.detach(), **stats}
         if self.critic is not None:
-            values = self.critic(micro.input_ids, micro.attention_mask)[:, micro.prompt_len - 1 : -1]
+            values = self.critic(micro.input_ids, micro.attention_mask, **self._packing(self.critic))
+            values = values[:, micro.prompt_len - 1 : -1]
         vf_loss, vf_stats = ppo_value_loss(
             values, micro.old_values, micro.returns, micro.mask, clip=cfg.value_clip, loss_agg=cfg.loss_agg
         )

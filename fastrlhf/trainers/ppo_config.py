@@ -160,6 +160,7 @@ class PPOConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     shared_critic: bool = False
+    packing: bool = True  # score / train forwards on packed valid tokens (fastrlhf.models.packing)
     # rows with a non-finite reward score are dropped; the run stops when more than this share of the
     # rows of the last ``nonfinite_window`` iterations was lost
     max_nonfinite_share: float = 0.5

@@ -184,10 +184,11 @@ class RewardTrainer(common.StepTrainer):
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("rm", train_rows, eval_rows)
-        if model is None and self.runtime.fsdp:  # rank 0 reads, the others receive their shards
+        if model is None and self.fsdp:  # rank 0 reads, the others receive their shards
             from fastrlhf.engine.loading import ModelSource
             model = self.load_sharded(ModelSource(build=self._build_empty, load=lambda: self._build_model(None)))
-        self.model = self.place_model(self._build_model(model))
+        common.check_lora_unsharded(cfg, self.fsdp)
+        self.model = self.place_model(common.maybe_apply_lora(cfg, self._build_model(model)))
         self.setup_loop()
 
     def _build_model(self, model) -> RewardModel | MultiHeadRewardModel:
@@ -289,9 +290,16 @@ class RewardTrainer(common.StepTrainer):
             from fastrlhf.engine.checkpoint import export_head_model
             export_head_model(self.model, directory, tokenizer=self.tokenizer)
             return
-        self.model.save_pretrained(directory, tokenizer=self.tokenizer)
+        self.model.save_pretrained(directory, tokenizer=self.tokenizer)  # adapters merged (heads.py)
+        if self.cfg.lora_rank:
+            common.save_adapters(self.model, directory)
 
     def load_model(self, directory: Path) -> None:
+        if self.cfg.lora_rank:
+            common.load_adapters(self.model, directory)
+            loaded = load_head_model(directory, dtype=next(self.model.parameters()).dtype)
+            self.model.reward_mean, self.model.reward_std = loaded.reward_mean, loaded.reward_std
+            return
         loaded = load_head_model(directory, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(loaded.state_dict())
         self.model.reward_mean, self.model.reward_std = loaded.reward_mean, loaded.reward_std

@@ -21,6 +21,7 @@ from fastrlhf.data import IGNORE_INDEX, chat_sft_features, pad_batch, sft_featur
 from fastrlhf.kernels import linear_token_logprobs, token_logprobs
 from fastrlhf.models.heads import position_ids_from_mask
 from fastrlhf.models.loading import load_causal_lm, load_tokenizer
+from fastrlhf.models.packing import block_causal_mask
 from fastrlhf.models.policy import effective_temperature
 from fastrlhf.trainers import common
 
@@ -191,23 +192,9 @@ def pack_features(features: list[dict], max_length: int) -> list[dict]:
 
 def packed_attention_mask(segment_ids: torch.Tensor, attn_implementation: str,
                           dtype: torch.dtype) -> torch.Tensor:
-    """``[B, 1, T, T]`` block-diagonal causal mask from ``segment_ids [B, T]`` (-1 = padding).
-
-    Token i attends to j iff same segment and j <= i; a padding token attends to itself only (a fully
-    masked query row would give NaN in SDPA). bool (True = attend) for "sdpa", additive float for "eager".
-    """
-    t = segment_ids.shape[1]
-    pos = torch.arange(t, device=segment_ids.device)
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
-    allowed = (same & (pos[None, None, :] <= pos[None, :, None])) | torch.eye(t, dtype=torch.bool,
-                                                                           device=segment_ids.device)
-    if attn_implementation == "sdpa":
-        return allowed[:, None]
-    if attn_implementation == "eager":
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-    raise ValueError(f"packing needs attn_implementation 'sdpa' or 'eager', the model uses "
-                     f"{attn_implementation!r}; set packing=false")
+    """``[B, 1, T, T]`` block-diagonal causal mask from ``segment_ids [B, T]`` (-1 = padding): the one
+    :func:`fastrlhf.models.packing.block_causal_mask` that PPO's packed micro-batches use too."""
+    return block_causal_mask(segment_ids, attn_implementation, dtype)
 
 
 def collate(features: list[dict], pad_id: int, model_config=None, dtype=torch.float32) -> dict:
@@ -250,7 +237,8 @@ class SFTTrainer(common.StepTrainer):
         if model is None:  # fp32 masters; under torchrun rank 0 reads, the others receive shards
             from fastrlhf.engine.loading import causal_lm_source
             model = self.load_sharded(causal_lm_source(cfg.model)) or load_causal_lm(cfg.model)
-        self.model = self.place_model(model)
+        common.check_lora_unsharded(cfg, self.fsdp)
+        self.model = self.place_model(common.maybe_apply_lora(cfg, model))
         if self.fsdp:
             register_nll_forward(self.model)
         self.pad_id = self.tokenizer.pad_token_id
@@ -290,6 +278,11 @@ class SFTTrainer(common.StepTrainer):
                             bf16=self.autocast_bf16, loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend)
 
     def save_model(self, directory: Path) -> None:
+        if self.cfg.lora_rank:  # a plain HF checkpoint (adapters merged) + the adapters for resume
+            from fastrlhf.models.lora import save_merged_pretrained
+            save_merged_pretrained(self.model, directory, tokenizer=self.tokenizer)
+            common.save_adapters(self.model, directory)
+            return
         if self.fsdp:  # collective, streamed a bucket of layers at a time; rank 0 writes
             from fastrlhf.engine.checkpoint import export_hf
             export_hf(self.model, directory, tokenizer=self.tokenizer)
@@ -298,6 +291,9 @@ class SFTTrainer(common.StepTrainer):
         self.tokenizer.save_pretrained(directory)
 
     def load_model(self, directory: Path) -> None:
+        if self.cfg.lora_rank:
+            common.load_adapters(self.model, directory)
+            return
         loaded = load_causal_lm(directory, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(loaded.state_dict())
 

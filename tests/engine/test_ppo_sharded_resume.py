@@ -36,6 +36,7 @@ def _config(root: Path, name: str) -> Path:
     cfg = {"model": str(root / "sft"), "reward_model": str(root / "rm"), "data": str(root / "data.jsonl"),
            "output_dir": str(root / name), "iterations": ITERATIONS, "rollout_batch_size": 2,
            "minibatch_size": 1, "ppo_epochs": 2, "checkpoint_every": 1, "keep_checkpoints": 2,
+           "max_prompt_length": 32,  # the tiny model has 256 positions
            "progress": False, "precision": "fp32", "gradient_checkpointing": True,
            "rollout": {"max_new_tokens": 4}, "kl": {"target": 3.0}}
     path = root / f"{name}.yaml"

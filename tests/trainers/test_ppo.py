@@ -413,3 +413,33 @@ def test_gpt2_with_dropout_first_minibatch_has_ratio_one(tmp_path, tok):
     (row,) = trainer.train()
     assert row["ratio_mean"] == 1.0 and row["approx_kl"] == 0.0 and row["clipfrac"] == 0.0
     assert row["kl"] == 0.0 and row["logprob_mismatch_abs"] < 1e-5
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("shared_critic", [False, True])
+def test_packing_equals_padded_score_loss_and_grads(tmp_path, tok, loss_agg, shared_critic):
+    """packing=True (the default) vs packing=False: same scores, log-probs, values, loss and gradients."""
+    out = []
+    for packing in (False, True):
+        trainer = make_trainer(tmp_path / str(packing), tok, packing=packing, loss_agg=loss_agg, micro_batch_size=3,
+                               shared_critic=shared_critic, entropy_coef=0.01,
+                               kl=KLConfig(controller="fixed", init_coef=0.1, loss_coef=0.05))
+        calls = []
+        trainer.actor.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("packing", False)),
+                                                with_kwargs=True)
+        batch, scores = scored_batch(trainer)
+        trainer.advantages(batch, scores)
+        batch.old_logprobs = batch.old_logprobs - 0.3 * batch.mask
+        loss, stats = trainer.minibatch_loss(batch)
+        assert set(calls) == {packing}
+        out.append((batch, scores, loss, stats, _grads(trainer)))
+    (b0, s0, l0, st0, g0), (b1, s1, l1, st1, g1) = out
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
+    for key in ("old_logprobs", "ref_logprobs", "old_values", "advantages"):
+        torch.testing.assert_close(getattr(b1, key), getattr(b0, key), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    for k in st0:
+        torch.testing.assert_close(st1[k], st0[k], atol=1e-5, rtol=1e-5)
+    assert len(g1) == len(g0) > 0
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

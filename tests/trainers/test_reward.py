@@ -216,3 +216,16 @@ def test_without_eval_data_the_result_says_it_was_measured_on_train_pairs(tok, t
                            train_rows=synthetic_pairs(16, 0)).train()
     assert result["eval_on_train_pairs"] == 1.0
     assert "measured on the training pairs" in capsys.readouterr().out
+
+
+def test_lora_reward_model_trains_head_fully_and_saves_merged(tok, tmp_path):
+    trainer = RewardTrainer(_cfg(tmp_path, epochs=2, lora_rank=4, lr=1e-2), model=_lm(tok), tokenizer=tok,
+                            train_rows=synthetic_pairs(64, 0), eval_rows=synthetic_pairs(32, 1))
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert "head.weight" in trainable and all(n == "head.weight" or "lora_" in n for n in trainable)
+    result = trainer.train()
+    assert result["eval_accuracy"] > 0.7, result
+    back = RewardModel.from_pretrained(tmp_path / "final")  # merged: loads without peft
+    b = pair_batch([pair_features(r, tok, 32) for r in synthetic_pairs(4, 9)], 0)
+    torch.testing.assert_close(back(b["input_ids"], b["attention_mask"]),
+                               trainer.model.cpu()(b["input_ids"], b["attention_mask"]), atol=1e-5, rtol=0)

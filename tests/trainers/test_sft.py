@@ -280,3 +280,29 @@ def test_sft_bf16_autocast_on_cuda(tok, tmp_path, loss_impl):
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "final").dtype == torch.float32
+
+
+def test_lora_sft_trains_adapters_exports_merged_and_resumes(tok, tmp_path):
+    base = _model(tok)
+    model = _model(tok)
+    cfg = _cfg(tmp_path, epochs=3, lora_rank=4, lora_alpha=8.0, save_every=2, lr=2e-2)
+    trainer = SFTTrainer(cfg, model=model, tokenizer=tok, train_rows=ROWS * 2)
+    trainer.train()
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    for name, p in model.named_parameters():  # only adapters moved
+        if "lora_" not in name:
+            torch.testing.assert_close(p, base.get_parameter(name.replace(".base_layer", "")))
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # plain HF, adapters merged
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (back(ids).logits - base(ids).logits).abs().max() > 1e-3
+    assert (tmp_path / "final" / "adapter.safetensors").is_file()
+    fresh = SFTTrainer(cfg, model=_model(tok), tokenizer=tok, train_rows=ROWS * 2)
+    fresh.load_model(tmp_path / "final")  # resume path: adapters back into an adapted model
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ConfigError, match="lora_target_modules"):
+        SFTTrainer(_cfg(tmp_path / "bad", lora_rank=2, lora_target_modules=("nope",)), model=_model(tok),
+                   tokenizer=tok, train_rows=ROWS)
