@@ -251,9 +251,6 @@ class PPOTrainer:
         models = {"actor": self.actor, "critic": self.critic}
         return {k: (models[k], o) for k, o in self.optimizers.items()}
 
-    def unwrapped_lm(self):
-        return self.actor.lm
-
     def finish(self) -> dict:
         """After :meth:`train`: ``final/``, ``critic/``, ``ppo_result.json``, ``plots/`` (``ppo_eval.finish``)."""
         return ppo_eval.finish(self)
