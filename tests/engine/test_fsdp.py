@@ -30,8 +30,11 @@ def test_two_rank_training_equals_one_process(result):
     # 3 AdamW steps (lr 1e-2) with grad-norm clipping active: fp32, reduction order differs only
     assert result["clipped"]
     assert result["norm_diff"] < 1e-4
-    assert result["actor_diff"] < 2e-5
-    assert result["critic_diff"] < 2e-5
+    # Adam divides by sqrt(v): for an element whose gradient is near 0 the update's direction is set by
+    # fp32 rounding in the (rank-order dependent) reductions, so a few elements can differ by ~1% of one
+    # step (lr 1e-2 -> 1e-4; measured up to 7.2e-5 in 1 of 6 runs). A wrong gradient moves them by ~lr.
+    assert result["actor_diff"] < 2e-4
+    assert result["critic_diff"] < 2e-4
 
 
 @pytest.mark.slow
