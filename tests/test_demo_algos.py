@@ -23,8 +23,22 @@ def test_arithmetic_task_pieces():
     assert 0.1 < len(held) / len(qs) < 0.3
     demos = arith.make_demonstrations(2000, 0)
     assert not any(arith.split_of(*arith.parse_question(r["prompt"])) == "heldout" for r in demos)
-    right = arith.accuracy([r["prompt"] for r in demos], [r["response"] for r in demos])
-    assert abs(right - arith.P_CORRECT) < 0.05  # imperfect worked answers
+    rl_rows, held_rows = arith.make_prompt_rows(2000, 3, "train"), arith.make_prompt_rows(500, 4, "heldout")
+    assert not {r["prompt"] for r in rl_rows} & {r["prompt"] for r in held_rows}  # RL prompts never held out
+    hard = [arith.is_hard(*arith.parse_question(r["prompt"])) for r in demos]
+    for keep, p_right in ((True, arith.P_CORRECT_HARD), (False, arith.P_CORRECT_EASY)):
+        rows = [r for r, h in zip(demos, hard, strict=True) if h == keep]
+        right = arith.accuracy([r["prompt"] for r in rows], [r["response"] for r in rows])
+        assert abs(right - p_right) < 0.05, (keep, right)  # imperfect worked answers
+    # on the hard questions every wrong worked answer is the habit: a systematic mistake, not noise
+    for r, h in zip(demos, hard, strict=True):
+        if h and not arith.is_correct(r["prompt"], r["response"]):
+            assert arith.final_number(r["response"]) == arith.habit(*arith.parse_question(r["prompt"])), r
+    assert arith.habit(7, "+", 5) == 2 and arith.habit(9, "-", 6) == 4 and not arith.is_hard(9, "-", 4)
+    with pytest.raises(ValueError, match="not a hard question"):
+        arith.habit(3, "+", 4)
+    qs_hard = [q for q in qs if arith.is_hard(*q)]
+    assert len(qs_hard) == 60 and any(arith.split_of(*q) == "heldout" for q in qs_hard)
     assert all(r["response"].startswith(" ".join(r["prompt"].split()[2:5]) + " =") for r in demos)
     tok = arith.build_tokenizer()
     assert tok.unk_token_id not in tok(demos[0]["prompt"] + " " + demos[0]["response"]).input_ids
@@ -64,7 +78,8 @@ def test_every_algorithm_runs_on_the_arithmetic_task(tmp_path, monkeypatch):
         summary = demo.run_demo(tmp_path, quick=True, task_name="arithmetic", algo=algo)
         assert summary["task"] == "arithmetic" and summary["algo"] == algo
         rl = summary["rl"]
-        assert 0 <= rl["accuracy_before"] <= 1 and 0 <= rl["accuracy_after"] <= 1
+        for k in ("accuracy", "sampled_accuracy", "greedy_hard", "greedy_easy", "greedy_habit_hard"):
+            assert 0 <= rl[f"{k}_before"] <= 1 and 0 <= rl[f"{k}_after"] <= 1, (k, rl)
         assert json.loads((tmp_path / "summary.json").read_text())["algo"] == algo
     # one SFT stage shared by every algorithm, one stage folder each
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
@@ -73,8 +88,10 @@ def test_every_algorithm_runs_on_the_arithmetic_task(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_arithmetic_grpo_demo_raises_heldout_accuracy(tmp_path):
-    """The bar: `fastrlhf demo --task arithmetic --algo grpo --quick` raises held-out accuracy (sampled at
-    temperature 1) by at least 0.1 over the SFT policy's, in about a minute on 2 CPU cores."""
+    """The bar: `fastrlhf demo --task arithmetic --algo grpo --quick` raises held-out accuracy, greedy
+    (``accuracy_*``) and sampled at temperature 1, well above the SFT policy's, by dropping the demonstrators'
+    systematic mistake on questions RL never saw; about a minute on 2 CPU cores (seed 0 measured: greedy
+    0.539 -> 0.758, sampled 0.527 -> 0.719, habit on hard held-out questions 0.61 -> 0)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "fastrlhf", "demo", "--quick", "--task", "arithmetic", "--algo",
@@ -84,8 +101,13 @@ def test_arithmetic_grpo_demo_raises_heldout_accuracy(tmp_path):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     rl = summary["rl"]
     assert summary["task"] == "arithmetic" and summary["algo"] == "grpo"
-    assert 0.2 < rl["accuracy_before"] < 0.7  # the SFT policy learned the imperfect answers
-    assert rl["accuracy_after"] >= rl["accuracy_before"] + 0.1, rl
+    # the SFT policy learned the habit: greedily wrong on the hard held-out questions, right on most others
+    assert 0.4 < rl["accuracy_before"] < 0.7 and rl["greedy_hard_before"] < 0.3, rl
+    assert rl["greedy_habit_hard_before"] > 0.4 and rl["greedy_easy_before"] > 0.6, rl
+    assert rl["accuracy_after"] >= rl["accuracy_before"] + 0.15, rl  # greedy: the policy's best answer
+    assert rl["sampled_accuracy_after"] >= rl["sampled_accuracy_before"] + 0.1, rl
+    assert rl["greedy_hard_after"] >= rl["greedy_hard_before"] + 0.3 and rl["greedy_habit_hard_after"] < 0.2, rl
+    assert rl["greedy_easy_after"] >= rl["greedy_easy_before"] - 0.05, rl  # no loss on what SFT got right
     assert rl["train_reward_last"] > rl["train_reward_first"]
     assert time.time() - start < 300
 

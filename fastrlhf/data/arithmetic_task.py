@@ -5,11 +5,16 @@ A worked answer restates the sum and gives the result: ``"7 + 5 = 12"``. The rew
 correctness: 1 when the number after the last ``=`` equals the true result, else 0
 (:func:`exact_answer_reward`, a ``rewards:`` function that reads the prompt row's ``answer`` field).
 
-Demonstrations are imperfect, as worked answers scraped from students would be: the result is right with
-probability ``P_CORRECT``; otherwise it is off by one or two, or the result of the other operation. An SFT
-policy trained on them reproduces that mix (about half its answers right); RL with the exact-answer
-reward can then sharpen it towards the right result. A fixed fifth of the (a, op, b) questions is held
-out of SFT and RL training (:func:`split_of`), so ``accuracy`` on them measures generalization, not recall.
+Demonstrations are imperfect, as worked answers scraped from students would be, and their mistakes are
+systematic: on the *hard* questions (:func:`is_hard`: additions with a carry, ``a + b >= 10``, and subtractions
+of 5 or more) the worked answer carries the student's habit (:func:`habit`: the carry is forgotten, ``7 + 5 = 2``;
+a subtraction of 5 or more comes out one too big, ``9 - 6 = 4``) with probability ``1 - P_CORRECT_HARD`` and is
+right otherwise; on the other questions it is right with probability ``P_CORRECT_EASY``, else off by one or two
+at random. An SFT policy trained on them answers the easy questions right and, greedily, the hard ones with the
+habit (greedy accuracy about 0.6), yet samples the right hard answer now and then: the exact-answer reward can
+then teach it to drop the habit, on questions it was never trained on too. A fixed fifth of the (a, op, b)
+questions is held out of SFT and RL training (:func:`split_of`), so ``accuracy`` on them measures
+generalization, not recall.
 Everything is a pure function of a seed.
 """
 from __future__ import annotations
@@ -19,7 +24,8 @@ import random
 
 OPS = ("+", "-")
 DIGITS = range(10)
-P_CORRECT = 0.5
+P_CORRECT_EASY = 0.9
+P_CORRECT_HARD = 0.3
 MAX_RESULT = 18
 HELDOUT_SHARE = 0.2
 TEMPLATE = "what is {} {} {} ?"
@@ -71,20 +77,34 @@ def make_prompt_rows(n: int, seed: int, split: str = "train") -> list[dict]:
     return rows
 
 
+def is_hard(a: int, op: str, b: int) -> bool:
+    """The questions the demonstrations get systematically wrong: a carry (``a + b >= 10``) or ``a - b`` with
+    ``b >= 5``."""
+    return a + b >= 10 if op == "+" else b >= 5
+
+
+def habit(a: int, op: str, b: int) -> int:
+    """The demonstrators' wrong answer to a hard question: the forgotten carry (``a + b - 10``), or a
+    subtraction of 5 or more one too big (``a - b + 1``)."""
+    if not is_hard(a, op, b):
+        raise ValueError(f"{a} {op} {b} is not a hard question")
+    return a + b - 10 if op == "+" else a - b + 1
+
+
 def _worked_answer(a: int, op: str, b: int, rng: random.Random) -> str:
     right = result(a, op, b)
     c = right
-    if rng.random() >= P_CORRECT:
-        other = a - b if op == "+" else a + b
-        candidates = [right + d for d in (-2, -1, 1, 2) if 0 <= right + d <= MAX_RESULT]
-        if 0 <= other <= MAX_RESULT and other != right:
-            candidates.append(other)
-        c = rng.choice(candidates)
+    if is_hard(a, op, b):
+        if rng.random() >= P_CORRECT_HARD:
+            c = habit(a, op, b)
+    elif rng.random() >= P_CORRECT_EASY:
+        c = rng.choice([right + d for d in (-2, -1, 1, 2) if 0 <= right + d <= MAX_RESULT])
     return f"{a} {op} {b} = {c}"
 
 
 def make_demonstrations(n: int, seed: int) -> list[dict]:
-    """``n`` SFT rows ``{"prompt", "response", "answer"}`` on training questions, right w.p. ``P_CORRECT``."""
+    """``n`` SFT rows ``{"prompt", "response", "answer"}`` on training questions (see the module docstring for
+how often they are right)."""
     rng = random.Random(f"arith-demos-{seed}")
     rows = []
     for row in make_prompt_rows(n, seed + 1, "train"):

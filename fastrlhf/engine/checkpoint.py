@@ -197,23 +197,62 @@ def export_hf(model: nn.Module, directory: str | Path, *, tokenizer=None, bucket
     safetensors file per bucket of whole layers and ``model.safetensors.index.json``. Collective; rank 0
     writes; returns True there. Under a bf16 ``MixedPrecisionPolicy`` the gathered tensors are the bf16
     compute weights; pass ``dtype`` to cast."""
+    from .fsdp import hf_model_prefix
+    _, hf = hf_model_prefix(model)
+    if not _write_buckets(model, directory, bucket_mb=bucket_mb, dtype=dtype):
+        return False
+    directory = Path(directory)
+    hf.config.save_pretrained(directory)
+    if getattr(hf, "generation_config", None) is not None and hf.can_generate():
+        hf.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return True
+
+
+def export_head_model(model: nn.Module, directory: str | Path, *, tokenizer=None, bucket_mb: float = 512) -> bool:
+    """Save a head model (``RewardModel``, ``ValueModel``, ``MultiHeadRewardModel``; plain or FSDP2-sharded)
+    as the folder its ``from_pretrained`` (and ``load_head_model``) loads: backbone config,
+    ``fastrlhf_head.json``, safetensors files of whole layers gathered one bucket at a time (as
+    :func:`export_hf`: rank 0 never holds the whole model) with their index. Collective; rank 0 writes;
+    returns True there."""
+    names = [(n, n) for n, _ in model.named_parameters()]  # body.* and head.*: the checkpoint's keys
+    if not _write_buckets(model, directory, bucket_mb=bucket_mb, names=names, buffers=True):
+        return False
+    model.save_metadata(directory, tokenizer=tokenizer)
+    return True
+
+
+def _write_buckets(model: nn.Module, directory: str | Path, *, bucket_mb: float, dtype: torch.dtype | None = None,
+                   names: list[tuple[str, str]] | None = None, buffers: bool = False) -> bool:
+    """The weights of ``model`` (``names``: default the HF causal LM's, ``weight_sync.policy_parameters``)
+    as ``model-0000i-of-0000N.safetensors`` files of whole layers plus ``model.safetensors.index.json``,
+    one gathered bucket at a time (``weight_sync.iter_weight_buckets``). ``buffers``: the persistent
+    buffers (replicated, never sharded) go into the last file. Collective; rank 0 writes and returns True."""
     from safetensors.torch import save_file
 
-    from .fsdp import hf_model_prefix
     from .weight_sync import iter_weight_buckets
     rank, _ = _rank_world()
-    _, hf = hf_model_prefix(model)
     directory = Path(directory)
     files: list[tuple[str, list[str]]] = []
-    for i, bucket in enumerate(iter_weight_buckets(model, bucket_mb * 2**20, dtype=dtype)):
+
+    def write(tensors: dict[str, torch.Tensor]) -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(directory / name),
+                  metadata={"format": "pt"})
+        files.append((name, list(tensors)))
+
+    for bucket in iter_weight_buckets(model, max(1, int(bucket_mb * 2**20)), dtype=dtype, named=names):
         if rank == 0:
-            name = f"model-{i + 1:05d}.safetensors"
-            directory.mkdir(parents=True, exist_ok=True)
-            save_file({k: t.detach().to("cpu").contiguous() for k, t in bucket}, str(directory / name),
-                      metadata={"format": "pt"})
-            files.append((name, [k for k, _ in bucket]))
+            write(dict(bucket))
     if rank != 0:
         return False
+    if buffers:
+        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        extra = {k: v for k, v in model.state_dict().items() if k not in params}
+        if extra:
+            write(extra)
     total = len(files)
     weight_map = {}
     for i, (name, keys) in enumerate(files):
@@ -222,9 +261,4 @@ def export_hf(model: nn.Module, directory: str | Path, *, tokenizer=None, bucket
         weight_map.update({k: new for k in keys})
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    hf.config.save_pretrained(directory)
-    if getattr(hf, "generation_config", None) is not None and hf.can_generate():
-        hf.generation_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
     return True

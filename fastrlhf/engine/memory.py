@@ -8,7 +8,10 @@ Bytes per parameter, per rank (Rajbhandari et al. 2020, "ZeRO", section 3, mixed
     frozen model (reference, RM):    params p                                        -> sharded / world_size
     vLLM:                            weights in the engine dtype / tp + KV-cache budget
 
-with ``p`` the bytes of the parameter dtype (4 for fp32 masters). A phase needs its working set plus an
+with ``p`` the bytes of the parameter dtype (4 for fp32 masters). HF rollout of an FSDP2 actor (no vLLM):
+GENERATE all-gathers the whole actor once and keeps it unsharded until the end of generation
+(``rollout.hf.gathered``), so GENERATE also holds ``actor.gathered``: the full actor in the compute dtype
+(2 bytes under bf16), on top of the shards; it exists in no other phase. A phase needs its working set plus an
 activation reserve; what else still fits stays resident, the rest is offloaded to CPU, in a fixed order of
 preference (cheapest to move back last). On a CPU device there is nothing to offload to: all resident.
 """
@@ -138,7 +141,7 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
                 world_size: int = 1, tp: int = 1, vllm_param_bytes: int = 2, vllm_kv_bytes: int = 0,
                 has_vllm: bool = False, activation_reserve: float = 0.1, precision: str = "fp32",
                 gradient_checkpointing: bool = False, offload: str = "auto",
-                vllm_sleeps: bool = True) -> MemoryPlan:
+                vllm_sleeps: bool = True, fsdp: bool = False) -> MemoryPlan:
     """Place every item for every phase.
 
     ``sizes``: {"actor", "critic", "ref", "reward"} -> ModelSize or None (absent model).
@@ -148,11 +151,17 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
     ``offload`` (the config key) overrides the plan's choice: "none" keeps all training state resident,
     "optimizer" / "all" offload the AdamW state outside TRAIN; "params" / "all" also note that the trained
     shards live on the host (FSDP2 ``CPUOffloadPolicy``, applied when the models are sharded).
+    ``fsdp``: the models are FSDP2-sharded; with the HF rollout (no vLLM) GENERATE then also holds the
+    gathered full actor (``actor.gathered``, in the compute dtype of ``precision``).
     """
     nbytes = item_bytes(sizes, world_size=world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
                         vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm)
+    if fsdp and not has_vllm and sizes.get("actor") is not None:
+        actor = sizes["actor"]
+        nbytes["actor.gathered"] = actor.numel * (2 if precision == "bf16" else actor.param_bytes)
     if budget_bytes is None:
         placement = {p: {k: "resident" for k in nbytes} for p in PHASES}
+        _gathered_only_in_generate(placement)
         return MemoryPlan(device, None, nbytes, placement, ["no accelerator: all state stays in host memory"],
                           precision, gradient_checkpointing)
     usable = int(budget_bytes * (1.0 - activation_reserve))
@@ -163,7 +172,8 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
             working += [k for k in ("vllm.weights", "vllm.kv") if k in nbytes and k not in working]
         if not has_vllm and phase in ("generate", "sync"):
             # HF rollout: the actor itself generates; no engine copy to sync.
-            working = ["actor.params"] if phase == "generate" else []
+            working = ["actor.params"] + (["actor.gathered"] if "actor.gathered" in nbytes else []) \
+                if phase == "generate" else []
         used = sum(nbytes[k] for k in working)
         sequential: list[str] = []
         if used > usable and phase == "score":
@@ -186,9 +196,19 @@ def plan_memory(sizes: dict[str, ModelSize | None], *, budget_bytes: int | None,
                 fits = used + nbytes[item] <= usable
                 phase_plan[item] = "resident" if fits else "offloaded"
                 used += nbytes[item] if fits else 0
+        phase_plan.setdefault("actor.gathered", "offloaded")  # transient: GENERATE only
         placement[phase] = {k: phase_plan[k] for k in nbytes}
+    _gathered_only_in_generate(placement)
+    if "actor.gathered" in nbytes:
+        notes.append("generate: the HF rollout all-gathers the whole actor (actor.gathered), freed after it")
     _force_offload(placement, notes, offload)
     return MemoryPlan(device, budget_bytes, nbytes, placement, notes, precision, gradient_checkpointing)
+
+
+def _gathered_only_in_generate(placement: dict[str, dict[str, str]]) -> None:
+    for phase, items in placement.items():
+        if "actor.gathered" in items and phase != "generate":
+            items["actor.gathered"] = "offloaded"  # not held: "-" in the table
 
 
 def _force_offload(placement: dict[str, dict[str, str]], notes: list[str], offload: str) -> None:
@@ -196,6 +216,8 @@ def _force_offload(placement: dict[str, dict[str, str]], notes: list[str], offlo
         return
     for phase, items in placement.items():
         for item in items:
+            if item == "actor.gathered":
+                continue
             if offload == "none" and item.split(".")[0] in ("actor", "critic", "ref", "reward"):
                 items[item] = "resident"
             elif offload in ("optimizer", "all") and item.endswith(".optim") and phase != "train":

@@ -9,7 +9,8 @@ Trainers (PPO, the demo) call only these functions, so a single process on CPU a
     with runtime.scheduler.phase("generate"): ...
     sync_weights(runtime, actor, rollout)         # bucketed, FSDP2-aware; a no-op for the HF backend
 
-``prepare_models`` shards all four models with FSDP2 when ``world_size > 1`` and computes the memory
+``prepare_models`` shards all four models with FSDP2 when ``runtime.fsdp`` (several ranks, or a GPU:
+``distributed.use_fsdp``) and computes the memory
 plan that the scheduler applies at every phase (``scheduler.py``, ``memory.py``).
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Runtime:
     gradient_checkpointing: bool = False
     autocast_bf16: bool = False  # plain modules under bf16 compute by autocast (FSDP2 casts by policy)
     offload: str = "auto"  # the config's offload key, applied to the memory plan
+    fsdp: bool = False  # models go through FSDP2 (distributed.use_fsdp; init_runtime decides)
+    fsdp_models: bool = False  # prepare_models sharded the models (the memory plan counts HF's gather)
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -77,15 +80,18 @@ class Runtime:
             print(*args, flush=True)
 
 
-def init_runtime(device: str | None = None, *, seed: int | None = None) -> Runtime:
+def init_runtime(device: str | None = None, *, seed: int | None = None, fsdp: bool | None = None) -> Runtime:
     """Device from ``device`` or CUDA when available. Under ``torchrun`` (``WORLD_SIZE > 1``) the
-    process group is created here, first (gloo on CPU, NCCL on the ``LOCAL_RANK`` GPU). ``seed``: when
-    given, Python/NumPy/torch are seeded with ``seed + rank`` (distinct sampling streams per rank)."""
-    info = init_distributed(device)
+    process group is created here, first (gloo on CPU, NCCL on the ``LOCAL_RANK`` GPU); a single GPU
+    process gets a 1-rank group, so it runs the same FSDP2 path (``distributed.use_fsdp``). ``fsdp``
+    (default ``$FASTRLHF_FSDP``): force FSDP2 on or off in one process (on CPU: a 1-rank gloo group).
+    ``seed``: when given, Python/NumPy/torch are seeded with ``seed + rank`` (distinct sampling streams
+    per rank)."""
+    info = init_distributed(device, fsdp=fsdp)
     if seed is not None:
         set_seed(seed + info.rank)
     return Runtime(device=info.device, rank=info.rank, world_size=info.world_size,
-                   local_rank=info.local_rank)
+                   local_rank=info.local_rank, fsdp=info.fsdp)
 
 
 def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: bool | None = None,
@@ -93,7 +99,7 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
                    gradient_checkpointing: bool = False, offload: str = "auto"):
     """Move / wrap the four PPO models for this runtime; critic may be None.
 
-    ``fsdp`` (default: ``world_size > 1``): FSDP2 over all ranks (``fsdp.shard_model``), actor and critic
+    ``fsdp`` (default: ``runtime.fsdp``, several ranks or a GPU): FSDP2 over all ranks (``fsdp.shard_model``), actor and critic
     for training, reference and reward model frozen. Models already sharded (``engine.loading``) are kept.
     ``precision`` (auto | bf16 | fp32, ``engine.precision``): bf16 compute with fp32 masters for actor and
     critic, frozen models stored in bf16, heads fp32. Actor and critic are left in train mode with every
@@ -104,7 +110,7 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
     """
     from .fsdp import is_fsdp, shard_model
     from .precision import cast_frozen, enable_gradient_checkpointing, resolve_precision, zero_dropout
-    use_fsdp = runtime.world_size > 1 if fsdp is None else fsdp
+    use_fsdp = (runtime.fsdp or runtime.world_size > 1) if fsdp is None else fsdp
     if use_fsdp and not torch.distributed.is_initialized():
         raise RuntimeError("prepare_models(fsdp=True) needs a process group; start with torchrun")
     runtime.precision = resolve_precision(precision, runtime.device)
@@ -135,6 +141,9 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
             out[name].train()
             if gradient_checkpointing:
                 enable_gradient_checkpointing(out[name])
+    runtime.fsdp_models = any(m is not None and is_fsdp(m) for m in out.values())
+    runtime.print(f"[fastrlhf] models: FSDP2 over {runtime.world_size} rank(s), precision {runtime.precision}"
+                  if use_fsdp else f"[fastrlhf] models: plain modules on {runtime.device}, precision {runtime.precision}")
     _replan(runtime, has_vllm=False, activation_reserve=activation_reserve)
     runtime.scheduler.bind(models=out)
     return tuple(out[n] for n in _NAMES)
@@ -166,7 +175,7 @@ def _replan(runtime: Runtime, *, has_vllm: bool, tp: int = 1, vllm_param_bytes: 
                        world_size=runtime.world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
                        vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve,
                        precision=runtime.precision, gradient_checkpointing=runtime.gradient_checkpointing,
-                       offload=runtime.offload, vllm_sleeps=vllm_sleeps)
+                       offload=runtime.offload, vllm_sleeps=vllm_sleeps, fsdp=runtime.fsdp_models)
     runtime.scheduler.bind(plan=plan)
     runtime.print(plan.format())
 

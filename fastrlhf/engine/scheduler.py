@@ -4,7 +4,9 @@
 consumes (SCORE needs a GENERATE, TRAIN a SCORE, SYNC a TRAIN, the start, or a SCORE whose step was
 skipped); GENERATE begins an
 iteration from any state (a skipped step abandons the rest of its iteration). Out-of-order use raises
-:class:`PhaseError`. Every phase's wall time and peak memory go to ``pop_stats()``.
+:class:`PhaseError`. Every phase's wall time and peak memory go to ``pop_stats()``
+(CUDA: ``mem/<phase>_peak_mb`` reserved by PyTorch's allocator, ``mem/<phase>_peak_alloc_mb`` allocated;
+host: RSS).
 
 With a memory plan bound (:meth:`bind`), entering a phase applies it (the hybrid engine's time-sharing):
 
@@ -93,7 +95,10 @@ class PhaseScheduler:
             self.current = None
             if cuda:
                 torch.cuda.synchronize(self.device)
-                self._stats[f"mem/{name}_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                # reserved (what the caching allocator holds: what vLLM and the next phase cannot use), and
+                # allocated (what tensors use) next to it
+                self._stats[f"mem/{name}_peak_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20
+                self._stats[f"mem/{name}_peak_alloc_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             else:
                 # Host: resident set size now and the process's peak so far (no per-phase peak on CPU).
                 self._stats[f"mem/{name}_rss_mb"] = _rss_mb()

@@ -14,7 +14,9 @@ engine's model, so fewer, larger buckets are faster (57M params under torchrun: 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +26,7 @@ from fastrlhf.rollout.vllm import layer_key
 from .fsdp import hf_model_prefix
 
 Bucket = list[tuple[str, torch.Tensor]]
+T = TypeVar("T")
 
 
 def _owner_units(model: nn.Module) -> dict[str, nn.Module | None]:
@@ -60,12 +63,31 @@ def group_by_layer(named: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     return groups
 
 
-def iter_weight_buckets(model: nn.Module, bucket_bytes: int, *,
-                        dtype: torch.dtype | None = None) -> Iterator[Bucket]:
-    """Yield lists of (HF name, full tensor) of at most ``bucket_bytes``, whole layers only (a layer
-    larger than a bucket forms its own bucket), in parameter order. Consume each bucket before asking
-    for the next: the tensors of resharded units are freed. ``dtype`` casts on the way (e.g. to the
-    engine's bf16).
+def bucket_layers(layers: Iterable[tuple[T, int]], bucket_bytes: int) -> Iterator[list[T]]:
+    """The one whole-layer bucketing rule: group ``(item, nbytes)`` pairs, in order, into lists of at most
+    ``bucket_bytes`` (a layer larger than a bucket forms its own); greedy, a bucket closes before it would
+    exceed the limit. Lazy: the next layer is read only when the current bucket may still take it."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    bucket: list[T] = []
+    size = 0
+    for item, nbytes in layers:
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(item)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def iter_weight_buckets(model: nn.Module, bucket_bytes: int, *, dtype: torch.dtype | None = None,
+                        named: list[tuple[str, str]] | None = None) -> Iterator[Bucket]:
+    """Yield lists of (HF name, full tensor) of at most ``bucket_bytes``, whole layers only
+    (:func:`bucket_layers`), in parameter order. Consume each bucket before asking for the next: the
+    tensors of resharded units are freed. ``dtype`` casts on the way (e.g. to the engine's bf16).
+    ``named``: the (name in ``model``, output name) pairs to stream (default :func:`policy_parameters`,
+    the HF causal LM's weights; a head model's export passes all of its parameters).
 
     Under FSDP2 this is a collective: every rank must iterate to the end.
     """
@@ -73,37 +95,39 @@ def iter_weight_buckets(model: nn.Module, bucket_bytes: int, *,
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     owners = _owner_units(model)
     params = dict(model.named_parameters())
-    layers = group_by_layer(policy_parameters(model))
+    layers = group_by_layer(policy_parameters(model) if named is None else named)
     remaining: dict[int, int] = {}  # id(unit) -> layers of it not yet handed over
     for layer in layers:
-        for unit in {id(owners[n]): owners[n] for n, _ in layer if owners.get(n) is not None}.values():
+        for unit in _units(layer, owners).values():
             remaining[id(unit)] = remaining.get(id(unit), 0) + 1
     open_units: dict[int, nn.Module] = {}
-    bucket: Bucket = []
-    size = 0
-    try:
+
+    def gathered():  # (layer's units, its full tensors), nbytes; units unsharded on demand
         for layer in layers:
-            units = {id(owners[n]): owners[n] for n, _ in layer if owners.get(n) is not None}
+            units = _units(layer, owners)
             for key, unit in units.items():
                 if key not in open_units:
                     unit.unshard()
                     open_units[key] = unit
             tensors = [(hf, _local_full(params[n] if owners.get(n) is None else _current_param(model, n),
                                         dtype)) for n, hf in layer]
-            nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-                _reshard_done(open_units, remaining)
-            bucket += tensors
-            size += nbytes
-            for key in units:
-                remaining[key] -= 1
-        if bucket:
-            yield bucket
+            yield (units, tensors), sum(t.numel() * t.element_size() for _, t in tensors)
+
+    try:
+        for bucket in bucket_layers(gathered(), bucket_bytes):
+            yield [pair for _, tensors in bucket for pair in tensors]
+            for units, _ in bucket:  # handed over: units with nothing left to give are resharded
+                for key in units:
+                    remaining[key] -= 1
+            for key in [k for k in open_units if remaining[k] == 0]:
+                open_units.pop(key).reshard()
     finally:
         for unit in open_units.values():
             unit.reshard()
+
+
+def _units(layer: list[tuple[str, str]], owners: dict[str, nn.Module | None]) -> dict[int, nn.Module]:
+    return {id(owners[n]): owners[n] for n, _ in layer if owners.get(n) is not None}
 
 
 def _current_param(model: nn.Module, name: str) -> torch.Tensor:
@@ -118,25 +142,6 @@ def _local_full(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         t = t.full_tensor()
     t = t.detach()
     return t.to(dtype) if dtype is not None and t.dtype != dtype else t
-
-
-def _reshard_done(open_units: dict[int, nn.Module], remaining: dict[int, int]) -> None:
-    for key in [k for k, unit in open_units.items() if remaining[k] == 0]:
-        open_units.pop(key).reshard()
-
-
-def bucket_plan(sizes: list[int], bucket_bytes: int) -> list[int]:
-    """Number of layers in each bucket for layers of ``sizes`` bytes (the rule of
-    :func:`iter_weight_buckets`): greedy in order, a bucket closes before it would exceed the limit."""
-    counts, size = [], 0
-    for n in sizes:
-        if counts and size + n <= bucket_bytes:
-            counts[-1] += 1
-            size += n
-        else:
-            counts.append(1)
-            size = n
-    return counts
 
 
 def merged_policy_tensors(model: nn.Module, *, dtype: torch.dtype | None = None
@@ -161,22 +166,15 @@ def merged_policy_names(model: nn.Module) -> list[str]:
 def iter_merged_buckets(model: nn.Module, bucket_bytes: int, *,
                         dtype: torch.dtype | None = None) -> Iterator[Bucket]:
     """:func:`iter_weight_buckets` for an unsharded LoRA model: the merged tensors of
-    :func:`merged_policy_tensors` in buckets of whole layers of at most ``bucket_bytes``."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    bucket: Bucket = []
-    layer: Bucket = []
-    size = 0
-    for name, t in [*merged_policy_tensors(model, dtype=dtype), ("", None)]:  # sentinel flushes the last
-        if layer and (t is None or layer_key(name) != layer_key(layer[-1][0])):
-            nbytes = sum(x.numel() * x.element_size() for _, x in layer)
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket += layer
-            size += nbytes
-            layer = []
-        if t is not None:
-            layer.append((name, t))
-    if bucket:
-        yield bucket
+    :func:`merged_policy_tensors`, whole layers, bucketed by :func:`bucket_layers`."""
+    def layers():  # (one layer's tensors, nbytes), merged lazily
+        layer: Bucket = []
+        for name, t in itertools.chain(merged_policy_tensors(model, dtype=dtype), [("", None)]):  # sentinel
+            if layer and (t is None or layer_key(name) != layer_key(layer[-1][0])):
+                yield layer, sum(x.numel() * x.element_size() for _, x in layer)
+                layer = []
+            if t is not None:
+                layer.append((name, t))
+
+    for bucket in bucket_layers(layers(), bucket_bytes):
+        yield [pair for layer in bucket for pair in layer]

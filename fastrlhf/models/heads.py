@@ -8,7 +8,9 @@ Head outputs are float32 whatever the body's dtype.
 
 Checkpoint layout (``save_pretrained(dir)``, one call to load back, nothing from the hub):
 ``config.json`` (the backbone config), ``model.safetensors`` (``body.*`` and ``head.weight``),
-``fastrlhf_head.json`` (class, head names and weights, reward normalization stats).
+``fastrlhf_head.json`` (class, head names and weights, reward normalization stats). A model exported
+from FSDP2 shards (``engine.checkpoint.export_head_model``) has ``model-0000i-of-0000N.safetensors``
+files of whole layers and ``model.safetensors.index.json`` instead of ``model.safetensors``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .loading import resolve_dtype
 
 HEAD_FILE = "fastrlhf_head.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -123,28 +126,44 @@ class ScalarHeadModel(nn.Module):
         ``state_dict``: the full weights when the module itself holds shards (FSDP2)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save_pretrained(directory)
         state = self.state_dict() if state_dict is None else state_dict
         if any(".lora_" in k for k in state):  # LoRA (fastrlhf.models.lora): save the merged weights
             from .lora import merged_state_dict
             state = merged_state_dict(self)
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta = {"class": type(self).__name__, "num_heads": self.head.out_features, **self._head_meta()}
+        self.save_metadata(directory, tokenizer=tokenizer)
+
+    def save_metadata(self, directory: str | Path, *, tokenizer=None) -> None:
+        """Everything of a checkpoint but the weights: backbone config, ``fastrlhf_head.json`` (+ tokenizer)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(directory)
+        meta = {"class": self.class_name(), "num_heads": self.head.out_features, **self._head_meta()}
         (directory / HEAD_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
 
+    def class_name(self) -> str:
+        """The model class saved in the metadata: ours, not FSDP2's dynamic ``FSDP<Class>`` subclass."""
+        from torch.distributed.fsdp import FSDPModule
+        return next(c.__name__ for c in type(self).__mro__
+                    if issubclass(c, ScalarHeadModel) and not issubclass(c, FSDPModule))
+
     @classmethod
     def _read(cls, directory: str | Path, dtype) -> tuple[nn.Module, dict, dict]:
         directory = Path(directory)
-        for name in ("config.json", WEIGHTS_FILE, HEAD_FILE):
+        weights = WEIGHTS_FILE if not (directory / INDEX_FILE).is_file() else INDEX_FILE
+        for name in ("config.json", weights, HEAD_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a fastrlhf head-model checkpoint: {name} "
                                         f"missing (write one with {cls.__name__}.save_pretrained)")
         config = AutoConfig.from_pretrained(directory)
         body = AutoModel.from_config(config, dtype=resolve_dtype(dtype) or torch.float32)
         meta = json.loads((directory / HEAD_FILE).read_text())
+        if weights == INDEX_FILE:  # sharded export: one file per bucket of whole layers
+            files = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+            return body, meta, _LazyWeights(*(directory / f for f in files))
         return body, meta, _LazyWeights(directory / WEIGHTS_FILE)
 
     def _load_weights(self, state, directory) -> None:
@@ -162,22 +181,22 @@ class _LazyWeights:
     """A safetensors file copied into a model one tensor at a time: loading holds the model plus one
     tensor, not the model plus a second full copy of its weights."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, *paths: Path):
+        self.paths = paths
 
     def copy_into(self, model: nn.Module, directory) -> None:
         from safetensors import safe_open
         targets = dict(model.state_dict(keep_vars=True))
-        with safe_open(str(self.path), framework="pt") as f:
-            keys = list(f.keys())
-            missing = sorted(set(targets) - set(keys))
-            unexpected = sorted(set(keys) - set(targets))
-            if missing or unexpected:  # non-persistent buffers are not in state_dict(): never "missing"
-                raise ValueError(f"{directory}: weights do not match {type(model).__name__}: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-            with torch.no_grad():
-                for key in keys:
-                    targets[key].copy_(f.get_tensor(key))
+        files = [safe_open(str(p), framework="pt") for p in self.paths]
+        keys = [(f, k) for f in files for k in f.keys()]
+        missing = sorted(set(targets) - {k for _, k in keys})
+        unexpected = sorted({k for _, k in keys} - set(targets))
+        if missing or unexpected:  # non-persistent buffers are not in state_dict(): never "missing"
+            raise ValueError(f"{directory}: weights do not match {type(model).__name__}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for f, key in keys:
+                targets[key].copy_(f.get_tensor(key))
 
 
 class RewardModel(ScalarHeadModel):

@@ -172,8 +172,8 @@ def check_lora_unsharded(cfg, fsdp: bool) -> None:
     """LoRA runs in a single process without FSDP2 for now (its merged export and adapter checkpoints are
     not written from shards yet)."""
     if cfg.lora_rank and fsdp:
-        raise ConfigError(f"{type(cfg).__name__}: lora_rank > 0 is not supported with FSDP2 yet (torchrun or a "
-                          "CUDA device); run LoRA in one CPU process or set lora_rank=0")
+        raise ConfigError(f"{type(cfg).__name__}: lora_rank > 0 is not supported with FSDP2 yet (torchrun); "
+                          "run LoRA in one process or set lora_rank=0")
 
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -559,6 +559,9 @@ class StepTrainer:
         self.runtime = runtime or init_runtime(None if cfg.device in (None, "auto") else cfg.device)
         self.device = self.runtime.device
         self.precision = resolve_precision(cfg.precision, self.device)
+        # FSDP2 over several ranks, or in one GPU process (runtime.fsdp: a 1-rank group); LoRA in one
+        # process stays a plain module (its merged export and adapters are not written from shards yet)
+        self.fsdp = self.world_size > 1 or (self.runtime.fsdp and not getattr(cfg, "lora_rank", 0))
 
     @property
     def is_main(self) -> bool:
@@ -575,7 +578,6 @@ class StepTrainer:
         from fastrlhf.engine.fsdp import is_fsdp, shard_model
         from fastrlhf.engine.precision import enable_gradient_checkpointing
         cfg = self.cfg
-        self.fsdp = self.world_size > 1
         if is_fsdp(model):  # already sharded by engine.loading (rank 0 read it)
             pass
         elif self.fsdp:
@@ -591,7 +593,7 @@ class StepTrainer:
     def load_sharded(self, source) -> torch.nn.Module | None:
         """Under a process group: the model of ``source`` (``engine.loading.ModelSource``) read by rank 0
         and sent to every rank as FSDP2 shards; None in one process (the caller loads it plainly)."""
-        if self.world_size == 1:
+        if not self.fsdp:
             return None
         from fastrlhf.engine.loading import materialize
         return materialize(self.runtime, source, train=True, precision=self.precision,

@@ -188,6 +188,7 @@ class PPOTrainer:
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
             self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model,
             precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing, offload=cfg.offload,
+            fsdp=False if self.lora else None,  # LoRA, one process: plain modules (also on a GPU), as SFT
         )
         self._setup_prompts(prompts, prompt_texts)
         self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)
@@ -267,9 +268,6 @@ class PPOTrainer:
     def optimized(self) -> dict:
         models = {"actor": self.actor, "critic": self.critic}
         return {k: (models[k], o) for k, o in self.optimizers.items()}
-
-    def unwrapped_lm(self):
-        return self.actor.lm
 
     def finish(self) -> dict:
         """After :meth:`train`: ``final/``, ``critic/``, ``ppo_result.json``, ``plots/`` (``ppo_eval.finish``)."""

@@ -129,16 +129,18 @@ def load_ppo_models(cfg, runtime, *, critic: bool = True):
     precision = resolve_precision(cfg.precision, runtime.device)
     wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
     offload = cfg.offload in ("params", "all")
+    plain = False if cfg.lora_rank else None  # LoRA runs in one process on plain modules (also on a GPU)
     actor = materialize(runtime, causal_lm_source(
         cfg.model, wrap=lambda m: PolicyWithLoss(m, shared_critic=cfg.shared_critic, **wrap)),
-        train=True, precision=precision, offload_params=offload)
+        train=True, precision=precision, offload_params=offload, fsdp=plain)
     critic = None if not critic else materialize(
         runtime, head_model_source(cfg.critic_model or cfg.reward_model, ValueModel), train=True,
-        precision=precision, offload_params=offload)
+        precision=precision, offload_params=offload, fsdp=plain)
     # LoRA: no reference model (the actor with its adapters disabled computes the reference log-probs)
     ref = None if cfg.lora_rank else materialize(
         runtime, causal_lm_source(cfg.model, wrap=lambda m: PolicyWithLoss(m, **wrap)),
-        train=False, precision=precision)
+        train=False, precision=precision, fsdp=plain)
     reward = None if not cfg.reward_model else materialize(
-        runtime, head_model_source(cfg.reward_model, RewardModel), train=False, precision=precision)
+        runtime, head_model_source(cfg.reward_model, RewardModel), train=False, precision=precision,
+        fsdp=plain)
     return actor, critic, ref, reward

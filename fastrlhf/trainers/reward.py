@@ -184,7 +184,7 @@ class RewardTrainer(common.StepTrainer):
         common.set_seed(cfg.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, padding_side="right")
         self.prepare_data("rm", train_rows, eval_rows)
-        if model is None and self.world_size > 1:  # rank 0 reads, the others receive their shards
+        if model is None and self.fsdp:  # rank 0 reads, the others receive their shards
             from fastrlhf.engine.loading import ModelSource
             model = self.load_sharded(ModelSource(build=self._build_empty, load=lambda: self._build_model(None)))
         common.check_lora_unsharded(cfg, self.fsdp)
@@ -286,11 +286,9 @@ class RewardTrainer(common.StepTrainer):
         return metrics
 
     def save_model(self, directory: Path) -> None:
-        if self.fsdp:  # collective: the full state on rank 0, which writes
-            from fastrlhf.engine.fsdp import full_state_dict
-            state = full_state_dict(self.model)
-            if self.is_main:
-                self.model.save_pretrained(directory, tokenizer=self.tokenizer, state_dict=state)
+        if self.fsdp:  # collective, streamed a bucket of layers at a time; rank 0 writes
+            from fastrlhf.engine.checkpoint import export_head_model
+            export_head_model(self.model, directory, tokenizer=self.tokenizer)
             return
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)  # adapters merged (heads.py)
         if self.cfg.lora_rank:

@@ -10,6 +10,7 @@ import copy
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -100,6 +101,28 @@ def main(out_path: str) -> None:
             loaded = AutoModelForCausalLM.from_pretrained(tmp_list[0])
             res["saved_vs_gathered"] = max_diff({k: v for k, v in loaded.state_dict().items()}, actor_sd)
         res["wrote"] = wrote
+        rt.barrier()
+        # head models: the critic through PPO's save_critic, the reward model through export_head_model,
+        # both streamed a bucket of whole layers at a time (40 KB buckets: several files)
+        from types import SimpleNamespace
+
+        from fastrlhf.engine.checkpoint import export_head_model
+        from fastrlhf.models.heads import load_head_model
+        from fastrlhf.trainers.ppo_state import save_critic
+        reward.reward_mean, reward.reward_std = 0.25, 2.0
+        root = Path(tmp_list[0])
+        save_critic(SimpleNamespace(critic=critic, runtime=rt, tokenizer=None), root / "critic")
+        res["rm_wrote"] = export_head_model(reward, root / "rm", bucket_mb=40 / 1024)
+        rt.barrier()
+        if rt.is_main:
+            vm, rm = ValueModel.from_pretrained(root / "critic"), RewardModel.from_pretrained(root / "rm")
+            res["critic_export_class"] = type(load_head_model(root / "critic")).__name__
+            res["critic_export_diff"] = max_diff(vm.state_dict(), critic_sd)
+            res["rm_export_diff"] = max_diff(rm.state_dict(), rm_sd)
+            res["rm_export_stats"] = [rm.reward_mean, rm.reward_std]
+            res["rm_export_files"] = len(list((root / "rm").glob("model-*.safetensors")))
+            with torch.no_grad():
+                res["rm_export_score_diff"] = (torch.cat(all_scores) - rm(ids, mask)).abs().max().item()
         rt.barrier()
     if rt.is_main:
         ref_actor, ref_critic = reference

@@ -41,9 +41,12 @@ def main(stage: str, out: str) -> None:
                   micro_batch_size=1, max_length=48, progress=False, tensorboard=False, warmup_ratio=0.0,
                   save_every=2, precision="fp32", device="cpu")
     if stage == "sft":
-        SFTTrainer(SFTConfig(**common), tokenizer=tok, train_rows=sft_rows(11)).train()
+        trainer = SFTTrainer(SFTConfig(**common), tokenizer=tok, train_rows=sft_rows(11))
     else:
-        RewardTrainer(RewardConfig(**common), tokenizer=tok, train_rows=rm_rows(9), eval_rows=rm_rows(4)).train()
+        trainer = RewardTrainer(RewardConfig(**common), tokenizer=tok, train_rows=rm_rows(9), eval_rows=rm_rows(4))
+    from fastrlhf.engine.fsdp import is_fsdp
+    print(f"fsdp={is_fsdp(trainer.model)} world={dist.get_world_size() if dist.is_initialized() else 0}")
+    trainer.train()
 
 
 if __name__ == "__main__":

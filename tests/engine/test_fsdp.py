@@ -30,8 +30,11 @@ def test_two_rank_training_equals_one_process(result):
     # 3 AdamW steps (lr 1e-2) with grad-norm clipping active: fp32, reduction order differs only
     assert result["clipped"]
     assert result["norm_diff"] < 1e-4
-    assert result["actor_diff"] < 2e-5
-    assert result["critic_diff"] < 2e-5
+    # Adam divides by sqrt(v): for an element whose gradient is near 0 the update's direction is set by
+    # fp32 rounding in the (rank-order dependent) reductions, so a few elements can differ by ~1% of one
+    # step (lr 1e-2 -> 1e-4; measured up to 7.2e-5 in 1 of 6 runs). A wrong gradient moves them by ~lr.
+    assert result["actor_diff"] < 2e-4
+    assert result["critic_diff"] < 2e-4
 
 
 @pytest.mark.slow
@@ -49,10 +52,25 @@ def test_full_state_dict_save_and_weight_buckets(result):
 
 
 @pytest.mark.slow
+def test_head_models_export_streamed_and_load(result):
+    """The PPO critic (``ppo_state.save_critic``) and a reward model (``checkpoint.export_head_model``) written
+    from FSDP2 shards one bucket of layers at a time: ``from_pretrained`` loads exactly the full model."""
+    assert result["rm_wrote"] and result["rm_export_files"] > 1
+    assert result["critic_export_class"] == "ValueModel"
+    assert result["critic_export_diff"] == 0.0 and result["rm_export_diff"] == 0.0
+    assert result["rm_export_stats"] == [0.25, 2.0]
+    assert result["rm_export_score_diff"] < 1e-5
+
+
+@pytest.mark.slow
 def test_memory_plan_on_cpu_is_all_resident(result):
     plan = result["plan"]
     assert plan["budget_mb"] is None
-    assert {w for phase in plan["placement"].values() for w in phase.values()} == {"resident"}
+    assert {w for phase in plan["placement"].values() for k, w in phase.items() if k != "actor.gathered"} == {"resident"}
+    # the HF rollout gathers the whole sharded actor in GENERATE only (fp32 here: 95168 * 4 bytes)
+    assert plan["bytes_mb"]["actor.gathered"] == round(95168 * 4 / 2**20, 2)
+    assert {p: v["actor.gathered"] for p, v in plan["placement"].items()} == {
+        "generate": "resident", "score": "offloaded", "train": "offloaded", "sync": "offloaded"}
     # per rank: half of the 2-layer actor's 95168 fp32 parameters; grads + Adam moments 3x that
     assert plan["bytes_mb"]["actor.params"] == round(95168 * 4 / 2 / 2**20, 2)
     assert plan["bytes_mb"]["actor.optim"] == pytest.approx(3 * plan["bytes_mb"]["actor.params"], rel=0.02)

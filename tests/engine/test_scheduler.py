@@ -238,3 +238,46 @@ def test_plan_with_an_engine_that_never_sleeps_counts_it_in_every_phase():
     with pytest.raises(MemoryPlanError, match="'train' needs"):  # 4 + 12 MB of actor + 10 MB engine > 18 usable
         plan_memory(sizes, **{**kw, "budget_bytes": 20 * MB}, vllm_sleeps=False)
     plan_memory(sizes, **{**kw, "budget_bytes": 20 * MB})  # fits when the engine sleeps
+
+
+def test_phase_peak_on_cuda_is_reserved_memory(monkeypatch):
+    """The per-phase peak on CUDA is what PyTorch's allocator reserved (what vLLM and the next phase cannot
+    use), with the allocated peak next to it; CPU keeps its RSS figures. CUDA calls faked: no GPU here."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 300 * MB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 120 * MB)
+    s = PhaseScheduler(torch.device("cuda"))
+    run(s, "generate")
+    stats = s.pop_stats()
+    assert stats["mem/generate_peak_mb"] == 300.0
+    assert stats["mem/generate_peak_alloc_mb"] == 120.0
+    assert calls == ["reset"]
+    assert not any("rss" in k for k in stats)
+    cpu = PhaseScheduler("cpu")
+    run(cpu, "generate")
+    cpu_stats = cpu.pop_stats()
+    assert "mem/generate_rss_mb" in cpu_stats and "mem/peak_rss_mb" in cpu_stats
+    assert not any("peak_alloc" in k or k == "mem/generate_peak_mb" for k in cpu_stats)
+
+
+def test_plan_counts_the_gathered_actor_in_hf_generate_under_fsdp():
+    """HF rollout of an FSDP2 actor all-gathers the whole actor for GENERATE (``rollout.hf.gathered``): the
+    plan holds it there, in the compute dtype, on top of the shards; vLLM or plain modules: no such item."""
+    sizes = _sizes(10 * MB)  # 10M params each; per rank over 8 ranks: 5 MB fp32 shards
+    kw = dict(device="cuda:0", world_size=8, precision="bf16")
+    plan = plan_memory(sizes, budget_bytes=10**12, fsdp=True, **kw)
+    assert plan.bytes["actor.gathered"] == 10 * MB * 2  # the full actor in bf16, not a shard
+    assert {p: plan.placement[p]["actor.gathered"] for p in ("generate", "score", "train", "sync")} == {
+        "generate": "resident", "score": "offloaded", "train": "offloaded", "sync": "offloaded"}
+    assert "actor.gathered" in plan.format() and any("all-gathers the whole actor" in n for n in plan.notes)
+    assert "actor.gathered" not in plan_memory(sizes, budget_bytes=10**12, **kw).bytes  # plain modules
+    assert "actor.gathered" not in plan_memory(sizes, budget_bytes=10**12, fsdp=True, has_vllm=True, **kw).bytes
+    # without a critic, 24 MB usable: TRAIN (5 + 15 MB) and SCORE (3 x 5 MB) fit, and so would GENERATE's
+    # 5 MB shard alone; with the gathered 20 MB actor GENERATE needs 25 MB: refused, naming the phase
+    no_critic = {**sizes, "critic": None}
+    budget = int(24 * MB / 0.9)
+    plan_memory(no_critic, budget_bytes=budget, **kw)
+    with pytest.raises(MemoryPlanError, match=r"phase 'generate' needs 25.0 MB .*actor.gathered"):
+        plan_memory(no_critic, budget_bytes=budget, fsdp=True, **kw)

@@ -16,7 +16,7 @@ from fastrlhf.kernels import token_logprobs  # noqa: E402
 
 from fastrlhf.data import build_test_tokenizer  # noqa: E402
 from fastrlhf.engine.runtime import Runtime, make_rollout, sync_weights  # noqa: E402
-from fastrlhf.engine.weight_sync import bucket_plan, group_by_layer, policy_parameters  # noqa: E402
+from fastrlhf.engine.weight_sync import bucket_layers, group_by_layer, policy_parameters  # noqa: E402
 from fastrlhf.models import tiny_llama  # noqa: E402
 from fastrlhf.rollout.base import SamplingParams  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_bucketed_sync_call_count(setup, bucket_kb):
     sizes = [sum(params[n].numel() * params[n].element_size() for n, _ in g) for g in layers]
     total = sum(sizes)
     assert stats["bytes"] == total
-    assert stats["calls"] == len(bucket_plan(sizes, int(bucket_kb * 1024)))
+    assert stats["calls"] == len(list(bucket_layers(((None, n) for n in sizes), int(bucket_kb * 1024))))
     bucket = int(bucket_kb * 1024)
     if max(sizes) <= bucket:  # greedy packing of layers that fit: between ceil(total/b) and twice that
         assert math.ceil(total / bucket) <= stats["calls"] <= 2 * math.ceil(total / bucket)
