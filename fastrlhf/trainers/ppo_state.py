@@ -21,7 +21,11 @@ def save_critic(trainer, directory: str | Path) -> Path:
     if trainer.runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.runtime.barrier()
-    if export_head_model(trainer.critic, tmp, tokenizer=trainer.tokenizer):
+    if getattr(trainer, "lora", False):  # one process (LoRA is refused under FSDP2): adapters merged
+        trainer.critic.save_pretrained(tmp, tokenizer=trainer.tokenizer)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    elif export_head_model(trainer.critic, tmp, tokenizer=trainer.tokenizer):
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     trainer.runtime.barrier()

@@ -100,6 +100,15 @@ def test_lora_ppo_trains_adapters_and_reference_is_the_base_model(tmp_path, tok,
         lm.train(was)
     valid = batch.attention_mask.bool()
     torch.testing.assert_close(got[valid], exp[valid], rtol=1e-4, atol=1e-4)
+    if not shared_critic:  # critic/: a plain ValueModel folder with the critic's adapters merged
+        trainer.finish()
+        critic = ValueModel.from_pretrained(tmp_path / "critic")
+        assert not any("lora_" in k or "base_layer" in k for k in critic.state_dict())
+        with torch.no_grad():
+            trainer.critic.eval()
+            want_v = trainer.critic(batch.input_ids, batch.attention_mask)
+            got_v = critic.eval()(batch.input_ids, batch.attention_mask)
+        torch.testing.assert_close(got_v[valid], want_v[valid], rtol=1e-4, atol=1e-4)
 
 
 def _state(trainer):
