@@ -43,12 +43,14 @@ class MemoryPlanError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSize:
-    """``numel`` parameters of ``param_bytes`` bytes each; ``trained`` adds grads + Adam state."""
+    """``numel`` parameters of ``param_bytes`` bytes each; ``trained`` adds grads + Adam state for the
+    ``trainable`` of them (None: all; fewer with LoRA, where the base weights are frozen)."""
 
     numel: int
     param_bytes: int = 4
     trained: bool = False
     optim_bytes_per_param: int = 8  # Adam exp_avg + exp_avg_sq in fp32
+    trainable: int | None = None
 
 
 def model_size(model, *, trained: bool) -> ModelSize:
@@ -56,7 +58,9 @@ def model_size(model, *, trained: bool) -> ModelSize:
     params = list(model.parameters())
     numel = sum(p.numel() for p in params)
     pbytes = params[0].element_size() if params else 4
-    return ModelSize(numel=numel, param_bytes=pbytes, trained=trained)
+    trainable = sum(p.numel() for p in params if p.requires_grad) if trained else None
+    return ModelSize(numel=numel, param_bytes=pbytes, trained=trained,
+                     trainable=None if trainable == numel else trainable)
 
 
 @dataclass
@@ -130,7 +134,8 @@ def item_bytes(sizes: dict[str, ModelSize | None], *, world_size: int = 1, tp: i
         out[f"{name}.params"] = -(-size.numel * size.param_bytes // world_size)
         if size.trained:
             per_param = size.param_bytes + size.optim_bytes_per_param  # grads in param dtype + Adam
-            out[f"{name}.optim"] = -(-size.numel * per_param // world_size)
+            trainable = size.numel if size.trainable is None else size.trainable
+            out[f"{name}.optim"] = -(-trainable * per_param // world_size)
     if has_vllm and sizes.get("actor") is not None:
         out["vllm.weights"] = -(-sizes["actor"].numel * vllm_param_bytes // tp)
         out["vllm.kv"] = int(vllm_kv_bytes)

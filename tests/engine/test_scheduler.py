@@ -281,3 +281,19 @@ def test_plan_counts_the_gathered_actor_in_hf_generate_under_fsdp():
     plan_memory(no_critic, budget_bytes=budget, **kw)
     with pytest.raises(MemoryPlanError, match=r"phase 'generate' needs 25.0 MB .*actor.gathered"):
         plan_memory(no_critic, budget_bytes=budget, fsdp=True, **kw)
+
+
+def test_plan_counts_optimizer_state_of_trainable_parameters_only():
+    """With LoRA the base weights are frozen: grads + Adam state are planned for the adapters alone."""
+    model = tiny_llama(64, seed=0)
+    full = model_size(model, trained=True)
+    assert full.trainable is None
+    for name, p in model.named_parameters():
+        p.requires_grad_("embed" in name)  # stand-in for adapters: only the embedding trains
+    part = model_size(model, trained=True)
+    embed = model.get_input_embeddings().weight.numel()
+    assert part.numel == full.numel and part.trainable == embed
+    per = full.param_bytes + full.optim_bytes_per_param
+    assert item_bytes({"actor": full})["actor.optim"] == full.numel * per
+    assert item_bytes({"actor": part})["actor.optim"] == embed * per
+    assert item_bytes({"actor": part})["actor.params"] == full.numel * full.param_bytes
