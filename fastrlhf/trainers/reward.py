@@ -39,7 +39,9 @@ class RewardConfig(common.StageConfig):
     objective in ``"head"``, the pair trains that head, and the saved score is the ``head_weights``
     combination (equal weights by default; change it later with ``set_weights``).
     ``batch_size`` pairs per optimizer step, ``micro_batch_size`` pairs per
-    forward (2x that many sequences). The final model goes to ``output_dir/final`` with the mean/std of its
+    forward (2x that many sequences); ``packing`` runs them as one packed sequence of their valid tokens
+    (``fastrlhf.models.packing``: equal scores, no padding multiplied; a multi-head pair batch is not
+    packed). The final model goes to ``output_dir/final`` with the mean/std of its
     rewards on the eval pairs (the train pairs when there is no eval set) for normalisation at PPO time.
     """
 
@@ -49,6 +51,7 @@ class RewardConfig(common.StageConfig):
     head_weights: tuple[float, ...] = ()
     center_rewards_coef: float = 0.0
     ece_bins: int = 10
+    packing: bool = True  # score the valid tokens of each pair batch packed (rows' attention kept apart)
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,7 +91,7 @@ def pair_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def score_pairs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, device: torch.device,
-                bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                bf16: bool = False, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen [m], rejected [m])`` fp32 scores of one pair batch, one forward for both sides.
 
     Pairs with a ``head`` index (multi-head model) are scored by that head alone.
@@ -98,6 +101,8 @@ def score_pairs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, devic
         if "head" in batch:
             per_head = model.head_scores(ids, mask)  # [2m, K]
             scores = per_head.gather(1, batch["head"].to(device).repeat(2)[:, None])[:, 0]
+        elif packing and getattr(model, "supports_packing", False):
+            scores = model(ids, mask, packing=True)
         else:
             scores = model(ids, mask)
     m = batch["margin"].shape[0]
@@ -106,7 +111,7 @@ def score_pairs(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, devic
 
 def accumulate_reward_gradients(model, micro_batches: list[dict], *, device: torch.device, bf16: bool = False,
                                 use_margin: bool = True, center_coef: float = 0.0, total: int | None = None,
-                                grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
+                                grad_scale: float = 1.0, packing: bool = False) -> dict[str, torch.Tensor]:
     """Forward + backward of the batch-mean BT loss over micro-batches (each weighted by its share of
     pairs, so the gradient equals one big batch's). Returns detached ``loss``, ``accuracy``, ``margin``.
     Data parallel: ``total`` is the global pair count, ``grad_scale`` the world size (FSDP2 averages
@@ -116,7 +121,7 @@ def accumulate_reward_gradients(model, micro_batches: list[dict], *, device: tor
         total = sum(int(mb["margin"].shape[0]) for mb in micro_batches if "dummy" not in mb)
     out = {k: torch.zeros((), device=device) for k in ("loss", "accuracy", "margin", "center")}
     for mb in micro_batches:
-        chosen, rejected = score_pairs(model, mb, device=device, bf16=bf16)
+        chosen, rejected = score_pairs(model, mb, device=device, bf16=bf16, packing=packing)
         share = 0.0 if "dummy" in mb else chosen.shape[0] / total
         margin = mb["margin"].to(device) if use_margin else None
         loss, acc, gap = bradley_terry_loss(chosen, rejected, margin)
@@ -129,7 +134,7 @@ def accumulate_reward_gradients(model, micro_batches: list[dict], *, device: tor
 
 @torch.no_grad()
 def score_all(model, micro_batches: list[dict], *, device: torch.device, bf16: bool = False,
-              combined: bool = False) -> dict[str, torch.Tensor]:
+              combined: bool = False, packing: bool = False) -> dict[str, torch.Tensor]:
     """``chosen``, ``rejected``, ``margin`` (and ``head``) ``[N]`` on CPU for every pair of ``micro_batches``.
 
     ``combined=True`` scores with the model's own forward (a multi-head model's weighted combination)
@@ -141,7 +146,7 @@ def score_all(model, micro_batches: list[dict], *, device: torch.device, bf16: b
     for mb in micro_batches:
         if combined:
             mb = {k: v for k, v in mb.items() if k != "head"}
-        chosen, rejected = score_pairs(model, mb, device=device, bf16=bf16)
+        chosen, rejected = score_pairs(model, mb, device=device, bf16=bf16, packing=packing)
         for key, value in (("chosen", chosen), ("rejected", rejected), ("margin", mb["margin"]),
                            ("head", mb.get("head"))):
             if value is not None:
@@ -242,7 +247,7 @@ class RewardTrainer(common.StepTrainer):
         rows, real = self.local_rows(indices)
         batch = self.even_micro_batches(self.micro_batches([self.train_features[i] for i in rows]), real)
         stats = accumulate_reward_gradients(self.model, batch, device=self.device, bf16=self.autocast_bf16,
-                                            use_margin=self.cfg.use_margin,
+                                            use_margin=self.cfg.use_margin, packing=self.cfg.packing,
                                             center_coef=self.cfg.center_rewards_coef,
                                             total=len(indices) if self.world_size > 1 else None,
                                             grad_scale=float(self.world_size))
@@ -253,7 +258,8 @@ class RewardTrainer(common.StepTrainer):
         features = self.eval_features if features is None else features
         if not features:
             return {}
-        s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.autocast_bf16)
+        s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.autocast_bf16,
+                      packing=self.cfg.packing)
         self.last_scores = (s["chosen"], s["rejected"])
         metrics = preference_metrics(s["chosen"], s["rejected"], s["margin"] if self.cfg.use_margin else None,
                                      n_bins=self.cfg.ece_bins)
@@ -271,7 +277,7 @@ class RewardTrainer(common.StepTrainer):
         metrics = self.evaluate(features)
         if self.cfg.heads:  # normalisation stats of the score PPO will see: the weighted combination
             s = score_all(self.model, self.micro_batches(features), device=self.device, bf16=self.autocast_bf16,
-                          combined=True)
+                          combined=True, packing=self.cfg.packing)
             both = torch.cat([s["chosen"], s["rejected"]])
             metrics.update(reward_mean=float(both.mean()), reward_std=float(both.std(correction=0)))
         self.model.reward_mean, self.model.reward_std = metrics["reward_mean"], metrics["reward_std"]
