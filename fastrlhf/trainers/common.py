@@ -59,6 +59,10 @@ def validate_common(cfg) -> None:
     if cfg.lr <= 0:
         raise ConfigError(f"{name}: lr must be > 0, got {cfg.lr}")
     check_dtype(name, cfg.dtype)
+    budget = cfg.max_tokens_per_micro_batch
+    if budget is not None and budget < cfg.max_length:
+        raise ConfigError(f"{name}: max_tokens_per_micro_batch must be >= max_length={cfg.max_length} "
+                          f"(one row must fit), got {budget}")
     if cfg.num_threads < 0:
         raise ConfigError(f"{name}: num_threads must be >= 0 (0: torch's default), got {cfg.num_threads}")
 
@@ -99,6 +103,9 @@ class StageConfig:
     epochs: int = 1
     batch_size: int = 64
     micro_batch_size: int = 8
+    # rows (sequences / pairs) per forward grouped by their token count instead of micro_batch_size:
+    # a balanced bin-packing of row lengths, each micro-batch at most this many tokens (None: by rows)
+    max_tokens_per_micro_batch: int | None = None
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
@@ -605,6 +612,20 @@ class StepTrainer:
         every rank in every forward and backward)."""
         mine = indices[self.runtime.rank::self.world_size] if self.world_size > 1 else list(indices)
         return (mine, True) if mine else (indices[:1], False)
+
+    def group_rows(self, features: list, tokens) -> list[list]:
+        """``features`` in micro-batches: ``micro_batch_size`` rows each, or, with
+        ``max_tokens_per_micro_batch``, a balanced bin-packing of ``tokens(feature)`` under that budget
+        (``fastrlhf.models.packing.balanced_micro_batches``). Losses are weighted by their share of the
+        global batch, so the grouping does not change the gradient."""
+        budget = getattr(self.cfg, "max_tokens_per_micro_batch", None)
+        if budget is None:
+            mbs = self.cfg.micro_batch_size
+            return [features[i:i + mbs] for i in range(0, len(features), mbs)]
+        from fastrlhf.models.packing import balanced_micro_batches
+
+        bins = balanced_micro_batches([tokens(f) for f in features], budget)
+        return [[features[i] for i in b] for b in bins if b]
 
     def even_micro_batches(self, micro_batches: list[dict], real: bool = True) -> list[dict]:
         """Pad this rank's micro-batches with zero-weight copies (key ``dummy``) to the largest count on

@@ -39,7 +39,8 @@ class RewardConfig(common.StageConfig):
     objective in ``"head"``, the pair trains that head, and the saved score is the ``head_weights``
     combination (equal weights by default; change it later with ``set_weights``).
     ``batch_size`` pairs per optimizer step, ``micro_batch_size`` pairs per
-    forward (2x that many sequences); ``packing`` runs them as one packed sequence of their valid tokens
+    forward (2x that many sequences), or with ``max_tokens_per_micro_batch`` as many pairs as fit that many
+    tokens (both sides counted); ``packing`` runs them as one packed sequence of their valid tokens
     (``fastrlhf.models.packing``: equal scores, no padding multiplied; a multi-head pair batch is not
     packed). The final model goes to ``output_dir/final`` with the mean/std of its
     rewards on the eval pairs (the train pairs when there is no eval set) for normalisation at PPO time.
@@ -58,6 +59,10 @@ class RewardConfig(common.StageConfig):
         if self.head_weights and len(self.head_weights) != len(self.heads):
             raise ConfigError(f"RewardConfig: {len(self.head_weights)} head_weights for heads "
                               f"{list(self.heads)}")
+        budget = self.max_tokens_per_micro_batch
+        if budget is not None and budget < 2 * self.max_length:
+            raise ConfigError(f"RewardConfig: max_tokens_per_micro_batch must be >= 2 * max_length = "
+                              f"{2 * self.max_length} (a pair is two sequences), got {budget}")
         if len(set(self.heads)) != len(self.heads):
             raise ConfigError(f"RewardConfig: heads must be distinct, got {list(self.heads)}")
 
@@ -237,9 +242,9 @@ class RewardTrainer(common.StepTrainer):
                                 source=source, drop_overlong=self.cfg.drop_overlong)
 
     def micro_batches(self, features: list[dict]) -> list[dict]:
-        mbs = self.cfg.micro_batch_size
         pad = self.tokenizer.pad_token_id
-        return [pair_batch(features[i:i + mbs], pad) for i in range(0, len(features), mbs)]
+        tokens = lambda f: len(f["chosen_input_ids"]) + len(f["rejected_input_ids"])  # noqa: E731
+        return [pair_batch(group, pad) for group in self.group_rows(features, tokens)]
 
     def train_step(self, indices: list[int]) -> dict:
         """One optimizer step on the global batch of pairs ``indices``: this rank's pairs, weighted by

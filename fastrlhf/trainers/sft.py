@@ -32,7 +32,8 @@ STAGE = "sft"
 class SFTConfig(common.StageConfig):
     """Every SFT setting, with its default. ``model``, ``data`` and ``output_dir`` are required.
 
-    ``batch_size`` sequences per optimizer step, processed ``micro_batch_size`` at a time.
+    ``batch_size`` sequences per optimizer step, processed ``micro_batch_size`` at a time (or, with
+    ``max_tokens_per_micro_batch``, as many as fit that many tokens: a balanced bin-packing of lengths).
     ``eval_every`` / ``save_every``: in optimizer steps, 0 = only at the end. ``max_steps`` > 0 caps
     the run (smoke tests). ``precision`` (auto | bf16 | fp32): bf16 compute with fp32 master weights and
     AdamW state (``fastrlhf.engine.precision``). Under ``torchrun`` the model is FSDP2-sharded, each rank
@@ -252,9 +253,8 @@ class SFTTrainer(common.StepTrainer):
 
     def micro_batches(self, features: list[dict]) -> list[dict]:
         dtype = next(self.model.parameters()).dtype
-        mbs = self.cfg.micro_batch_size
-        return [collate(features[i:i + mbs], self.pad_id, self.model.config, dtype)
-                for i in range(0, len(features), mbs)]
+        return [collate(group, self.pad_id, self.model.config, dtype)
+                for group in self.group_rows(features, lambda f: len(f["input_ids"]))]
 
     def train_step(self, indices: list[int]) -> dict:
         """One optimizer step on the global batch ``indices``: this rank's rows, the loss normalized by

@@ -254,3 +254,19 @@ def test_packed_pair_batches_train_like_padded_ones(tok, tmp_path, make):
     margins = [torch.sub(*score_pairs(m, b, device=torch.device("cpu"))) for m in (m_packed, m_padded)]
     torch.testing.assert_close(margins[0], margins[1], atol=1e-4, rtol=1e-4)
     assert packed[0]["loss"] != pytest.approx(packed[-1]["loss"], rel=1e-6)  # it trained
+
+
+def test_token_budget_micro_batches_train_like_row_micro_batches(tok, tmp_path):
+    """``max_tokens_per_micro_batch`` groups pairs by tokens; the losses (weighted by pair shares) match."""
+    runs = {}
+    for name, kw in (("rows", {}), ("tokens", {"max_tokens_per_micro_batch": 64})):
+        out = tmp_path / name
+        trainer = RewardTrainer(_cfg(out, max_steps=2, batch_size=16, micro_batch_size=8, **kw),
+                                model=_lm(tok), tokenizer=tok, train_rows=synthetic_pairs(32, 5))
+        groups = trainer.micro_batches([trainer.train_features[i] for i in range(16)])
+        runs[name] = ([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+                      if trainer.train() is not None else None, len(groups))
+    assert runs["tokens"][1] > runs["rows"][1] == 2  # the budget made more, smaller micro-batches
+    assert runs["tokens"][0] == pytest.approx(runs["rows"][0], rel=1e-5)
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch must be >= 2 \\* max_length"):
+        _cfg(tmp_path, max_tokens_per_micro_batch=40)

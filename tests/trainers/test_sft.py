@@ -306,3 +306,20 @@ def test_lora_sft_trains_adapters_exports_merged_and_resumes(tok, tmp_path):
     with pytest.raises(ConfigError, match="lora_target_modules"):
         SFTTrainer(_cfg(tmp_path / "bad", lora_rank=2, lora_target_modules=("nope",)), model=_model(tok),
                    tokenizer=tok, train_rows=ROWS)
+
+
+def test_token_budget_micro_batches_train_like_row_micro_batches(tok, tmp_path):
+    """``max_tokens_per_micro_batch`` groups sequences by tokens; the loss is normalized over the global
+    response tokens, so per-step losses equal the row micro-batches' (fp32)."""
+    runs = {}
+    for name, kw in (("rows", {}), ("tokens", {"max_tokens_per_micro_batch": 48})):
+        out = tmp_path / name
+        trainer = SFTTrainer(_cfg(out, epochs=2, batch_size=8, micro_batch_size=8, packing=False, **kw),
+                             model=_model(tok), tokenizer=tok, train_rows=ROWS * 2)
+        groups = len(trainer.micro_batches(trainer.train_features[:8]))
+        trainer.train()
+        runs[name] = ([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r], groups)
+    assert runs["tokens"][1] > runs["rows"][1] == 1  # the budget made more, smaller micro-batches
+    assert len(runs["rows"][0]) >= 2 and runs["tokens"][0] == pytest.approx(runs["rows"][0], rel=1e-5)
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch must be >= max_length=48"):
+        _cfg(tmp_path, max_tokens_per_micro_batch=40)
