@@ -110,7 +110,7 @@ def test_demo_refuses_an_out_folder_of_another_seed_or_size(tmp_path, monkeypatc
 
     monkeypatch.setattr(demo, "stage_sft", no_training)
     demo.check_demo_run(tmp_path, seed=0, quick=True, rollout="hf")
-    assert json.loads((tmp_path / "demo_run.json").read_text()) == {"seed": 0, "quick": True, "rollout": "hf"}
+    assert json.loads((tmp_path / "demo_run.json").read_text()) == {"seed": 0, "quick": True, "rollout": "hf", "lora": False}
     assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--seed", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fastrlhf demo: error:" in err and "--seed 0" in err
