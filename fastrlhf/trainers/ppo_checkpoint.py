@@ -42,27 +42,34 @@ def load_sharded(trainer, directory: Path) -> int:
     return int(state["step"])
 
 
-def export_policy(trainer, directory) -> Path:
-    """The actor's LM in HF format with the tokenizer, streamed from the shards a bucket of layers at a
-    time (``engine.checkpoint.export_hf``), written atomically (a collective; rank 0 writes)."""
+def write_atomically(runtime, directory, write) -> Path:
+    """``write(tmp)`` on every rank (a collective export: rank 0 writes the files) into ``.tmp-NAME`` beside
+    ``directory``, then rank 0 swaps it in, so a crash never leaves a half-written ``directory``."""
     import os
     import shutil
     directory = Path(directory)
     tmp = directory.parent / f".tmp-{directory.name}"
-    if trainer.runtime.is_main:
+    if runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-    trainer.runtime.barrier()
-    if getattr(trainer, "lora", False):  # one process (LoRA is refused under FSDP2): adapters merged
-        from fastrlhf.models.lora import save_merged_pretrained
-        save_merged_pretrained(trainer.actor.lm, tmp, tokenizer=trainer.tokenizer)
-    else:
-        dcp_ckpt.export_hf(trainer.actor, tmp, tokenizer=trainer.tokenizer)
-    trainer.runtime.barrier()
-    if trainer.runtime.is_main:
+    runtime.barrier()
+    write(tmp)
+    runtime.barrier()
+    if runtime.is_main and tmp.exists():
         old = directory.parent / f".old-{directory.name}"
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
-    trainer.runtime.barrier()
+    runtime.barrier()
     return directory
+
+
+def export_policy(trainer, directory) -> Path:
+    """The actor's LM in HF format with the tokenizer, streamed from the shards a bucket of layers at a
+    time (``engine.checkpoint.export_hf``), written atomically (a collective; rank 0 writes)."""
+    if getattr(trainer, "lora", False):  # one process (LoRA is refused under FSDP2): adapters merged
+        from fastrlhf.models.lora import save_merged_pretrained
+        return write_atomically(trainer.runtime, directory, lambda tmp: save_merged_pretrained(
+            trainer.actor.lm, tmp, tokenizer=trainer.tokenizer))
+    return write_atomically(trainer.runtime, directory,
+                            lambda tmp: dcp_ckpt.export_hf(trainer.actor, tmp, tokenizer=trainer.tokenizer))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 
@@ -15,21 +14,13 @@ def save_critic(trainer, directory: str | Path) -> Path:
     ``critic_model``), with the tokenizer: streamed from FSDP2 shards a bucket of whole layers at a time
     (``engine.checkpoint.export_head_model``), written by rank 0 into a temporary folder renamed at the end."""
     from fastrlhf.engine.checkpoint import export_head_model
+    from fastrlhf.trainers.ppo_checkpoint import write_atomically
 
-    directory = Path(directory)
-    tmp = directory.parent / f".tmp-{directory.name}"
-    if trainer.runtime.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.runtime.barrier()
     if getattr(trainer, "lora", False):  # one process (LoRA is refused under FSDP2): adapters merged
-        trainer.critic.save_pretrained(tmp, tokenizer=trainer.tokenizer)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    elif export_head_model(trainer.critic, tmp, tokenizer=trainer.tokenizer):
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    trainer.runtime.barrier()
-    return directory
+        write = lambda tmp: trainer.critic.save_pretrained(tmp, tokenizer=trainer.tokenizer)  # noqa: E731
+    else:
+        write = lambda tmp: export_head_model(trainer.critic, tmp, tokenizer=trainer.tokenizer)  # noqa: E731
+    return write_atomically(trainer.runtime, directory, write)
 
 
 def drop_rows_after(path: Path, step: int) -> None:
