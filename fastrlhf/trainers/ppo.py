@@ -188,6 +188,7 @@ class PPOTrainer:
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
             self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model,
             precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing, offload=cfg.offload,
+            config=cfg,  # the token budget the memory plan counts activations for
             fsdp=False if self.lora else None,  # LoRA, one process: plain modules (also on a GPU), as SFT
         )
         self._setup_prompts(prompts, prompt_texts)
