@@ -266,7 +266,8 @@ def spec_from_settings(get, *, actor: Arch, reward: Arch | None = None, critic: 
         max_model_len=get("rollout.max_model_len", None),
         vllm_sleeps=int(get("rollout.sleep_level", 2)) > 0,
         with_critic=not shared and _needs_critic(estimator, where),
-        with_reward_model=bool(get("reward_model", "")) or not rewards)
+        with_reward_model=bool(get("reward_model", "")) or not rewards or any(
+            (r.get("reward_model") if isinstance(r, dict) else getattr(r, "reward_model", None)) for r in rewards))
     if spec.gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {spec.gpus}")
     return spec

@@ -142,3 +142,18 @@ def test_read_plan_spec_tolerates_future_keys(tmp_path):
     assert spec.precision == "fp32" and spec.gpu_bytes is None  # CPU planning: fp32, no offload
     assert dataclasses.replace(spec, packing=False).tokens_per_micro_batch == 2 * (512 + 64)
     assert transformers.AutoConfig.for_model("gpt2").n_layer == spec.actor.layers
+
+
+def test_read_plan_spec_counts_only_the_models_the_run_has(tmp_path):
+    """Critic-free estimators plan no critic, reward functions alone no reward model, a sleep_level 0 engine
+    is counted in every phase; an unknown estimator is named."""
+    grpo = read_plan_spec(_yaml(tmp_path, "model: gpt2\nadvantage_estimator: grpo\nrewards:\n"
+                                          "  - function: mod:fn\nrollout:\n  sleep_level: 0\n"), gpu_memory_gb=80)
+    assert not grpo.with_critic and not grpo.with_reward_model and not grpo.vllm_sleeps
+    plan = plan_ppo(dataclasses.replace(grpo, vllm=True))
+    assert set(plan.models) == {"actor", "ref"}
+    assert all(plan.phases[p].items["vllm"] == int(0.3 * 80 * GiB) for p in ("generate", "score", "train", "sync"))
+    ensemble = read_plan_spec(_yaml(tmp_path, "model: gpt2\nrewards:\n  - reward_model: [a, b]\n"))
+    assert ensemble.with_reward_model and ensemble.with_critic
+    with pytest.raises(ValueError, match=r"ppo.yaml: advantage_estimator: .*'nope'"):
+        read_plan_spec(_yaml(tmp_path, "model: gpt2\nadvantage_estimator: nope\n"))
