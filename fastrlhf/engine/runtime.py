@@ -175,10 +175,9 @@ def _arch(model):
     if model is None:
         return None
     try:
-        config = hf_model_prefix(model)[1].config
-    except TypeError:  # not a transformers model (a user's scorer): its parameters, no activation model
-        return opaque_arch(model)
-    return arch_from_config(config)
+        return arch_from_config(hf_model_prefix(model)[1].config)
+    except (TypeError, ValueError, KeyError):  # not a transformers model (a user's scorer), or one with no
+        return opaque_arch(model)  # causal-LM class to count: its parameters, no activation model
 
 
 def _plan_spec(runtime: Runtime, archs: dict, config) -> PlanSpec:

@@ -132,11 +132,12 @@ def load_ppo_models(cfg, runtime, *, critic: bool = True):
     # the memory plan from the config.json files, before any weight is read (refused here if nothing fits);
     # offload=all (chosen, or set) puts the trained shards under FSDP2's CPUOffloadPolicy
     from fastrlhf.engine.memory import MemoryPlanError
+    from fastrlhf.engine.planner import PlanError
     from fastrlhf.engine.runtime import plan_before_loading
     try:
         offload = plan_before_loading(runtime, cfg, fsdp=runtime.fsdp if plain is None else plain,
                                       critic=critic, ref=not cfg.lora_rank) == "all"
-    except MemoryPlanError as err:
+    except (MemoryPlanError, PlanError) as err:
         raise ConfigError(str(err)) from None
     actor = materialize(runtime, causal_lm_source(
         cfg.model, wrap=lambda m: PolicyWithLoss(m, shared_critic=cfg.shared_critic, **wrap)),
