@@ -100,16 +100,22 @@ def _loss_kwargs(mask):
                 mask=mask, clip_low=0.2, loss_agg="token-mean")
 
 
-def _train_step(actor, critic, opts, ids, attn):
+def _train_step(actor, critic, opts, ids, attn, micro_batches: int = 2):
+    """One optimizer step over ``micro_batches`` micro-batches (gradient accumulation, as the trainer runs
+    a minibatch: from the second micro-batch on, its activations coexist with both models' gradients);
+    gradients are released first, as the trainer does before each minibatch."""
     from fastrlhf.kernels import ppo_value_loss
 
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
     mask = attn[:, PROMPT:].bool()
     kw = _loss_kwargs(mask)
-    loss, _, _ = actor(ids, attn, mode="loss", prompt_len=PROMPT, **kw)
-    loss.backward()
-    values = critic(ids, attn)[:, PROMPT - 1:-1]
-    vloss, _ = ppo_value_loss(values, kw["advantages"], kw["advantages"], mask, clip=0.2)
-    vloss.backward()
+    for _ in range(micro_batches):
+        loss, _, _ = actor(ids, attn, mode="loss", prompt_len=PROMPT, **kw)
+        loss.backward()
+        values = critic(ids, attn)[:, PROMPT - 1:-1]
+        vloss, _ = ppo_value_loss(values, kw["advantages"], kw["advantages"], mask, clip=0.2)
+        vloss.backward()
     for opt in opts:
         opt.step()
 
@@ -132,7 +138,7 @@ def measure(size: str, ckpt: bool, world: int) -> dict:
     opts = [build_optimizer(actor, lr=1e-6), build_optimizer(critic, lr=1e-6)]
     # warm-up: Adam state exists from the first step on (steady state), on a one-row batch
     ids, attn = _batch(1, 99)
-    _train_step(actor, critic, opts, ids, attn)
+    _train_step(actor, critic, opts, ids, attn, micro_batches=1)
     for o in opts:
         o.zero_grad(set_to_none=True)  # the trainer frees grads after each iteration's last step
     rank = int(os.environ.get("RANK", 0))
