@@ -45,8 +45,10 @@ def model_size(model, *, trained: bool) -> ModelSize:
 
 @dataclass
 class MemoryPlan:
-    """``placement[phase][item]``: "resident", "offloaded", or "sequential" (onloaded only around its own
-    forward); ``bytes[item]`` per rank."""
+    """``placement[phase][item]``: "resident", "offloaded", "sequential" (onloaded only for its own SCORE
+    turn, ``PhaseScheduler.onloaded``) or "host" (offload=all: FSDP2's ``CPUOffloadPolicy`` keeps the
+    trained shards on the host and moves them itself; the scheduler leaves them alone); ``bytes[item]``
+    per rank."""
 
     device: str
     budget_bytes: int | None
@@ -85,16 +87,16 @@ class MemoryPlan:
 
     def flat_metrics(self) -> dict[str, float]:
         """Numbers for ``metrics.jsonl``: ``plan/<phase>/<item>`` = 1 on device (resident or sequential)
-        or 0 offloaded; ``plan/<item>_mb`` sizes per rank; ``plan/budget_mb`` (-1: no accelerator)."""
+        or 0 (offloaded, or on the host under CPUOffloadPolicy); ``plan/<item>_mb`` sizes per rank; ``plan/budget_mb`` (-1: no accelerator)."""
         out: dict[str, float] = {"plan/budget_mb": float(_mb(self.budget_bytes) or -1.0)}
         out.update({f"plan/{k}_mb": float(_mb(v)) for k, v in self.bytes.items()})
         out.update({f"plan/{p}_predicted_mb": float(_mb(v)) for p, v in self.predicted.items()})
         for phase, items in self.placement.items():
-            out.update({f"plan/{phase}/{k}": float(v != "offloaded") for k, v in items.items()})
+            out.update({f"plan/{phase}/{k}": float(v in ("resident", "sequential")) for k, v in items.items()})
         return out
 
     def format(self) -> str:
-        """A table: one row per item, one column per phase (R resident, - offloaded, S sequential)."""
+        """A table: one row per item, one column per phase (R resident, - offloaded, S sequential, H host)."""
         budget = "host memory (no offload)" if self.budget_bytes is None else f"{_mb(self.budget_bytes)} MB"
         lines = [f"memory plan on {self.device}: budget {budget}", "  " + self.numerics(),
                  f"  {'item':<14}{'MB/rank':>10}  " + "  ".join(f"{p:>8}" for p in PHASES)]
@@ -105,7 +107,7 @@ class MemoryPlan:
         return "\n".join(lines + ([self.table] if self.table else []))
 
 
-_CELL = {"resident": "R", "offloaded": "-", "sequential": "S"}
+_CELL = {"resident": "R", "offloaded": "-", "sequential": "S", "host": "H"}
 
 
 def _mb(n: int | None) -> float | None:

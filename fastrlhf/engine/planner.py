@@ -511,7 +511,9 @@ def scheduler_plan(plan: Plan, *, device: str, models: tuple[str, ...] | None = 
             elif model == "vllm":
                 awake = not spec.vllm_sleeps or phase == "generate" or (phase == "sync" and item == "vllm.weights")
                 where[item] = "resident" if awake else "offloaded"
-            elif item in items or (host_owned and model in trained):
+            elif host_owned and model in trained:
+                where[item] = "host"
+            elif item in items:
                 where[item] = "resident"
             elif phase == "score" and item.endswith(".params") and "one_model.params" in items:
                 where[item] = "sequential"
@@ -601,7 +603,8 @@ def _item_order(item: str):
 
 
 def plan_cli(args) -> int:
-    """``fastrlhf plan --config FILE [--model DIR] [--gpus N] [--gpu-memory-gb G]``: prints the plan;
+    """``fastrlhf plan --config FILE [--model DIR] [--gpus N] [--gpu-memory-gb G]``: prints the placement the
+    trainer's scheduler applies (R resident, - offloaded, S onloaded for its own SCORE turn) and the plan;
     exit 0 when it fits, 1 when it does not."""
     try:
         spec = read_plan_spec(args.config, model=args.model, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb)
@@ -609,7 +612,8 @@ def plan_cli(args) -> int:
         from fastrlhf.config import ConfigError
         raise ConfigError(str(err)) from None
     plan = plan_ppo(spec)
-    print(format_plan(plan))
+    # the placement the trainer's phase scheduler applies with this plan, then the planner's table and verdict
+    print(scheduler_plan(plan, device=f"{spec.gpus} x GPU" if spec.gpu_bytes is not None else "cpu").format())
     return 0 if plan.fits else 1
 
 

@@ -165,7 +165,8 @@ class PhaseScheduler:
         targets = {}
         if self.plan is not None:
             targets = {item: self.plan.where(phase, item) for item in self.placement}
-        offload = [item for item, where in targets.items() if where != "resident"]
+        # "host": FSDP2's CPUOffloadPolicy owns those shards (offload=all); the scheduler does not move them
+        offload = [item for item, where in targets.items() if where in ("offloaded", "sequential")]
         onload = [item for item, where in targets.items() if where == "resident"]
         if phase in ("generate", "sync"):
             for item in offload:

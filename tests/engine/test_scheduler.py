@@ -108,7 +108,8 @@ def test_scheduler_plan_follows_each_offload_level(qwen7b):
     assert _column(mp, "critic.optim") == ["offloaded", "offloaded", "resident", "offloaded"]
     assert any("model by model" in note for note in mp.notes)
     _, mp = _placed(qwen7b, "all")  # trained state under CPUOffloadPolicy: FSDP2 moves it, not the scheduler
-    assert _column(mp, "actor.params") == _column(mp, "critic.optim") == ["resident"] * 4
+    assert _column(mp, "actor.params") == _column(mp, "critic.optim") == ["host"] * 4
+    assert mp.flat_metrics()["plan/train/actor.params"] == 0.0 and " H " in mp.format()
     assert _column(mp, "reward.params") == ["offloaded", "sequential", "offloaded", "offloaded"]
     assert any("CPUOffloadPolicy" in note for note in mp.notes)
     auto, mp = _placed(qwen7b, "auto")
@@ -308,3 +309,19 @@ def test_model_size_counts_trainable_parameters():
     part = model_size(model, trained=True)
     embed = model.get_input_embeddings().weight.numel()
     assert part.numel == full.numel and part.trainable == embed
+
+
+def test_host_items_are_left_to_fsdp2():
+    """offload=all: the trained state is on the host under CPUOffloadPolicy ("host"); the scheduler never
+    moves it, while a frozen model's "offloaded" / "sequential" placement still moves."""
+    sched = PhaseScheduler("cpu")
+    actor, ref = tiny_llama(64, seed=0), tiny_llama(64, seed=1)
+    opt = torch.optim.AdamW(actor.parameters(), lr=1e-3)
+    items = ["actor.params", "actor.optim", "ref.params"]
+    placement = {p: {"actor.params": "host", "actor.optim": "host",
+                     "ref.params": "sequential" if p == "score" else "offloaded"} for p in PHASES}
+    sched.bind(plan=MemoryPlan("cuda:0", 1, dict.fromkeys(items, 1), placement), models={"actor": actor, "ref": ref})
+    sched.register_optimizer("actor", opt)
+    run(sched, "generate", "score", "train", "sync")
+    actions = [a for _, a in sched.events]
+    assert actions == ["cpu:ref.params"]  # once, in GENERATE; nothing for the actor in any phase
