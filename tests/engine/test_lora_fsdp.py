@@ -1,0 +1,120 @@
+"""LoRA under FSDP2 on 2 gloo ranks (torchrun): adapters injected before sharding, only they (and the heads)
+train; SFT and the reward model give the one-process LoRA losses; PPO's reference is the sharded actor with
+its adapters disabled, its merged export and weight sync are gathered from the shards, and a resumed run
+continues exactly."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+from fastrlhf.telemetry.metrics import read_metrics  # noqa: E402
+
+HERE = Path(__file__).parent
+LORA_RANK = 4
+
+
+def _single(script: Path, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTRLHF_FSDP": ""}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _losses(out: Path, stage: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl")
+            if "loss" in r and r.get("stage") == stage]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_two_rank_lora_matches_one_process(stage, tmp_path, run_torchrun):
+    """The same data, seed and global batch: 2-rank LoRA (FSDP2) per-step losses equal the one-process LoRA
+    losses (fp32), and the merged final/ models (streamed from the shards) equal the one-process ones."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert "fsdp=False world=0" in _single(HERE / "stage_worker.py", stage, str(one), str(LORA_RANK))
+    proc = run_torchrun(HERE / "stage_worker.py", stage, str(two), str(LORA_RANK))
+    assert "fsdp=True world=2" in proc.stdout
+    a, b = _losses(one, stage), _losses(two, stage)
+    assert [s for s, _ in a] == [1, 2, 3] == [s for s, _ in b]
+    rel = max(abs(x - y) / abs(x) for (_, x), (_, y) in zip(a, b, strict=True))
+    print(f"{stage} LoRA: one process {a}, two ranks {b}, max relative difference {rel:.2e}")
+    assert rel <= 1e-5, (a, b)
+    assert a[0][1] != a[-1][1]  # it trained
+    if stage == "sft":
+        from transformers import AutoModelForCausalLM
+        m1 = AutoModelForCausalLM.from_pretrained(one / "final").state_dict()
+        m2 = AutoModelForCausalLM.from_pretrained(two / "final").state_dict()
+    else:
+        from fastrlhf.models.heads import load_head_model
+        m1, m2 = load_head_model(one / "final").state_dict(), load_head_model(two / "final").state_dict()
+    assert m1.keys() == m2.keys() and not any("lora_" in k or "base_layer" in k for k in m2)  # merged
+    assert max((m1[k] - m2[k]).abs().max().item() for k in m1) < 1e-5
+    from safetensors.torch import load_file  # the adapters (and head) next to the merged export
+    s1, s2 = load_file(one / "final" / "adapter.safetensors"), load_file(two / "final" / "adapter.safetensors")
+    assert s1.keys() == s2.keys() and any("lora_B" in k for k in s2)
+    assert max((s1[k] - s2[k]).abs().max().item() for k in s1) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ PPO
+PROMPTS = ["hello cat", "the big red dog is here", "what", "i like the small green bird"]
+ITERATIONS = 2
+
+
+def _ppo_setup(root: Path) -> Path:
+    import json
+
+    import yaml
+
+    from fastrlhf.data import build_test_tokenizer
+    from fastrlhf.models import RewardModel, tiny_llama
+    tok = build_test_tokenizer()
+    lm = tiny_llama(len(tok), seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    lm.save_pretrained(root / "sft")
+    tok.save_pretrained(root / "sft")
+    RewardModel(tiny_llama(len(tok), seed=1)).save_pretrained(root / "rm")
+    (root / "data.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    cfg = {"model": str(root / "sft"), "reward_model": str(root / "rm"), "data": str(root / "data.jsonl"),
+           "output_dir": str(root / "whole"), "iterations": ITERATIONS, "rollout_batch_size": 2,
+           "minibatch_size": 1, "ppo_epochs": 2, "checkpoint_every": 1, "keep_checkpoints": 2,
+           "max_prompt_length": 32, "progress": False, "precision": "fp32", "tensorboard": False,
+           "lora_rank": LORA_RANK, "actor_lr": 5e-3, "critic_lr": 5e-3, "kernel_backend": "torch",
+           "rollout": {"max_new_tokens": 4}, "kl": {"target": 3.0}}
+    (root / "ppo.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "ppo.yaml"
+
+
+def _ppo_rows(out: Path) -> list[dict]:
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("stage") == "ppo" and "kl" in r]
+    return [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "time"
+             and not k.startswith(("time/", "tokens_per_s/", "mem/", "plan/"))} for r in rows]
+
+
+@pytest.mark.slow
+def test_two_rank_lora_ppo_reference_merged_export_and_resume(tmp_path, run_torchrun):
+    """``fastrlhf ppo`` with LoRA on 2 ranks: the worker's checks on the sharded trainer (reference = base
+    model, merged sync and exports = one-process PEFT merge, adapters-only checkpoints); then the run resumed
+    from its iteration-1 checkpoint (a copy of the folder without what iteration 2 wrote) logs the same
+    iteration-2 metrics as the uninterrupted run."""
+    import shutil
+    config = _ppo_setup(tmp_path)
+    proc = run_torchrun(HERE / "lora_ppo_worker.py", str(config))
+    assert "LORA-FSDP-CHECKS-OK" in proc.stdout and "FSDP2 over 2 rank(s)" in proc.stdout, proc.stdout[-3000:]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    for name in (f"checkpoints/step-{ITERATIONS:08d}", "final", "critic", "plots"):
+        shutil.rmtree(resumed / name, ignore_errors=True)
+    (resumed / "ppo_result.json").unlink()
+    proc = run_torchrun("fastrlhf", "ppo", "--config", str(config), f"output_dir={resumed}", module=True)
+    assert "resumed from" in proc.stdout
+    a, b = _ppo_rows(whole), _ppo_rows(resumed)
+    assert [r["iteration"] for r in a] == [1, 2] == [r["iteration"] for r in b]
+    assert a == b
