@@ -3,6 +3,7 @@ runs ``fastrlhf ppo`` (``ppo_cli.run_from_config``: rank 0 loads, adapters injec
 with LoRA, then, on the trained and still sharded trainer, checks on every rank (a failed assert exits
 non-zero):
 
+- a sharded model is refused by ``apply_lora`` (adapters go in before sharding);
 - only adapters and the value head are trainable, only they got gradients, the frozen base is the SFT model;
 - the reference log-probs (the sharded actor with its adapters disabled) equal the base model's;
 - the merged weights gathered from the shards (``weight_sync.iter_merged_buckets``, small buckets) and the
@@ -46,6 +47,12 @@ def check(trainer: PPOTrainer) -> None:
             assert p.requires_grad == trained, name
             assert trained or p.grad is None, name  # nothing reduce-scattered for the frozen base
     wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
+    from fastrlhf.models.lora import apply_lora
+    try:  # adapters go in before sharding; a sharded model is refused with one line
+        apply_lora(trainer.critic, rank=2)
+        raise AssertionError("apply_lora accepted an FSDP2-sharded model")
+    except ValueError as err:
+        assert "already FSDP2-sharded" in str(err), err
 
     # the reference log-probs are the base (SFT) model's; the trained actor's differ from them
     ids = [trainer.prompt_ids[i % len(trainer.prompt_ids)] for i in range(len(RESPONSES))]

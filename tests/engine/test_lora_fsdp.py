@@ -86,6 +86,7 @@ def _ppo_setup(root: Path) -> Path:
            "output_dir": str(root / "whole"), "iterations": ITERATIONS, "rollout_batch_size": 2,
            "minibatch_size": 1, "ppo_epochs": 2, "checkpoint_every": 1, "keep_checkpoints": 2,
            "max_prompt_length": 32, "progress": False, "precision": "fp32", "tensorboard": False,
+           "gradient_checkpointing": True,
            "lora_rank": LORA_RANK, "actor_lr": 5e-3, "critic_lr": 5e-3, "kernel_backend": "torch",
            "rollout": {"max_new_tokens": 4}, "kl": {"target": 3.0}}
     (root / "ppo.yaml").write_text(yaml.safe_dump(cfg))
