@@ -12,9 +12,10 @@ A checkpoint directory (written atomically: a temporary sibling renamed when eve
 
 No rank gathers a full model or optimizer state, and nothing is a pickle: DCP stores tensors with its own
 metadata and the rest is JSON. A model with frozen and trained parameters (LoRA: frozen base, adapters and
-heads) saves only the trained ones: resume rebuilds the frozen base from the same source. ``load_checkpoint`` restores in place into already-sharded models and
-optimizers at the same world size; another world size is refused with a message (DCP could reshard the
-tensors, but the per-rank RNG streams and data shards of the run would not match).
+heads) saves only the trained ones: resume rebuilds the frozen base from the same source.
+``load_checkpoint`` restores in place into already-sharded models and optimizers at the same world size;
+another world size is refused with a message (DCP could reshard the tensors, but the per-rank RNG streams
+and data shards of the run would not match).
 
 ``export_hf`` writes the HF causal LM inside a (sharded) model as safetensors files of whole layers,
 gathered one bucket at a time (``weight_sync.iter_weight_buckets``): rank 0 holds one bucket, never the

@@ -181,7 +181,7 @@ class PPOTrainer:
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
             self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model,
             precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing, offload=cfg.offload,
-            fsdp=False if self.lora and self.runtime.world_size == 1 else None,  # LoRA, 1 process: plain, as SFT
+            fsdp=False if self.lora and self.runtime.world_size == 1 else None,  # LoRA in 1 process: plain
         )
         self._setup_prompts(prompts, prompt_texts)
         self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)

@@ -1,7 +1,7 @@
-"""Worker for tests/engine/test_lora_fsdp.py: ``torchrun --nproc_per_node 2 lora_ppo_worker.py CONFIG [k=v ...]``
-runs ``fastrlhf ppo`` (``ppo_cli.run_from_config``: rank 0 loads, adapters injected before FSDP2 shards)
-with LoRA, then, on the trained and still sharded trainer, checks on every rank (a failed assert exits
-non-zero):
+"""Worker for tests/engine/test_lora_fsdp.py:
+``torchrun --nproc_per_node 2 lora_ppo_worker.py CONFIG [k=v ...]`` runs ``fastrlhf ppo``
+(``ppo_cli.run_from_config``: rank 0 loads, adapters injected before FSDP2 shards) with LoRA, then, on the
+trained and still sharded trainer, checks on every rank (a failed assert exits non-zero):
 
 - a sharded model is refused by ``apply_lora`` (adapters go in before sharding);
 - only adapters and the value head are trainable, only they got gradients, the frozen base is the SFT model;
@@ -77,7 +77,8 @@ def check(trainer: PPOTrainer) -> None:
         want_lm = merged_state_dict(plain.lm)
         base_sd = base.lm.state_dict()
         frozen = {k: v for k, v in actor_full.items() if ".base_layer." in k}
-        assert frozen and all(torch.equal(v, base_sd[k[3:].replace(".base_layer.", ".")]) for k, v in frozen.items())
+        assert frozen and all(torch.equal(v, base_sd[k.removeprefix("lm.").replace(".base_layer.", ".")])
+                              for k, v in frozen.items())
         assert list(got) == merged_policy_names(trainer.actor)
         sync_err = _max_diff(got, {k: want_lm[k] for k in got})
         from transformers import AutoModelForCausalLM
@@ -85,8 +86,10 @@ def check(trainer: PPOTrainer) -> None:
         final_err = _max_diff({k: final[k] for k in got}, got)
         critic = maybe_apply_lora(cfg, ValueModel.from_pretrained(Path(cfg.reward_model)))
         critic.load_state_dict(critic_full)
-        critic_err = _max_diff(ValueModel.from_pretrained(out / "critic").state_dict(), merged_state_dict(critic))
-        print(f"merged sync vs PEFT {sync_err:.2e}, final/ {final_err:.2e}, critic/ {critic_err:.2e}", flush=True)
+        exported = ValueModel.from_pretrained(out / "critic").state_dict()
+        critic_err = _max_diff(exported, merged_state_dict(critic))
+        print(f"merged sync vs PEFT {sync_err:.2e}, final/ {final_err:.2e}, critic/ {critic_err:.2e}",
+              flush=True)
         assert sync_err < 1e-6 and final_err < 1e-6 and critic_err < 1e-6
         from torch.distributed.checkpoint import FileSystemReader
         ckpt = out / "checkpoints" / f"step-{cfg.iterations:08d}"

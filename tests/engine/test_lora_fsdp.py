@@ -36,17 +36,32 @@ def _losses(out: Path, stage: str) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_two_rank_lora_matches_one_process(stage, tmp_path, run_torchrun):
-    """The same data, seed and global batch: 2-rank LoRA (FSDP2) per-step losses equal the one-process LoRA
-    losses (fp32), and the merged final/ models (streamed from the shards) equal the one-process ones."""
+def test_two_rank_lora_matches_one_process_through_a_crash_and_resume(stage, tmp_path, run_torchrun):
+    """The same data, seed and global batch, LoRA: one process, and 2 ranks (FSDP2) where every rank raises at
+    step 3, after the DCP checkpoint of step 2 (adapters, head and their AdamW state; no frozen base), then
+    the same command resumes. The per-step losses equal the one-process ones (fp32), and the merged final/
+    model (streamed from the shards) and its adapters equal the one-process ones."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from fastrlhf.engine.distributed import free_port
     one, two = tmp_path / "one", tmp_path / "two"
     assert "fsdp=False world=0" in _single(HERE / "stage_worker.py", stage, str(one), str(LORA_RANK))
+    crash = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            f"--master_port={free_port()}", str(HERE / "stage_worker.py"), stage, str(two),
+                            str(LORA_RANK), "3"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=300)
+    assert crash.returncode != 0 and "simulated crash at step 3" in crash.stderr, crash.stderr[-3000:]
+    assert "fsdp=True world=2" in crash.stdout
+    ckpt = two / "checkpoints" / "step-00000002"
+    keys = list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    assert any("lora_B" in k for k in keys) and not any("base_layer" in k for k in keys), keys[:8]
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     proc = run_torchrun(HERE / "stage_worker.py", stage, str(two), str(LORA_RANK))
-    assert "fsdp=True world=2" in proc.stdout
+    assert "resuming from" in proc.stdout
     a, b = _losses(one, stage), _losses(two, stage)
-    assert [s for s, _ in a] == [1, 2, 3] == [s for s, _ in b]
+    assert [s for s, _ in a] == [1, 2, 3] == [s for s, _ in b]  # the crashed run's rows, then the resumed one
     rel = max(abs(x - y) / abs(x) for (_, x), (_, y) in zip(a, b, strict=True))
-    print(f"{stage} LoRA: one process {a}, two ranks {b}, max relative difference {rel:.2e}")
+    print(f"{stage} LoRA: one process {a}, two ranks (crash at 3, resumed) {b}, max rel. difference {rel:.2e}")
     assert rel <= 1e-5, (a, b)
     assert a[0][1] != a[-1][1]  # it trained
     if stage == "sft":
@@ -59,7 +74,7 @@ def test_two_rank_lora_matches_one_process(stage, tmp_path, run_torchrun):
     assert m1.keys() == m2.keys() and not any("lora_" in k or "base_layer" in k for k in m2)  # merged
     assert max((m1[k] - m2[k]).abs().max().item() for k in m1) < 1e-5
     from safetensors.torch import load_file  # the adapters (and head) next to the merged export
-    s1, s2 = load_file(one / "final" / "adapter.safetensors"), load_file(two / "final" / "adapter.safetensors")
+    s1, s2 = (load_file(d / "final" / "adapter.safetensors") for d in (one, two))
     assert s1.keys() == s2.keys() and any("lora_B" in k for k in s2)
     assert max((s1[k] - s2[k]).abs().max().item() for k in s1) < 1e-5
 
@@ -109,7 +124,8 @@ def test_two_rank_lora_ppo_reference_merged_export_and_resume(tmp_path, run_torc
     config = _ppo_setup(tmp_path)
     proc = run_torchrun(HERE / "lora_ppo_worker.py", str(config))
     assert "LORA-FSDP-CHECKS-OK" in proc.stdout and "FSDP2 over 2 rank(s)" in proc.stdout, proc.stdout[-3000:]
-    print("\n".join(line for line in proc.stdout.splitlines() if "|ref - base|" in line or "merged sync" in line))
+    print("\n".join(line for line in proc.stdout.splitlines()
+                    if "|ref - base|" in line or "merged sync" in line))
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     shutil.copytree(whole, resumed)
     for name in (f"checkpoints/step-{ITERATIONS:08d}", "final", "critic", "plots"):
