@@ -57,6 +57,8 @@ def main(stage: str, out: str, lora_rank: int = 0, crash_at: int = 0) -> None:
             return step(indices)
         trainer.train_step = crashing_step
     trainer.train()
+    if dist.is_initialized():  # as the other workers: no process group left to die with the interpreter
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
