@@ -70,7 +70,8 @@ def _compare(root: Path, base: dict) -> None:
         phases = " ".join(f"{k[5:-2]} {last[k]:.2f} s" for k in keys if k in last)
         ckpt = out / "checkpoints" / "step-00000002"
         print(f"{name}: wall {wall:.1f} s; iteration 2: {phases}; "
-              f"peak RSS rank 0 {last['mem/peak_rss_mb']:.0f} MB; checkpoint {_size(ckpt) / 2**20:.1f} MB; final/ {_size(out / 'final') / 2**20:.1f} MB", flush=True)
+              f"peak RSS rank 0 {last['mem/peak_rss_mb']:.0f} MB; checkpoint {_size(ckpt) / 2**20:.1f} MB; "
+              f"final/ {_size(out / 'final') / 2**20:.1f} MB", flush=True)
 
 
 if __name__ == "__main__":
