@@ -142,11 +142,13 @@ def test_two_rank_lora_ppo_reference_merged_export_and_resume(tmp_path, run_torc
 def test_two_rank_lora_ppo_vllm_samples_from_the_merged_sharded_actor(tmp_path, run_torchrun):
     """``rollout.backend=vllm`` on 2 ranks: every sync gathers the LoRA actor's FSDP2 units, merges
     ``W + (alpha/r) B A`` and loads it into each rank's vLLM engine; after an iteration of training (adapters
-    no longer zero) vLLM's sampling log-probs equal the actor's."""
+    no longer zero) vLLM's sampling log-probs equal the actor's. With a shared critic (the value head on the
+    adapted actor, trained fully; not part of the synced policy)."""
     pytest.importorskip("vllm")
     config = _ppo_setup(tmp_path)
     run_torchrun("fastrlhf", "ppo", "--config", str(config), "rollout.backend=vllm", "checkpoint_every=2",
-                 module=True)
+                 "shared_critic=true", module=True)
+    assert not (tmp_path / "whole" / "critic").exists()
     rows = _ppo_rows(tmp_path / "whole")
     assert [r["iteration"] for r in rows] == [1, 2]
     print("logprob_mismatch_max per iteration:", [r["logprob_mismatch_max"] for r in rows])
