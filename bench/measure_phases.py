@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{r.get(f'time/{ph}_s', nan):>10.3f} {r.get(f'mem/{ph}_{mem}', nan):>16.1f}"
                  for ph in phases]
         print(f"{i:>4} " + " ".join(cells))
+    predicted = (plan or {}).get("predicted_mb") or {}
+    if predicted:  # the planner's bytes per phase (the plan the scheduler applied), next to the measurement
+        print(f"{'plan':>4} " + " ".join(f"{'':>10} {predicted.get(ph, float('nan')):>16.1f}" for ph in phases)
+              + f"   (planner, offload={plan.get('offload')})")
     if args.out:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         with open(args.out, "w") as f:

@@ -100,16 +100,22 @@ def _loss_kwargs(mask):
                 mask=mask, clip_low=0.2, loss_agg="token-mean")
 
 
-def _train_step(actor, critic, opts, ids, attn):
+def _train_step(actor, critic, opts, ids, attn, micro_batches: int = 2):
+    """One optimizer step over ``micro_batches`` micro-batches (gradient accumulation, as the trainer runs
+    a minibatch: from the second micro-batch on, its activations coexist with both models' gradients);
+    gradients are released first, as the trainer does before each minibatch."""
     from fastrlhf.kernels import ppo_value_loss
 
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
     mask = attn[:, PROMPT:].bool()
     kw = _loss_kwargs(mask)
-    loss, _, _ = actor(ids, attn, mode="loss", prompt_len=PROMPT, **kw)
-    loss.backward()
-    values = critic(ids, attn)[:, PROMPT - 1:-1]
-    vloss, _ = ppo_value_loss(values, kw["advantages"], kw["advantages"], mask, clip=0.2)
-    vloss.backward()
+    for _ in range(micro_batches):
+        loss, _, _ = actor(ids, attn, mode="loss", prompt_len=PROMPT, **kw)
+        loss.backward()
+        values = critic(ids, attn)[:, PROMPT - 1:-1]
+        vloss, _ = ppo_value_loss(values, kw["advantages"], kw["advantages"], mask, clip=0.2)
+        vloss.backward()
     for opt in opts:
         opt.step()
 
@@ -132,9 +138,9 @@ def measure(size: str, ckpt: bool, world: int) -> dict:
     opts = [build_optimizer(actor, lr=1e-6), build_optimizer(critic, lr=1e-6)]
     # warm-up: Adam state exists from the first step on (steady state), on a one-row batch
     ids, attn = _batch(1, 99)
-    _train_step(actor, critic, opts, ids, attn)
+    _train_step(actor, critic, opts, ids, attn, micro_batches=1)
     for o in opts:
-        o.zero_grad(set_to_none=False)  # grads stay allocated between steps, as in the trainer
+        o.zero_grad(set_to_none=True)  # the trainer frees grads after each iteration's last step
     rank = int(os.environ.get("RANK", 0))
     out = {"size": size, "ckpt": ckpt, "world": world, "params_actor": sum(p.numel() for p in actor.parameters())}
     track = Tracker(actor, ref, critic, reward, *opts)
@@ -174,9 +180,9 @@ def predict(config, ckpt: bool, world: int) -> dict:
                     prompt_len=PROMPT, response_len=RESPONSE, vllm=False)
     plan = plan_ppo(spec)
     out = {f"pred_{p}": plan.phases[p].total for p in ("generate", "score", "train")}
-    for p in ("generate", "score", "train"):  # what comes on top of params / grads / Adam state
+    for p in ("generate", "score", "train"):  # what comes on top of params / Adam state (grads: TRAIN only)
         out[f"pred_dyn_{p}"] = plan.phases[p].total - sum(
-            v for k, v in plan.phases[p].items.items() if k.endswith((".params", ".grads", ".optim", ".root_gathered")))
+            v for k, v in plan.phases[p].items.items() if k.endswith((".params", ".optim", ".root_gathered")))
     return out
 
 

@@ -186,13 +186,15 @@ def load_checkpoint(directory: str | Path, *, models: dict[str, nn.Module],
     return state
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete (``trainer_state.json`` present) ``step-N`` folder with the highest N under ``root``."""
+def latest_checkpoint(root: str | Path, *, marker: str = STATE_FILE) -> Path | None:
+    """The complete (``marker`` present: written last) ``step-N`` folder with the highest N under ``root``.
+    ``marker``: ``trainer_state.json`` for DCP checkpoints; the single-process trainers' checkpoints end
+    with ``trainer_state.pt`` (``trainers.common``)."""
     root = Path(root)
     if not root.is_dir():
         return None
     found = [(int(m.group(1)), d) for d in root.iterdir()
-             if (m := _STEP_DIR.match(d.name)) and (d / STATE_FILE).is_file()]
+             if (m := _STEP_DIR.match(d.name)) and (d / marker).is_file()]
     return max(found)[1] if found else None
 
 

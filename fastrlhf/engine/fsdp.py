@@ -118,10 +118,20 @@ def move_model(model: nn.Module, device: torch.device | str) -> None:
     so ``.to`` is correct for sharded and plain modules alike. Gradients move with their parameters.
     """
     device = torch.device(device)
+    _reshard(model)  # FSDP2 keeps the root unit gathered after a forward: move shards only
     model.to(device)
     for p in model.parameters():
         if p.grad is not None and p.grad.device != device:
             p.grad = p.grad.to(device)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free every FSDP2 unit's unsharded parameters (the root stays gathered after a forward until its
+    backward); a no-op for plain modules and units already sharded. Local: no communication."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def move_optimizer(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:

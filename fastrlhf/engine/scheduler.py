@@ -13,7 +13,8 @@ With a memory plan bound (:meth:`bind`), entering a phase applies it (the hybrid
     GENERATE   offload what the plan offloads for generation (optimizer state, ...), empty PyTorch's
                CUDA cache, wake the vLLM engine
     SCORE      vLLM to sleep (``rollout.sleep_level``: 1 weights to host, 2 weights discarded; KV cache
-               freed); onload the scoring models
+               freed); onload the scoring models, except those the plan marks "sequential": the trainer
+               scores model by model and each of those is onloaded for its own turn only (:meth:`onloaded`)
     TRAIN      vLLM asleep; onload actor/critic and their optimizer state, offload the frozen models
     SYNC       empty PyTorch's CUDA cache, wake only vLLM's weights (the sync overwrites them; after
                level 2 the engine restores its buffers when the sync ends); actor parameters resident
@@ -69,7 +70,6 @@ class PhaseScheduler:
             if model is not None:
                 self._models[name] = model
                 self.placement.setdefault(f"{name}.params", "device")
-                self._install_sequential_hooks(name, model)
         if rollout is not None:
             self._rollout = rollout
 
@@ -117,6 +117,25 @@ class PhaseScheduler:
             need = " or ".join("the start" if a is None else repr(a) for a in allowed)
             raise PhaseError(f"phase {name!r} cannot follow {after}: it must follow {need} "
                              f"(order: generate -> score -> train -> sync)")
+
+    @contextlib.contextmanager
+    def onloaded(self, name: str) -> Iterator[None]:
+        """Inside: model ``name``'s parameters on the device. A model the plan marks "sequential" in the
+        current phase (SCORE with the frozen models onloaded one at a time) is onloaded on entry, before
+        the caller's first forward (so before FSDP2's pre-forward all-gather, which must find its shards on
+        the device), and offloaded on exit: run all of its micro-batches inside, and it crosses once per
+        phase instead of twice per micro-batch. Any other model: nothing to do."""
+        item = f"{name}.params"
+        phase = self.current
+        moves = (self.plan is not None and phase is not None and item in self.placement
+                 and self.plan.where(phase, item) == "sequential")
+        if moves:
+            self._place(phase, item, "device")
+        try:
+            yield
+        finally:
+            if moves:
+                self._place(phase, item, "cpu")
 
     def pop_stats(self) -> dict[str, float]:
         """Phase times and memory since the last call; the memory plan's numbers on the first call."""
@@ -187,21 +206,6 @@ class PhaseScheduler:
     def _act(self, phase: str, action: str, fn) -> None:
         self.events.append((phase, action))
         fn()
-
-    def _install_sequential_hooks(self, name: str, model: torch.nn.Module) -> None:
-        """Models the plan marks "sequential" in a phase are onloaded around their own forward only."""
-        item = f"{name}.params"
-
-        def pre(module, args):
-            if self.plan is not None and self.current and self.plan.where(self.current, item) == "sequential":
-                self._place(self.current, item, "device")
-
-        def post(module, args, output):
-            if self.plan is not None and self.current and self.plan.where(self.current, item) == "sequential":
-                self._place(self.current, item, "cpu")
-
-        model.register_forward_pre_hook(pre)
-        model.register_forward_hook(post)
 
 
 def _rss_mb() -> float:

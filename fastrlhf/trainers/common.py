@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 import uuid
@@ -35,7 +34,6 @@ from fastrlhf.telemetry.metrics import MetricsLogger, truncate_metrics
 from fastrlhf.utils import set_seed  # noqa: F401  (re-exported: trainers call common.set_seed)
 
 CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -348,22 +346,14 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step under ``output_dir/checkpoints`` (or None)."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    found = [(int(m.group(1)), d) for d in root.iterdir()
-             if (m := _STEP_DIR.match(d.name)) and (d / TRAINER_STATE).is_file()]
-    return max(found)[1] if found else None
+    from fastrlhf.engine import checkpoint as dcp_ckpt
+    return dcp_ckpt.latest_checkpoint(Path(output_dir) / CHECKPOINTS, marker=TRAINER_STATE)
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
     """Delete all but the ``keep`` newest step checkpoints (keep <= 0: keep all)."""
-    root = Path(output_dir) / CHECKPOINTS
-    if keep <= 0 or not root.is_dir():
-        return
-    found = sorted((int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)))
-    for _, d in found[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
+    from fastrlhf.engine import checkpoint as dcp_ckpt
+    dcp_ckpt.prune_checkpoints(Path(output_dir) / CHECKPOINTS, keep)
 
 
 def _plain_rng_state() -> dict[str, Any]:

@@ -36,7 +36,10 @@ class DPOConfig(common.StageConfig):
     (DPO), ``ipo`` or ``simpo``; ``beta`` the inverse temperature of the implicit reward;
     ``label_smoothing`` the cDPO flip probability (sigmoid and simpo); ``simpo_gamma`` SimPO's target
     margin. ``ref_model``: the frozen reference (default: ``model`` itself, i.e. the starting policy).
-    ``batch_size`` pairs per optimizer step, ``micro_batch_size`` pairs per forward (2x sequences).
+    ``batch_size`` pairs per optimizer step, ``micro_batch_size`` pairs per forward (2x sequences), or with
+    ``max_tokens_per_micro_batch`` as many pairs as fit that many tokens (both sides counted; a balanced
+    bin-packing). ``packing``: each micro-batch's sequences run as packed rows of their valid tokens
+    (``fastrlhf.models.packing``; attention kept within each sequence, only response states reach the LM head).
     """
 
     lr: float = 5e-7
@@ -46,6 +49,7 @@ class DPOConfig(common.StageConfig):
     simpo_gamma: float = 0.5
     ref_model: str | None = None
     kernel_backend: str = "auto"
+    packing: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,6 +61,10 @@ class DPOConfig(common.StageConfig):
             raise ConfigError(f"DPOConfig: label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ConfigError("DPOConfig: label_smoothing applies to loss_type sigmoid or simpo, not ipo")
+        budget = self.max_tokens_per_micro_batch
+        if budget is not None and budget < 2 * self.max_length:
+            raise ConfigError(f"DPOConfig: max_tokens_per_micro_batch counts both sides of a pair: it must be >= "
+                              f"2 * max_length = {2 * self.max_length}, got {budget}")
         if self.kernel_backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"DPOConfig: kernel_backend must be auto|triton|torch, got {self.kernel_backend!r}")
 
@@ -85,18 +93,31 @@ def dpo_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return pad_batch(seqs, pad_id, padding_side="right")
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, backend: str = "auto"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, backend: str = "auto",
+                   packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of log pi over each row's response tokens [N] fp32, response tokens per row [N])`` of a causal
-    LM on a padded batch, from hidden states and the LM head (``linear_token_logprobs``, no logits tensor)."""
+    LM on a padded batch, from hidden states and the LM head (``linear_token_logprobs``, no logits tensor).
+    ``packing``: the rows' valid tokens run as packed rows (``models.packing``, block-causal attention) and
+    only the states that predict a response token reach the head; equal to the padded path."""
+    head = model.get_output_embeddings()
+    temperature = effective_temperature(model.config, 1.0)
+    targets = batch["labels"] != IGNORE_INDEX  # [N, T]: the response tokens (labels are the input ids there)
+    if packing:
+        from fastrlhf.models.packing import pack_for, packed_hidden
+        packed = pack_for(model.config, batch["input_ids"], batch["attention_mask"])
+        hidden = packed.gather(packed_hidden(model.get_decoder(), packed), targets, shift=-1)  # [n, H]
+        bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
+        lp = linear_token_logprobs(hidden[None], head.weight.to(hidden.dtype), batch["input_ids"][targets][None],
+                                   bias=bias, temperature=temperature, backend=backend)[0]
+        per_row = lp.new_zeros(targets.shape).masked_scatter(targets, lp)
+        return per_row.sum(-1), targets.sum(-1)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
     hidden = model.get_decoder()(**inputs).last_hidden_state[:, :-1]
-    head = model.get_output_embeddings()
     bias = head.bias.to(hidden.dtype) if getattr(head, "bias", None) is not None else None
     labels = batch["labels"][:, 1:]
     lp = linear_token_logprobs(hidden, head.weight.to(hidden.dtype), labels, bias=bias, ignore_index=IGNORE_INDEX,
-                               temperature=effective_temperature(model.config, 1.0), backend=backend)
+                               temperature=temperature, backend=backend)
     return lp.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
@@ -133,8 +154,14 @@ class DPOTrainer(common.StepTrainer):
                                 source=source, drop_overlong=self.cfg.drop_overlong)
 
     def micro_batches(self, features: list[dict]) -> list[dict]:
-        mbs = self.cfg.micro_batch_size
-        return [dpo_batch(features[i:i + mbs], self.pad_id) for i in range(0, len(features), mbs)]
+        return [dpo_batch([features[i] for i in rows], self.pad_id) for rows in self.micro_rows(features)]
+
+    def micro_rows(self, features: list[dict], rows: list[int] | None = None) -> list[list[int]]:
+        """``rows`` (default: all) of ``features`` grouped into micro-batches: ``micro_batch_size`` pairs, or
+        by ``max_tokens_per_micro_batch`` (both sides of a pair counted; ``common.StepTrainer.group_rows``)."""
+        rows = list(range(len(features))) if rows is None else rows
+        return self.group_rows(rows, lambda i: len(features[i]["chosen_input_ids"])
+                               + len(features[i]["rejected_input_ids"]))
 
     # ------------------------------------------------------------------------------- the reference
     def _reference_logps(self, ref_model) -> dict[str, torch.Tensor] | None:
@@ -166,16 +193,21 @@ class DPOTrainer(common.StepTrainer):
         for mb in self.micro_batches(features):
             mb = {k: v.to(self.device) for k, v in mb.items()}
             with common.autocast(self.device, self.cfg.bf16):
-                lp, _ = sequence_logps(model, mb, backend=self.cfg.kernel_backend)
+                lp, _ = sequence_logps(model, mb, backend=self.cfg.kernel_backend, packing=self.cfg.packing)
             parts.append(lp.float().view(2, -1).T.cpu())
         model.train(was_training)
-        return torch.cat(parts) if parts else torch.zeros(0, 2)
+        if not parts:
+            return torch.zeros(0, 2)
+        order = torch.tensor([i for rows in self.micro_rows(features) for i in rows])
+        out = torch.empty(len(features), 2)
+        out[order] = torch.cat(parts)  # micro-batches by tokens need not hold consecutive pairs
+        return out
 
     # ----------------------------------------------------------------------------------- the loss
     def _pair_loss(self, mb: dict, ref: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         mb = {k: v.to(self.device) for k, v in mb.items()}
         with common.autocast(self.device, self.cfg.bf16):
-            lp, n_tok = sequence_logps(self.model, mb, backend=self.cfg.kernel_backend)
+            lp, n_tok = sequence_logps(self.model, mb, backend=self.cfg.kernel_backend, packing=self.cfg.packing)
         m = lp.shape[0] // 2
         ref = ref.to(self.device) if ref is not None else None
         return dpo_loss(lp[:m].float(), lp[m:].float(), None if ref is None else ref[:, 0],
@@ -187,11 +219,9 @@ class DPOTrainer(common.StepTrainer):
         return None if self.ref_logps is None else self.ref_logps[split][indices]
 
     def train_step(self, indices: list[int]) -> dict:
-        mbs = self.cfg.micro_batch_size
         totals: dict[str, torch.Tensor] = {}
-        for start in range(0, len(indices), mbs):
-            rows = indices[start:start + mbs]
-            (mb,) = self.micro_batches([self.train_features[i] for i in rows])
+        for rows in self.micro_rows(self.train_features, list(indices)):
+            mb = dpo_batch([self.train_features[i] for i in rows], self.pad_id)
             loss, stats = self._pair_loss(mb, self._ref_rows("train", rows))
             share = len(rows) / len(indices)  # dpo_loss is a mean over pairs
             (loss * share).backward()
@@ -206,10 +236,9 @@ class DPOTrainer(common.StepTrainer):
             return {}
         was_training = self.model.training
         self.model.eval()
-        mbs, totals = self.cfg.micro_batch_size, {}
-        for start in range(0, len(features), mbs):
-            rows = list(range(start, min(start + mbs, len(features))))
-            (mb,) = self.micro_batches([features[i] for i in rows])
+        totals = {}
+        for rows in self.micro_rows(features):
+            mb = dpo_batch([features[i] for i in rows], self.pad_id)
             loss, stats = self._pair_loss(mb, self._ref_rows(split, rows))
             for k, v in {"loss": loss, **stats}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * len(rows) / len(features)

@@ -181,6 +181,7 @@ class PPOTrainer:
         self.actor, self.critic, self.ref, self.reward_model = rt.prepare_models(
             self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model,
             precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing, offload=cfg.offload,
+            config=cfg,  # the token budget the memory plan counts activations for
             fsdp=False if self.lora and self.runtime.world_size == 1 else None,  # LoRA in 1 process: plain
         )
         self._setup_prompts(prompts, prompt_texts)
@@ -378,13 +379,7 @@ class PPOTrainer:
         # micro-batches as in training (micro_batch_size rows or max_tokens_per_micro_batch tokens): activations
         # here must fit the same budget; a padding micro-batch (a rank with fewer bins' worth of rows) is dropped
         micro = self._micro_rows(attn)
-        parts = [(self._score_rows(ids[r], attn[r], p_len), pad) for r, pad in micro]
-        parts = [part for part, pad in parts if not pad]
-        order = torch.cat([r for r, pad in micro if not pad])  # bins need not hold consecutive rows
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        old_lp, entropy, values, scores, ref_lp = (
-            torch.cat(x)[inverse] if x[0] is not None else None for x in zip(*parts, strict=True))
+        old_lp, entropy, values, scores, ref_lp = self._score_model_by_model(ids, attn, p_len, micro)
         zero = torch.zeros((), device=ids.device)
         if scores is None:  # no reward model: the reward functions alone
             scores = torch.zeros(batch.size, device=ids.device)
@@ -417,26 +412,47 @@ class PPOTrainer:
             stats["reward_fn_failed"] = fn_failed
         return scores, stats
 
-    def _score_rows(self, ids, attn, p_len: int):
-        """Actor log-probs and entropy, values, RM scores and reference log-probs of some rows."""
-        with common.autocast(self.runtime.device, self.runtime.autocast_bf16):
-            return self._score_rows_fwd(ids, attn, p_len)
+    def _score_model_by_model(self, ids, attn, p_len: int, micro: list[tuple[torch.Tensor, bool]]):
+        """Actor log-probs and entropy, reference log-probs, RM scores and values of the batch, one model after
+        another over all micro-batches (actor, reference, reward model, critic), each inside
+        ``scheduler.onloaded``: a model the memory plan onloads only for its own turn ("sequential") crosses
+        to the device once per iteration, before its first forward (so before FSDP2's pre-forward
+        all-gather), and back after its last. Every rank runs every micro-batch, padding ones included (FSDP2's
+        all-gathers are collectives); padding micro-batches are dropped here. Returns full-batch tensors
+        ``(old_lp, entropy, values, scores, ref_lp)`` in row order (``values`` / ``scores`` may be None)."""
+        sched, pk, device = self.runtime.scheduler, self._packing, self.runtime.device
 
-    def _score_rows_fwd(self, ids, attn, p_len: int):
-        pk = self._packing
-        old_lp, entropy, values = self.actor(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.actor))
+        def each(name: str, model, fn) -> torch.Tensor | None:
+            if model is None:
+                return None
+            with sched.onloaded(name), common.autocast(device, self.runtime.autocast_bf16):
+                outs = [fn(model, ids[rows], attn[rows]) for rows, _ in micro]
+            return [o for o, (_, pad) in zip(outs, micro, strict=True) if not pad]
+
+        def logprobs(model, i, a):
+            return model(i, a, mode="logprobs", prompt_len=p_len, **pk(model))
+
+        actor = each("actor", self.actor, logprobs)  # (log-probs, entropy, values of a shared critic head)
+        old_lp, entropy, values = ([o[k] for o in actor] for k in range(3))
         if self.ref is not None:
-            ref_lp, _, _ = self.ref(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.ref))
+            ref_lp = each("ref", self.ref, lambda m, i, a: logprobs(m, i, a)[0])
         else:  # LoRA: the reference is the actor's base model (no fourth model)
             from fastrlhf.models.lora import adapters_disabled
             with adapters_disabled(self.actor):
-                ref_lp, _, _ = self.actor(ids, attn, mode="logprobs", prompt_len=p_len, **pk(self.actor))
+                ref_lp = each("actor", self.actor, lambda m, i, a: logprobs(m, i, a)[0])
+        scores = each("reward", self.reward_model, lambda m, i, a: m(i, a, **pk(m)).float())
         if self.critic is not None:
-            values = self.critic(ids, attn, **pk(self.critic))[:, p_len - 1 : -1].float()
-        scores = (self.reward_model(ids, attn, **pk(self.reward_model)).float()
-                  if self.reward_model is not None else None)
+            values = each("critic", self.critic, lambda m, i, a: m(i, a, **pk(m))[:, p_len - 1 : -1].float())
+        order = torch.cat([r for r, pad in micro if not pad])  # bins need not hold consecutive rows
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        old_lp, entropy, values, scores, ref_lp = (
+            torch.cat(x)[inverse] if x is not None and x[0] is not None else None
+            for x in (old_lp, entropy, values, scores, ref_lp))
         normalize = getattr(self.reward_model, "normalize", None)  # the RM's saved mean/std (RewardModel)
-        return old_lp, entropy, values, normalize(scores) if normalize else scores, ref_lp
+        if normalize is not None and scores is not None:
+            scores = normalize(scores)
+        return old_lp, entropy, values, scores, ref_lp
 
     def _responses(self, batch: PPOBatch) -> list[str]:
         return [self.tokenizer.decode(r[m], skip_special_tokens=True)

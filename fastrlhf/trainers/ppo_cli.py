@@ -126,10 +126,19 @@ def load_ppo_models(cfg, runtime, *, critic: bool = True):
 
     precision = resolve_precision(cfg.precision, runtime.device)
     wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
-    offload = cfg.offload in ("params", "all")
     # LoRA in one process: plain modules (also on a GPU); under torchrun the adapters are injected before
     # FSDP2 shards actor and critic (common.lora_source)
     plain = False if cfg.lora_rank and runtime.world_size == 1 else None
+    # the memory plan from the config.json files, before any weight is read (refused here if nothing fits);
+    # offload=all (chosen, or set) puts the trained shards under FSDP2's CPUOffloadPolicy
+    from fastrlhf.engine.memory import MemoryPlanError
+    from fastrlhf.engine.planner import PlanError
+    from fastrlhf.engine.runtime import plan_before_loading
+    try:
+        offload = plan_before_loading(runtime, cfg, fsdp=runtime.fsdp if plain is None else plain,
+                                      critic=critic, ref=not cfg.lora_rank) == "all"
+    except (MemoryPlanError, PlanError) as err:
+        raise ConfigError(str(err)) from None
     actor = materialize(runtime, lora_source(cfg, causal_lm_source(
         cfg.model, wrap=lambda m: PolicyWithLoss(m, shared_critic=cfg.shared_critic, **wrap))),
         train=True, precision=precision, offload_params=offload, fsdp=plain)

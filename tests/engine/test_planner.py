@@ -115,7 +115,9 @@ def test_plan_cli_fits_and_does_not_fit(tmp_path, capsys):
     assert any(line.strip().startswith("actor.optim") for line in out)
     assert main(["plan", "--config", str(cfg), "--gpus", "1", "--gpu-memory-gb", "12"]) == 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("does not fit: SYNC needs") and "of 12 GiB per GPU" in last
+    # offload=all: the trained shards live on the host, but SCORE still onloads each frozen 7B model (15 GiB
+    # in bf16) for its turn, with its activations and the CUDA workspace on top
+    assert last.startswith("does not fit: SCORE needs") and "of 12 GiB per GPU" in last
 
 
 def test_plan_cli_model_override_and_errors(tmp_path, capsys):
@@ -140,3 +142,18 @@ def test_read_plan_spec_tolerates_future_keys(tmp_path):
     assert spec.precision == "fp32" and spec.gpu_bytes is None  # CPU planning: fp32, no offload
     assert dataclasses.replace(spec, packing=False).tokens_per_micro_batch == 2 * (512 + 64)
     assert transformers.AutoConfig.for_model("gpt2").n_layer == spec.actor.layers
+
+
+def test_read_plan_spec_counts_only_the_models_the_run_has(tmp_path):
+    """Critic-free estimators plan no critic, reward functions alone no reward model, a sleep_level 0 engine
+    is counted in every phase; an unknown estimator is named."""
+    grpo = read_plan_spec(_yaml(tmp_path, "model: gpt2\nadvantage_estimator: grpo\nrewards:\n"
+                                          "  - function: mod:fn\nrollout:\n  sleep_level: 0\n"), gpu_memory_gb=80)
+    assert not grpo.with_critic and not grpo.with_reward_model and not grpo.vllm_sleeps
+    plan = plan_ppo(dataclasses.replace(grpo, vllm=True))
+    assert set(plan.models) == {"actor", "ref"}
+    assert all(plan.phases[p].items["vllm"] == int(0.3 * 80 * GiB) for p in ("generate", "score", "train", "sync"))
+    ensemble = read_plan_spec(_yaml(tmp_path, "model: gpt2\nrewards:\n  - reward_model: [a, b]\n"))
+    assert ensemble.with_reward_model and ensemble.with_critic
+    with pytest.raises(ValueError, match=r"ppo.yaml: advantage_estimator: .*'nope'"):
+        read_plan_spec(_yaml(tmp_path, "model: gpt2\nadvantage_estimator: nope\n"))

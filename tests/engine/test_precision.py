@@ -143,28 +143,16 @@ def test_adamw_fused_for_plain_tensors_foreach_otherwise():
 
 
 def test_memory_plan_states_precision_and_checkpointing():
-    from fastrlhf.engine.memory import ModelSize, plan_memory
-    n = 7_000_000_000
-    sizes = {"actor": ModelSize(n, 4, True), "critic": ModelSize(n, 4, True), "ref": ModelSize(n, 2),
-             "reward": ModelSize(n, 2)}
-    plan = plan_memory(sizes, budget_bytes=80 * 2**30, device="cuda:0", world_size=8, precision="bf16",
-                       gradient_checkpointing=True)
+    from pathlib import Path
+
+    from fastrlhf.engine.planner import PlanSpec, load_arch, plan_ppo, scheduler_plan
+    arch = load_arch(str(Path(__file__).resolve().parents[2] / "examples" / "configs" / "qwen2.5-7b"))
+    spec = PlanSpec(actor=arch, gpus=8, precision="bf16", gradient_checkpointing=True, offload="none")
+    plan = scheduler_plan(plan_ppo(spec), device="cuda:0")
     text = plan.format()
     assert "bf16 compute, fp32 masters" in text and "activations checkpointed" in text
-    assert plan.bytes["actor.params"] + plan.bytes["actor.optim"] == -(-n * 16 // 8)  # 16 B/param trained
+    n = arch.numel
+    assert plan.bytes["actor.params"] + plan.bytes["actor.optim"] == 2 * -(-n * 4 // 8) + -(-n * 8 // 8)  # 16 B
     assert plan.bytes["ref.params"] == -(-n * 2 // 8)  # frozen in bf16
-    assert "no checkpointing" in plan_memory(sizes, budget_bytes=None).format()
-
-
-def test_offload_key_overrides_the_plan():
-    from fastrlhf.engine.memory import ModelSize, plan_memory
-    n = 10_000_000
-    sizes = {"actor": ModelSize(n, 4, True), "critic": None, "ref": ModelSize(n, 2), "reward": ModelSize(n, 2)}
-    roomy = dict(budget_bytes=2**34, device="cuda:0", has_vllm=True, vllm_kv_bytes=2**20)
-    assert plan_memory(sizes, **roomy).where("generate", "actor.optim") == "resident"  # it fits: kept
-    forced = plan_memory(sizes, **roomy, offload="optimizer")
-    assert forced.where("generate", "actor.optim") == "offloaded"
-    assert forced.where("train", "actor.optim") == "resident"
-    tight = dict(budget_bytes=190 * 2**20, device="cuda:0")  # train fits (160 MB), score + optim does not
-    assert plan_memory(sizes, **tight).where("score", "actor.optim") == "offloaded"
-    assert plan_memory(sizes, **tight, offload="none").where("score", "actor.optim") == "resident"
+    cpu = PlanSpec(actor=arch, gpu_bytes=None, precision="fp32")
+    assert "no checkpointing" in scheduler_plan(plan_ppo(cpu), device="cpu").format()

@@ -99,13 +99,43 @@ def test_dpo_learns_preference_and_caches_reference_once(tok, tmp_path, monkeypa
     assert calls["n"] == 2 and again.train() == result
 
 
-def test_train_step_accumulation_matches_one_batch(tok, tmp_path):
+@pytest.mark.parametrize("gpt2", [False, True])
+def test_packed_sequence_logps_equal_padded(tok, gpt2):
+    """Packed rows (valid tokens only, block-causal attention, positions restarting per row) give the
+    padded path's per-row sums, with right and left padding, RoPE (Llama) and learned positions (GPT-2)."""
+    from fastrlhf.data import pad_batch
+    from fastrlhf.models import tiny_gpt2
+    model = (tiny_gpt2(len(tok), seed=0) if gpt2 else _lm(tok)).double().eval()
+    feats = [dpo_pair_features(r, tok, 32) for r in pairs(5, 4)]
+    batch = dpo_batch(feats, tok.pad_token_id)
+    seqs = [{k: f[f"{side}_{k}"] for k in ("input_ids", "labels", "attention_mask")}
+            for side in ("chosen", "rejected") for f in feats]
+    left = pad_batch(seqs, tok.pad_token_id, padding_side="left")
+    assert (batch["attention_mask"] == 0).any() and (left["attention_mask"][:, 0] == 0).any()  # real padding
+    with torch.no_grad():
+        want, n_want = sequence_logps(model, batch, backend="torch")
+        for b in (batch, left):
+            got, n_got = sequence_logps(model, b, backend="torch", packing=True)
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-9, atol=1e-9)
+            assert torch.equal(n_got, n_want)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_train_step_accumulation_matches_one_batch(tok, tmp_path, packing):
+    """One micro-batch of six pairs, micro-batches of two, or micro-batches by a token budget (pairs not
+    consecutive): the same loss and gradient, packed or padded."""
     rows = pairs(6, 3)
     grads = []
-    for mbs in (6, 2):
+    side = max(len(f[k]) for f in [dpo_pair_features(r, tok, 32) for r in rows]
+               for k in ("chosen_input_ids", "rejected_input_ids"))
+    for name, kw in (("one", dict(micro_batch_size=6)), ("two", dict(micro_batch_size=2)),
+                     ("tokens", dict(max_length=side, max_tokens_per_micro_batch=2 * side))):
         model = _lm(tok).double()
-        tr = DPOTrainer(_cfg(tmp_path / str(mbs), micro_batch_size=mbs, batch_size=6, label_smoothing=0.1),
+        tr = DPOTrainer(_cfg(tmp_path / name, batch_size=6, label_smoothing=0.1, packing=packing, **kw),
                         model=model, tokenizer=tok, train_rows=rows)
+        if name == "tokens":
+            groups = tr.micro_rows(tr.train_features)
+            assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(6))
         model.train()
         for k in range(len(rows)):  # perturb the reference so the loss is not at its symmetric point
             tr.ref_logps["train"][k] += torch.tensor([0.3 * k, -0.2])
@@ -113,10 +143,17 @@ def test_train_step_accumulation_matches_one_batch(tok, tmp_path):
         seen = []
         tr.optimizer_step = lambda: seen.append([p.grad.clone() for p in tr.model.parameters()]) or {}
         stats = tr.train_step(list(range(6)))
-        grads.append((stats["loss"], seen[0]))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-7)
-    for a, b in zip(grads[0][1], grads[1][1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        grads.append((stats["loss"], seen[0], tr.ref_logps["train"].clone()))
+    for other in grads[1:]:
+        torch.testing.assert_close(other[2], grads[0][2], rtol=1e-9, atol=1e-9)  # reference, in pair order
+        torch.testing.assert_close(other[0], grads[0][0], rtol=1e-6, atol=1e-7)
+        for a, b in zip(grads[0][1], other[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_token_budget_must_hold_a_pair(tmp_path):
+    with pytest.raises(ConfigError, match=r"both sides of a pair: it must be >= 2 \* max_length = 64, got 40"):
+        _cfg(tmp_path, max_tokens_per_micro_batch=40)
 
 
 def test_simpo_needs_no_reference_and_learns(tok, tmp_path):

@@ -111,6 +111,44 @@ def test_score_runs_in_micro_batches_and_equals_the_whole_batch(tmp_path, tok):
         torch.testing.assert_close(getattr(batch_m, key), getattr(batch_w, key), atol=1e-5, rtol=1e-5)
 
 
+def test_score_runs_model_by_model_and_onloads_sequential_models_once(tmp_path, tok):
+    """SCORE runs each model over all micro-batches before the next (actor, ref, reward, critic); a model the
+    plan marks "sequential" is onloaded before its first forward, ahead of any forward-pre hook (FSDP2's
+    all-gather is one, registered with prepend=True), and offloaded after its last: once per SCORE, not
+    per micro-batch. On CPU the moves are no-ops; the scheduler's event log records them."""
+    from fastrlhf.engine.memory import PHASES, MemoryPlan
+    trainer = make_trainer(tmp_path, tok, micro_batch_size=1)
+    sched = trainer.runtime.scheduler
+    items = [f"{m}.params" for m in ("actor", "critic", "ref", "reward")]
+    seq = ("critic.params", "ref.params", "reward.params")
+    placement = {p: {i: "sequential" if (p == "score" and i in seq) else "resident" for i in items}
+                 for p in PHASES}
+    sched.bind(plan=MemoryPlan("cpu", 1, dict.fromkeys(items, 1), placement))
+    for name, attr in (("actor", "actor"), ("ref", "ref"), ("reward", "reward_model"), ("critic", "critic")):
+        getattr(trainer, attr).register_forward_pre_hook(
+            lambda m, args, n=name: sched.events.append(("score", f"forward:{n}")), prepend=True)
+    for _ in range(2):  # two iterations' phases
+        sched.events.clear()
+        with sched.phase("generate"):
+            pass
+        with sched.phase("score"):
+            scored_batch(trainer)
+        events = [a for p, a in sched.events if p == "score"]
+        forwards = [e.split(":")[1] for e in events if e.startswith("forward:")]
+        assert forwards == ["actor"] * 4 + ["ref"] * 4 + ["reward"] * 4 + ["critic"] * 4  # model by model
+        for name in ("ref", "reward", "critic"):
+            first = events.index(f"forward:{name}")
+            last = len(events) - 1 - events[::-1].index(f"forward:{name}")
+            assert events.count(f"device:{name}.params") == 1, events  # once per SCORE, not per micro-batch
+            assert events.index(f"device:{name}.params") < first  # before any forward-pre hook
+            assert events[last + 1] == f"cpu:{name}.params"  # off again right after its last forward
+        assert "device:actor.params" not in events and "cpu:actor.params" not in events  # resident: stays
+        with sched.phase("train"):  # this plan keeps everything resident in TRAIN: all back on the device
+            pass
+        with sched.phase("sync"):
+            pass
+
+
 def test_layout_left_padded_prompts_right_padded_responses(tmp_path, tok):
     trainer = make_trainer(tmp_path, tok)
     batch, _ = scored_batch(trainer)
