@@ -41,11 +41,13 @@ def check(trainer: PPOTrainer) -> None:
     cfg, rank, out = trainer.config, dist.get_rank(), trainer.output_dir
     assert dist.get_world_size() == 2 and is_fsdp(trainer.actor) and is_fsdp(trainer.critic)
     assert trainer.ref is None  # no fourth model
+    bf16 = trainer.runtime.precision == "bf16"  # the frozen base stored in bf16, adapters and heads fp32
     for model, head in ((trainer.actor, "value_head"), (trainer.critic, "head")):
         for name, p in model.named_parameters():
             trained = "lora_" in name or name.startswith(head)
             assert p.requires_grad == trained, name
             assert trained or p.grad is None, name  # nothing reduce-scattered for the frozen base
+            assert p.dtype == (torch.bfloat16 if bf16 and not trained else torch.float32), (name, p.dtype)
     wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
     from fastrlhf.models.lora import apply_lora
     try:  # adapters go in before sharding; a sharded model is refused with one line
@@ -66,7 +68,7 @@ def check(trainer: PPOTrainer) -> None:
     ref_err = (batch.ref_logprobs[m] - want[m]).abs().max().item()
     moved = (batch.old_logprobs[m] - batch.ref_logprobs[m]).abs().max().item()
     print(f"rank {rank}: |ref - base| {ref_err:.2e}, |actor - ref| {moved:.2e}", flush=True)
-    assert ref_err < 1e-5 and moved > 1e-4
+    assert ref_err < (1e-2 if bf16 else 1e-5) and moved > (5e-2 if bf16 else 1e-4)  # bf16: compute noise
 
     # merged weights gathered from the shards, small buckets (every rank iterates: a collective)
     got = {name: t.clone() for bucket in iter_merged_buckets(trainer.actor, 64 * 1024) for name, t in bucket}
@@ -77,8 +79,8 @@ def check(trainer: PPOTrainer) -> None:
         want_lm = merged_state_dict(plain.lm)
         base_sd = base.lm.state_dict()
         frozen = {k: v for k, v in actor_full.items() if ".base_layer." in k}
-        assert frozen and all(torch.equal(v, base_sd[k.removeprefix("lm.").replace(".base_layer.", ".")])
-                              for k, v in frozen.items())
+        base_of = {k: base_sd[k.removeprefix("lm.").replace(".base_layer.", ".")] for k in frozen}
+        assert frozen and all(torch.equal(v, base_of[k].to(v.dtype)) for k, v in frozen.items())
         assert list(got) == merged_policy_names(trainer.actor)
         sync_err = _max_diff(got, {k: want_lm[k] for k in got})
         from transformers import AutoModelForCausalLM
@@ -90,7 +92,9 @@ def check(trainer: PPOTrainer) -> None:
         critic_err = _max_diff(exported, merged_state_dict(critic))
         print(f"merged sync vs PEFT {sync_err:.2e}, final/ {final_err:.2e}, critic/ {critic_err:.2e}",
               flush=True)
-        assert sync_err < 1e-6 and final_err < 1e-6 and critic_err < 1e-6
+        # bf16: the gathered weights are the bf16 compute copies (merged in fp32, rounded to bf16 once)
+        tol = 5e-3 if bf16 else 1e-6
+        assert sync_err < tol and final_err < 1e-6 and critic_err < tol
         from torch.distributed.checkpoint import FileSystemReader
         ckpt = out / "checkpoints" / f"step-{cfg.iterations:08d}"
         keys = list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)

@@ -139,6 +139,17 @@ def test_two_rank_lora_ppo_reference_merged_export_and_resume(tmp_path, run_torc
 
 
 @pytest.mark.slow
+def test_two_rank_lora_ppo_bf16_stores_the_frozen_base_in_bf16(tmp_path, run_torchrun):
+    """``precision=bf16``: the frozen base is stored in bf16 (as a frozen model: no fp32 master, the memory
+    plan's assumption), adapters and heads keep fp32 masters; the same checks as above at bf16 tolerances."""
+    config = _ppo_setup(tmp_path)
+    proc = run_torchrun(HERE / "lora_ppo_worker.py", str(config), "precision=bf16")
+    assert "LORA-FSDP-CHECKS-OK" in proc.stdout, proc.stdout[-3000:]
+    print("\n".join(line for line in proc.stdout.splitlines()
+                    if "|ref - base|" in line or "merged sync" in line))
+
+
+@pytest.mark.slow
 def test_two_rank_lora_ppo_vllm_samples_from_the_merged_sharded_actor(tmp_path, run_torchrun):
     """``rollout.backend=vllm`` on 2 ranks: every sync gathers the LoRA actor's FSDP2 units, merges
     ``W + (alpha/r) B A`` and loads it into each rank's vLLM engine; after an iteration of training (adapters
