@@ -107,8 +107,8 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
     ``precision`` (auto | bf16 | fp32, ``engine.precision``): bf16 compute with fp32 masters for actor and
     critic, frozen models stored in bf16, heads fp32. Actor and critic are left in train mode with every
     dropout probability at 0 (so HF ``gradient_checkpointing`` runs, and old and new log-probs come from
-    the same function). ``offload``: "params" / "all" put the trained shards on the host (FSDP2
-    ``CPUOffloadPolicy``). Plans memory first, with the planner behind ``fastrlhf plan``
+    the same function). ``offload``: none | optimizer | params | all | auto (the planner's levels; "all" puts
+    the trained shards on the host under FSDP2 ``CPUOffloadPolicy``). Plans memory first, with the planner behind ``fastrlhf plan``
     (``engine.planner``: the models' HF configs, the ranks, the device's total memory, and the token budget
     of ``config``, a ``PPOConfig`` or anything with its attribute names; defaults without one): "auto"
     becomes the first offload level that fits (none, optimizer, params, all; "all" only under FSDP2, as
@@ -132,7 +132,12 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
     runtime.offload = offload
     runtime.plan_levels = OFFLOADS if use_fsdp else OFFLOADS[:-1]  # CPUOffloadPolicy needs FSDP2
     runtime.plan_spec = _plan_spec(runtime, {n: _arch(m) for n, m in models.items()}, config)
-    offload = _replan(runtime, has_vllm=False)  # "auto" resolved; raises before sharding if nothing fits
+    # "auto" resolved (with the engine the config names, so that make_rollout's re-plan agrees); raises
+    # before anything is sharded if nothing fits
+    offload = _replan(runtime, has_vllm=runtime.plan_spec.vllm)
+    # the shards' placement is fixed from here on: a re-plan may move state between phases, not switch
+    # CPUOffloadPolicy on or off
+    runtime.plan_levels = ("all",) if offload == "all" and use_fsdp else OFFLOADS[:-1]
     out = {}
     for name, model in models.items():
         train = name in ("actor", "critic")
@@ -212,7 +217,7 @@ def plan_before_loading(runtime: Runtime, config, *, fsdp: bool, critic: bool, r
     trained shards under ``CPUOffloadPolicy`` ("all"). ``prepare_models`` plans again from the loaded
     models: the same architectures give the same answer."""
     from .precision import resolve_precision
-    from .planner import load_arch, plan_ppo
+    from .planner import load_arch
 
     def arch(path):
         return load_arch(str(path), where=str(path)) if path else None
@@ -224,16 +229,22 @@ def plan_before_loading(runtime: Runtime, config, *, fsdp: bool, critic: bool, r
     runtime.gradient_checkpointing = bool(config.gradient_checkpointing)
     runtime.offload = config.offload
     spec = _plan_spec(runtime, archs, config)
-    plan = plan_ppo(spec, levels=OFFLOADS if fsdp else OFFLOADS[:-1])
-    _check_fits(runtime, plan)
-    return plan.offload
+    runtime.plan_levels = OFFLOADS if fsdp else OFFLOADS[:-1]
+    return _checked_plan(runtime, spec).offload
 
 
-def _check_fits(runtime: Runtime, plan) -> None:
-    from .planner import format_plan
+def _checked_plan(runtime: Runtime, spec: PlanSpec):
+    """``plan_ppo`` over the offload levels this runtime allows; refuses a level it cannot apply and a
+    plan that does not fit the GPU."""
+    from .planner import format_plan, plan_ppo
+    plan = plan_ppo(spec, levels=runtime.plan_levels)
+    if plan.offload not in runtime.plan_levels:
+        raise MemoryPlanError(f"offload={plan.offload} needs the models sharded with FSDP2 (CPUOffloadPolicy); these "
+                              f"are plain modules (FASTRLHF_FSDP=0?): use offload {'|'.join(runtime.plan_levels)}")
     if not plan.fits:
         raise MemoryPlanError(f"the models do not fit {runtime.device} (the planner, as `fastrlhf plan` "
                               f"prints it):\n{format_plan(plan)}")
+    return plan
 
 
 def _replan(runtime: Runtime, *, has_vllm: bool, gpu_memory_utilization: float | None = None,
@@ -241,14 +252,13 @@ def _replan(runtime: Runtime, *, has_vllm: bool, gpu_memory_utilization: float |
     """Plan with ``runtime.plan_spec`` (the engine's settings filled in), bind the scheduler's placement,
     print it on rank 0; return the offload level. Raises MemoryPlanError (the planner's table) when the
     plan does not fit the GPU."""
-    from .planner import plan_ppo, scheduler_plan
+    from .planner import scheduler_plan
 
     spec = dataclasses.replace(runtime.plan_spec, vllm=has_vllm, vllm_sleeps=vllm_sleeps)
     if gpu_memory_utilization is not None:
         spec = dataclasses.replace(spec, gpu_memory_utilization=gpu_memory_utilization)
     runtime.plan_spec = spec
-    plan = plan_ppo(spec, levels=runtime.plan_levels)
-    _check_fits(runtime, plan)
+    plan = _checked_plan(runtime, spec)
     names = tuple(n for n, size in runtime.sizes.items() if size is not None)
     memory_plan = scheduler_plan(plan, device=str(runtime.device), models=names)
     runtime.scheduler.bind(plan=memory_plan)

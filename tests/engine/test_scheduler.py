@@ -166,6 +166,8 @@ def test_plan_before_loading_refuses_what_does_not_fit(tmp_path, monkeypatch):
         plan_before_loading(rt, dataclasses.replace(cfg, offload="none"), fsdp=True, critic=True, ref=True)
     checkpointed = dataclasses.replace(cfg, offload="none", gradient_checkpointing=True)
     assert plan_before_loading(rt, checkpointed, fsdp=True, critic=True, ref=True) == "none"
+    with pytest.raises(MemoryPlanError, match="offload=all needs the models sharded with FSDP2"):
+        plan_before_loading(rt, dataclasses.replace(cfg, offload="all"), fsdp=False, critic=True, ref=True)
 
 
 def test_cpu_plan_is_all_resident_and_hooks_move_nothing():
