@@ -193,10 +193,9 @@ def save_adapters(model, directory) -> None:
     """The trainable tensors of a LoRA model (adapters, heads) next to its merged export, for resume.
     Under FSDP2 a collective (each tensor gathered whole); rank 0 writes."""
     from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
 
     from fastrlhf.models.lora import adapter_state_dict
-
-    from torch.distributed.tensor import DTensor
 
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).contiguous().cpu()  # FSDP2: a collective
              for k, v in adapter_state_dict(model).items()}
