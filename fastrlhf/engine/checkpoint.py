@@ -11,13 +11,15 @@ A checkpoint directory (written atomically: a temporary sibling renamed when eve
                                           last: its presence marks the checkpoint complete
 
 No rank gathers a full model or optimizer state, and nothing is a pickle: DCP stores tensors with its own
-metadata and the rest is JSON. ``load_checkpoint`` restores in place into already-sharded models and
-optimizers at the same world size; another world size is refused with a message (DCP could reshard the
-tensors, but the per-rank RNG streams and data shards of the run would not match).
+metadata and the rest is JSON. A model with frozen and trained parameters (LoRA: frozen base, adapters and
+heads) saves only the trained ones: resume rebuilds the frozen base from the same source.
+``load_checkpoint`` restores in place into already-sharded models and optimizers at the same world size;
+another world size is refused with a message (DCP could reshard the tensors, but the per-rank RNG streams
+and data shards of the run would not match).
 
 ``export_hf`` writes the HF causal LM inside a (sharded) model as safetensors files of whole layers,
 gathered one bucket at a time (``weight_sync.iter_weight_buckets``): rank 0 holds one bucket, never the
-whole model.
+whole model. A LoRA model is exported merged (``W + (alpha/r) B A``, ``weight_sync.iter_merged_buckets``).
 """
 from __future__ import annotations
 
@@ -68,9 +70,24 @@ class _Exit:
         return self.ctx.__exit__(*exc)
 
 
+def _partly_frozen(model: nn.Module) -> bool:
+    """Frozen and trained parameters (LoRA: a frozen base with adapters): only the trained ones are saved;
+    resume rebuilds the frozen ones from the same source."""
+    flags = {p.requires_grad for p in model.parameters()}
+    return flags == {True, False}
+
+
+def _model_options(model: nn.Module):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    # strict=False on load: the frozen keys are absent by design; every saved key must still be in the
+    # checkpoint (dcp.load fails on a missing one)
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if _partly_frozen(model) else None
+
+
 def _app_state(models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items() if m is not None}
+    state = {f"model.{k}": get_model_state_dict(m, options=_model_options(m))
+             for k, m in models.items() if m is not None}
     state.update({f"optim.{k}": get_optimizer_state_dict(m, o) for k, (m, o) in optimizers.items()})
     return state
 
@@ -161,7 +178,7 @@ def load_checkpoint(directory: str | Path, *, models: dict[str, nn.Module],
         dcp.load(app, checkpoint_id=str(directory))
     for name, model in models.items():
         if model is not None:
-            set_model_state_dict(model, app[f"model.{name}"])
+            set_model_state_dict(model, app[f"model.{name}"], options=_model_options(model))
     for name, (model, opt) in optimizers.items():
         set_optimizer_state_dict(model, opt, app[f"optim.{name}"])
     if restore_rng:
@@ -233,7 +250,9 @@ def _write_buckets(model: nn.Module, directory: str | Path, *, bucket_mb: float,
     buffers (replicated, never sharded) go into the last file. Collective; rank 0 writes and returns True."""
     from safetensors.torch import save_file
 
-    from .weight_sync import iter_weight_buckets
+    from fastrlhf.models.lora import has_lora
+
+    from .weight_sync import iter_merged_buckets, iter_weight_buckets
     rank, _ = _rank_world()
     directory = Path(directory)
     files: list[tuple[str, list[str]]] = []
@@ -245,7 +264,8 @@ def _write_buckets(model: nn.Module, directory: str | Path, *, bucket_mb: float,
                   metadata={"format": "pt"})
         files.append((name, list(tensors)))
 
-    for bucket in iter_weight_buckets(model, max(1, int(bucket_mb * 2**20)), dtype=dtype, named=names):
+    buckets = iter_merged_buckets if has_lora(model) else iter_weight_buckets  # LoRA: W + (alpha/r) B A
+    for bucket in buckets(model, max(1, int(bucket_mb * 2**20)), dtype=dtype, named=names):
         if rank == 0:
             write(dict(bucket))
     if rank != 0:

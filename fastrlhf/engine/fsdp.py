@@ -67,7 +67,8 @@ def shard_model(model: nn.Module, *, device: torch.device, train: bool, bf16: bo
     ``precision`` ("bf16" / "fp32"; default from ``bf16``, itself default: on CUDA only): a trained model
     under bf16 gets ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` -- fp32 master shards,
     bf16 compute, fp32 gradient reduction -- with its scalar heads kept in fp32; a frozen model is stored
-    in bf16 itself (``precision.cast_frozen``). Frozen models (``train=False``) get
+    in bf16 itself (``precision.cast_frozen``), and so are the frozen parameters of a trained model (LoRA's
+    base; adapters and heads keep fp32 masters). Frozen models (``train=False``) get
     ``requires_grad_(False)`` and eval mode. ``offload_params``: FSDP2 ``CPUOffloadPolicy`` (shards,
     grads and the optimizer step on the host). ``broadcast=False`` for a model built on the meta device
     (``engine.loading``): nothing to broadcast, nothing to move. Returns the same object, an ``FSDPModule``.
@@ -80,6 +81,8 @@ def shard_model(model: nn.Module, *, device: torch.device, train: bool, bf16: bo
     if not train:
         model.requires_grad_(False).eval()
         cast_frozen(model, precision)
+    else:  # LoRA: the frozen base is stored in the compute dtype, as a frozen model (no fp32 master)
+        cast_frozen(model, precision, frozen_only=True)
     if broadcast:
         model.to(device)
         broadcast_module(model)

@@ -50,8 +50,8 @@ def materialize(runtime, source: ModelSource, *, train: bool, precision: str = "
     full_state, buffers = None, {}
     if rank == 0:
         loaded = source.load()
-        if not train:
-            cast_frozen(loaded, precision)  # bf16 frozen models travel (and sit on rank 0) in bf16
+        # bf16 frozen models (and LoRA's frozen base) travel, and sit on rank 0, in bf16
+        cast_frozen(loaded, precision, frozen_only=train)
         full_state = loaded.state_dict()
         buffers = {k: b for k, b in loaded.named_buffers()}
         del loaded

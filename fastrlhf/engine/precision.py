@@ -108,12 +108,16 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def cast_frozen(model: nn.Module, precision: str) -> nn.Module:
-    """Store a frozen model in the compute dtype (bf16 under bf16: no fp32 copy); heads stay fp32."""
+def cast_frozen(model: nn.Module, precision: str, *, frozen_only: bool = False) -> nn.Module:
+    """Store a frozen model in the compute dtype (bf16 under bf16: no fp32 copy); heads stay fp32.
+    ``frozen_only``: only the parameters that do not require grad (LoRA's frozen base; adapters and heads
+    keep their fp32 masters)."""
     dtype = compute_dtype(precision)
     heads = {id(p) for h in head_modules(model) for p in h.parameters()}
     with torch.no_grad():
         for p in model.parameters():
+            if frozen_only and p.requires_grad:
+                continue
             if id(p) not in heads and p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
     return model

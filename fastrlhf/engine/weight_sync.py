@@ -14,7 +14,7 @@ engine's model, so fewer, larger buckets are faster (57M params under torchrun: 
 """
 from __future__ import annotations
 
-import itertools
+import re
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -52,11 +52,11 @@ def policy_parameters(model: nn.Module) -> list[tuple[str, str]]:
     return [(name, name[len(prefix):]) for name, _ in model.named_parameters() if name.startswith(prefix)]
 
 
-def group_by_layer(named: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    """Consecutive runs of (name, HF name) with the same :func:`layer_key`."""
+def group_by_layer(named: list[tuple[str, str]], key=layer_key) -> list[list[tuple[str, str]]]:
+    """Consecutive runs of (name, HF name) with the same ``key`` (:func:`layer_key`)."""
     groups: list[list[tuple[str, str]]] = []
     for item in named:
-        if groups and layer_key(groups[-1][-1][1]) == layer_key(item[1]):
+        if groups and key(groups[-1][-1][1]) == key(item[1]):
             groups[-1].append(item)
         else:
             groups.append([item])
@@ -82,12 +82,13 @@ def bucket_layers(layers: Iterable[tuple[T, int]], bucket_bytes: int) -> Iterato
 
 
 def iter_weight_buckets(model: nn.Module, bucket_bytes: int, *, dtype: torch.dtype | None = None,
-                        named: list[tuple[str, str]] | None = None) -> Iterator[Bucket]:
+                        named: list[tuple[str, str]] | None = None, key=layer_key) -> Iterator[Bucket]:
     """Yield lists of (HF name, full tensor) of at most ``bucket_bytes``, whole layers only
     (:func:`bucket_layers`), in parameter order. Consume each bucket before asking for the next: the
     tensors of resharded units are freed. ``dtype`` casts on the way (e.g. to the engine's bf16).
     ``named``: the (name in ``model``, output name) pairs to stream (default :func:`policy_parameters`,
-    the HF causal LM's weights; a head model's export passes all of its parameters).
+    the HF causal LM's weights; a head model's export passes all of its parameters). ``key``: what a
+    bucket never splits (default :func:`layer_key` of the output name).
 
     Under FSDP2 this is a collective: every rank must iterate to the end.
     """
@@ -95,7 +96,7 @@ def iter_weight_buckets(model: nn.Module, bucket_bytes: int, *, dtype: torch.dty
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     owners = _owner_units(model)
     params = dict(model.named_parameters())
-    layers = group_by_layer(policy_parameters(model) if named is None else named)
+    layers = group_by_layer(policy_parameters(model) if named is None else named, key)
     remaining: dict[int, int] = {}  # id(unit) -> layers of it not yet handed over
     for layer in layers:
         for unit in _units(layer, owners).values():
@@ -144,37 +145,68 @@ def _local_full(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 
 
-def merged_policy_tensors(model: nn.Module, *, dtype: torch.dtype | None = None
-                          ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of the HF causal LM inside an unsharded LoRA model (``fastrlhf.models.lora``),
-    adapters merged (``W + scaling * B A``) under the base model's names, in parameter order, lazily (one
-    merged tensor at a time); tied weights once, as :func:`policy_parameters`."""
-    from fastrlhf.models.lora import merged_named_tensors
-    _, hf = hf_model_prefix(model)
-    keep = set(merged_policy_names(model))
-    for name, t in merged_named_tensors(hf):
-        if name in keep:
-            yield name, t.to(dtype) if dtype is not None and t.dtype != dtype else t
-
-
 def merged_policy_names(model: nn.Module) -> list[str]:
-    """The HF names :func:`merged_policy_tensors` yields (``.base_layer`` dropped, adapters left out)."""
+    """The HF names :func:`iter_merged_buckets` yields for a LoRA policy (``.base_layer`` dropped, adapters
+    left out)."""
     _, hf = hf_model_prefix(model)
     return [n.replace(".base_layer.", ".") for n, _ in hf.named_parameters() if "lora_" not in n]
 
 
-def iter_merged_buckets(model: nn.Module, bucket_bytes: int, *,
-                        dtype: torch.dtype | None = None) -> Iterator[Bucket]:
-    """:func:`iter_weight_buckets` for an unsharded LoRA model: the merged tensors of
-    :func:`merged_policy_tensors`, whole layers, bucketed by :func:`bucket_layers`."""
-    def layers():  # (one layer's tensors, nbytes), merged lazily
-        layer: Bucket = []
-        for name, t in itertools.chain(merged_policy_tensors(model, dtype=dtype), [("", None)]):  # sentinel
-            if layer and (t is None or layer_key(name) != layer_key(layer[-1][0])):
-                yield layer, sum(x.numel() * x.element_size() for _, x in layer)
-                layer = []
-            if t is not None:
-                layer.append((name, t))
+_LORA_PART = re.compile(r"\.lora_[A-Za-z_]+\.[^.]+\.")
 
-    for bucket in bucket_layers(layers(), bucket_bytes):
-        yield [pair for layer in bucket for pair in layer]
+
+def _base_name(name: str) -> str:
+    """``x.q_proj.base_layer.weight`` and ``x.q_proj.lora_A.default.weight`` -> ``x.q_proj.weight``."""
+    return _LORA_PART.sub(".", name.replace(".base_layer.", "."))
+
+
+def lora_layer_key(name: str) -> str:
+    """:func:`layer_key` of the base name: an adapted module and its adapters share one bucket."""
+    return layer_key(_base_name(name))
+
+
+def lora_scalings(model: nn.Module, named: list[tuple[str, str]]) -> dict[str, tuple[float, bool]]:
+    """Output-name prefix of every adapted module (``x.q_proj``) -> (``alpha / r``, ``fan_in_fan_out``)."""
+    from fastrlhf.models.lora import ADAPTER, lora_layers
+    out = dict(named)
+    names = {id(m): n for n, m in model.named_modules()}
+    info = {}
+    for layer in lora_layers(model):
+        weight = f"{names[id(layer)]}.base_layer.weight"
+        if ADAPTER in layer.lora_A and weight in out:
+            info[out[weight][:-len(".base_layer.weight")]] = (float(layer.scaling[ADAPTER]),
+                                                              bool(layer.fan_in_fan_out))
+    return info
+
+
+def merge_lora_bucket(bucket: Bucket, scalings: dict[str, tuple[float, bool]], *,
+                      dtype: torch.dtype | None = None) -> Bucket:
+    """A bucket of full tensors under LoRA names -> the base names with ``W + (alpha / r) B A`` merged
+    (PEFT's ``get_delta_weight``, computed in fp32; ``fan_in_fan_out``: GPT-2's ``[in, out]`` Conv1D) and
+    the adapters left out. Every adapted module's base weight and adapters must be in the bucket."""
+    from fastrlhf.models.lora import ADAPTER
+    tensors = dict(bucket)
+    merged: Bucket = []
+    for name, t in bucket:
+        if _LORA_PART.search(name):
+            continue
+        prefix = name[:-len(".base_layer.weight")] if name.endswith(".base_layer.weight") else None
+        if prefix in scalings:
+            scale, fan_in_fan_out = scalings[prefix]
+            a, b = tensors[f"{prefix}.lora_A.{ADAPTER}.weight"], tensors[f"{prefix}.lora_B.{ADAPTER}.weight"]
+            delta = (b.float() @ a.float()) * scale
+            t = (t.float() + (delta.T if fan_in_fan_out else delta)).to(t.dtype)
+        merged.append((name.replace(".base_layer.", "."), t.to(dtype) if dtype is not None else t))
+    return merged
+
+
+def iter_merged_buckets(model: nn.Module, bucket_bytes: int, *, dtype: torch.dtype | None = None,
+                        named: list[tuple[str, str]] | None = None) -> Iterator[Bucket]:
+    """:func:`iter_weight_buckets` for a LoRA model, plain or FSDP2-sharded: each bucket's full tensors
+    (base weights and adapters of whole layers, gathered one FSDP2 unit at a time) merged by
+    :func:`merge_lora_bucket` under the base model's names. A collective under FSDP2: every rank iterates
+    to the end. ``named`` as in :func:`iter_weight_buckets` (default: the HF causal LM's parameters)."""
+    named = policy_parameters(model) if named is None else named
+    scalings = lora_scalings(model, named)
+    for bucket in iter_weight_buckets(model, bucket_bytes, named=named, key=lora_layer_key):
+        yield merge_lora_bucket(bucket, scalings, dtype=dtype)

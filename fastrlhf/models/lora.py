@@ -46,6 +46,10 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float | None = None, dropo
     """
     if rank < 1:
         raise ValueError(f"lora_rank must be >= 1 to apply LoRA, got {rank}")
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2 units are fixed at fully_shard
+        raise ValueError(f"{type(model).__name__} is already FSDP2-sharded: inject LoRA adapters before "
+                         "sharding (pass an unsharded model, or let the trainer load it)")
     peft = _peft()
     targets = list(target_modules) if target_modules and not isinstance(target_modules, str) else target_modules
     if targets is None:
@@ -97,14 +101,20 @@ def has_lora(model: nn.Module) -> bool:
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside: ``model`` computes its base (pre-LoRA) function; adapters come back on exit."""
     layers = lora_layers(model)
+    # PEFT's enable_adapters(False) also clears requires_grad of the adapters; keep every flag as it was
+    # (under FSDP2 the trainable set is read at the first forward, which may be the reference's)
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
     for layer in layers:
         layer.enable_adapters(False)
+    for p, flag in flags:
+        p.requires_grad_(flag)
     try:
         yield model
     finally:
         for layer in layers:
             layer.enable_adapters(True)
-            layer.set_adapter(layer.active_adapters)  # enable_adapters(True) may not restore grads
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def merged_named_tensors(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -164,8 +164,10 @@ def maybe_apply_lora(cfg, model):
         raise ConfigError(f"{type(cfg).__name__}: lora_rank must be >= 0, got {cfg.lora_rank}")
     if not cfg.lora_rank:
         return model
-    from fastrlhf.models.lora import apply_lora
+    from fastrlhf.models.lora import apply_lora, has_lora
 
+    if has_lora(model):  # adapted while loading (lora_source: before FSDP2 sharding)
+        return model
     try:
         return apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules)
@@ -173,25 +175,32 @@ def maybe_apply_lora(cfg, model):
         raise ConfigError(f"{type(cfg).__name__}: {err}") from None
 
 
-def check_lora_unsharded(cfg, fsdp: bool) -> None:
-    """LoRA runs in a single process without FSDP2 for now (its merged export and adapter checkpoints are
-    not written from shards yet)."""
-    if cfg.lora_rank and fsdp:
-        raise ConfigError(f"{type(cfg).__name__}: lora_rank > 0 is not supported with FSDP2 yet (torchrun); "
-                          "run LoRA in one process or set lora_rank=0")
+def lora_source(cfg, source):
+    """``source`` (``engine.loading.ModelSource``) with the config's adapters injected into the built and
+    the loaded model, so that FSDP2 shards the adapted model (frozen base and adapters in the same units)
+    and rank 0's adapter initialization reaches every rank. ``source`` itself when ``lora_rank`` is 0."""
+    if not cfg.lora_rank:
+        return source
+    from fastrlhf.engine.loading import ModelSource
+    return ModelSource(build=lambda: maybe_apply_lora(cfg, source.build()),
+                       load=lambda: maybe_apply_lora(cfg, source.load()))
 
 
 ADAPTER_FILE = "adapter.safetensors"
 
 
 def save_adapters(model, directory) -> None:
-    """The trainable tensors of a LoRA model (adapters, heads) next to its merged export, for resume."""
+    """The trainable tensors of a LoRA model (adapters, heads) next to its merged export, for resume.
+    Under FSDP2 a collective (each tensor gathered whole); rank 0 writes."""
     from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
 
     from fastrlhf.models.lora import adapter_state_dict
 
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_file(state, str(Path(directory) / ADAPTER_FILE))
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).contiguous().cpu()  # FSDP2: a collective
+             for k, v in adapter_state_dict(model).items()}
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        save_file(state, str(Path(directory) / ADAPTER_FILE))
 
 
 def load_adapters(model, directory) -> None:
@@ -557,7 +566,7 @@ class StepTrainer:
         self.device = self.runtime.device
         self.precision = resolve_precision(cfg.precision, self.device)
         # FSDP2 over several ranks, or in one GPU process (runtime.fsdp: a 1-rank group); LoRA in one
-        # process stays a plain module (its merged export and adapters are not written from shards yet)
+        # process stays a plain module (as before FSDP2 supported it: the tested single-GPU path)
         self.fsdp = self.world_size > 1 or (self.runtime.fsdp and not getattr(cfg, "lora_rank", 0))
 
     @property

@@ -69,12 +69,6 @@ from fastrlhf.trainers.ppo_state import (
 __all__ = ["PPOTrainer", "PPOConfig", "RolloutConfig", "KLConfig", "EarlyStopConfig", "cli_main"]
 
 
-def rt_fsdp(*models) -> bool:
-    """Whether any of ``models`` is already FSDP2-sharded (``engine.loading`` under torchrun)."""
-    from fastrlhf.engine.fsdp import is_fsdp
-    return any(m is not None and is_fsdp(m) for m in models)
-
-
 def derive_seed(*parts) -> int:
     """A 63-bit seed hashed from ``parts`` (seed, purpose, iteration, rank): streams for different
     iterations / ranks / purposes are unrelated, and small structured seeds (0, 1, 2, ...) are avoided."""
@@ -178,8 +172,7 @@ class PPOTrainer:
         )
         if ref is not None:
             ref = ref if isinstance(ref, PolicyWithLoss) else PolicyWithLoss(ref, **wrap)
-        if self.lora:  # adapters on actor and critic before placement (refused under FSDP2 for now)
-            common.check_lora_unsharded(cfg, self.runtime.world_size > 1 or rt_fsdp(actor, critic))
+        if self.lora:  # adapters on actor and critic before placement (FSDP2 shards the adapted models)
             actor = common.maybe_apply_lora(cfg, actor)
             critic = common.maybe_apply_lora(cfg, critic) if critic is not None else None
         # Actor and critic stay in train mode (HF gradient checkpointing runs only there) with every dropout
@@ -189,7 +182,7 @@ class PPOTrainer:
             self.runtime, actor=actor, critic=critic, ref=ref, reward_model=reward_model,
             precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing, offload=cfg.offload,
             config=cfg,  # the token budget the memory plan counts activations for
-            fsdp=False if self.lora else None,  # LoRA, one process: plain modules (also on a GPU), as SFT
+            fsdp=False if self.lora and self.runtime.world_size == 1 else None,  # LoRA in 1 process: plain
         )
         self._setup_prompts(prompts, prompt_texts)
         self.eos_token_ids = rt.eos_token_ids(self.actor, tokenizer)

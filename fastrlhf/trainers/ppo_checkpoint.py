@@ -66,10 +66,7 @@ def write_atomically(runtime, directory, write) -> Path:
 
 def export_policy(trainer, directory) -> Path:
     """The actor's LM in HF format with the tokenizer, streamed from the shards a bucket of layers at a
-    time (``engine.checkpoint.export_hf``), written atomically (a collective; rank 0 writes)."""
-    if getattr(trainer, "lora", False):  # one process (LoRA is refused under FSDP2): adapters merged
-        from fastrlhf.models.lora import save_merged_pretrained
-        return write_atomically(trainer.runtime, directory, lambda tmp: save_merged_pretrained(
-            trainer.actor.lm, tmp, tokenizer=trainer.tokenizer))
+    time (``engine.checkpoint.export_hf``; LoRA: adapters merged), written atomically (a collective; rank
+    0 writes)."""
     return write_atomically(trainer.runtime, directory,
                             lambda tmp: dcp_ckpt.export_hf(trainer.actor, tmp, tokenizer=trainer.tokenizer))

@@ -64,9 +64,6 @@ def check_ppo_cli_config(cfg, config_path: str) -> None:
     if not cfg.reward_model and not cfg.rewards:
         raise ConfigError(f"{config_path}: `reward_model` or `rewards` is required for `fastrlhf ppo`")
     critic_free = not needs_critic(cfg.advantage_estimator)
-    if cfg.lora_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"{config_path}: lora_rank > 0 is not supported with FSDP2 yet (torchrun); run LoRA "
-                          "in one process or set lora_rank: 0")
     if not (critic_free or cfg.shared_critic or cfg.critic_model or cfg.reward_model):
         raise ConfigError(f"{config_path}: advantage_estimator={cfg.advantage_estimator} needs a critic: set "
                           "critic_model (or reward_model), or shared_critic: true")
@@ -125,10 +122,13 @@ def load_ppo_models(cfg, runtime, *, critic: bool = True):
     from fastrlhf.engine.precision import resolve_precision
     from fastrlhf.models import RewardModel, ValueModel
     from fastrlhf.models.policy import PolicyWithLoss
+    from fastrlhf.trainers.common import lora_source
 
     precision = resolve_precision(cfg.precision, runtime.device)
     wrap = dict(temperature=cfg.rollout.temperature or 1.0, backend=cfg.kernel_backend)
-    plain = False if cfg.lora_rank else None  # LoRA runs in one process on plain modules (also on a GPU)
+    # LoRA in one process: plain modules (also on a GPU); under torchrun the adapters are injected before
+    # FSDP2 shards actor and critic (common.lora_source)
+    plain = False if cfg.lora_rank and runtime.world_size == 1 else None
     # the memory plan from the config.json files, before any weight is read (refused here if nothing fits);
     # offload=all (chosen, or set) puts the trained shards under FSDP2's CPUOffloadPolicy
     from fastrlhf.engine.memory import MemoryPlanError
@@ -139,12 +139,12 @@ def load_ppo_models(cfg, runtime, *, critic: bool = True):
                                       critic=critic, ref=not cfg.lora_rank) == "all"
     except (MemoryPlanError, PlanError) as err:
         raise ConfigError(str(err)) from None
-    actor = materialize(runtime, causal_lm_source(
-        cfg.model, wrap=lambda m: PolicyWithLoss(m, shared_critic=cfg.shared_critic, **wrap)),
+    actor = materialize(runtime, lora_source(cfg, causal_lm_source(
+        cfg.model, wrap=lambda m: PolicyWithLoss(m, shared_critic=cfg.shared_critic, **wrap))),
         train=True, precision=precision, offload_params=offload, fsdp=plain)
     critic = None if not critic else materialize(
-        runtime, head_model_source(cfg.critic_model or cfg.reward_model, ValueModel), train=True,
-        precision=precision, offload_params=offload, fsdp=plain)
+        runtime, lora_source(cfg, head_model_source(cfg.critic_model or cfg.reward_model, ValueModel)),
+        train=True, precision=precision, offload_params=offload, fsdp=plain)
     # LoRA: no reference model (the actor with its adapters disabled computes the reference log-probs)
     ref = None if cfg.lora_rank else materialize(
         runtime, causal_lm_source(cfg.model, wrap=lambda m: PolicyWithLoss(m, **wrap)),

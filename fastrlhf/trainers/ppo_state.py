@@ -16,11 +16,8 @@ def save_critic(trainer, directory: str | Path) -> Path:
     from fastrlhf.engine.checkpoint import export_head_model
     from fastrlhf.trainers.ppo_checkpoint import write_atomically
 
-    if getattr(trainer, "lora", False):  # one process (LoRA is refused under FSDP2): adapters merged
-        write = lambda tmp: trainer.critic.save_pretrained(tmp, tokenizer=trainer.tokenizer)  # noqa: E731
-    else:
-        write = lambda tmp: export_head_model(trainer.critic, tmp, tokenizer=trainer.tokenizer)  # noqa: E731
-    return write_atomically(trainer.runtime, directory, write)
+    write = lambda tmp: export_head_model(trainer.critic, tmp, tokenizer=trainer.tokenizer)  # noqa: E731
+    return write_atomically(trainer.runtime, directory, write)  # LoRA: adapters merged (export_head_model)
 
 
 def drop_rows_after(path: Path, step: int) -> None:

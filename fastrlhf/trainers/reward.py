@@ -196,8 +196,8 @@ class RewardTrainer(common.StepTrainer):
         self.prepare_data("rm", train_rows, eval_rows)
         if model is None and self.fsdp:  # rank 0 reads, the others receive their shards
             from fastrlhf.engine.loading import ModelSource
-            model = self.load_sharded(ModelSource(build=self._build_empty, load=lambda: self._build_model(None)))
-        common.check_lora_unsharded(cfg, self.fsdp)
+            model = self.load_sharded(common.lora_source(cfg, ModelSource(
+                build=self._build_empty, load=lambda: self._build_model(None))))
         self.model = self.place_model(common.maybe_apply_lora(cfg, self._build_model(model)))
         self.setup_loop()
 
@@ -299,7 +299,9 @@ class RewardTrainer(common.StepTrainer):
     def save_model(self, directory: Path) -> None:
         if self.fsdp:  # collective, streamed a bucket of layers at a time; rank 0 writes
             from fastrlhf.engine.checkpoint import export_head_model
-            export_head_model(self.model, directory, tokenizer=self.tokenizer)
+            export_head_model(self.model, directory, tokenizer=self.tokenizer)  # LoRA: merged
+            if self.cfg.lora_rank:
+                common.save_adapters(self.model, directory)
             return
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)  # adapters merged (heads.py)
         if self.cfg.lora_rank:

@@ -237,8 +237,8 @@ class SFTTrainer(common.StepTrainer):
         self.prepare_data("sft", train_rows, eval_rows)
         if model is None:  # fp32 masters; under torchrun rank 0 reads, the others receive shards
             from fastrlhf.engine.loading import causal_lm_source
-            model = self.load_sharded(causal_lm_source(cfg.model)) or load_causal_lm(cfg.model)
-        common.check_lora_unsharded(cfg, self.fsdp)
+            model = (self.load_sharded(common.lora_source(cfg, causal_lm_source(cfg.model)))
+                     or load_causal_lm(cfg.model))
         self.model = self.place_model(common.maybe_apply_lora(cfg, model))
         if self.fsdp:
             register_nll_forward(self.model)
@@ -278,14 +278,16 @@ class SFTTrainer(common.StepTrainer):
                             bf16=self.autocast_bf16, loss_impl=self.cfg.loss_impl, backend=self.cfg.kernel_backend)
 
     def save_model(self, directory: Path) -> None:
+        if self.fsdp:  # collective, streamed a bucket of layers at a time (LoRA: merged); rank 0 writes
+            from fastrlhf.engine.checkpoint import export_hf
+            export_hf(self.model, directory, tokenizer=self.tokenizer)
+            if self.cfg.lora_rank:
+                common.save_adapters(self.model, directory)
+            return
         if self.cfg.lora_rank:  # a plain HF checkpoint (adapters merged) + the adapters for resume
             from fastrlhf.models.lora import save_merged_pretrained
             save_merged_pretrained(self.model, directory, tokenizer=self.tokenizer)
             common.save_adapters(self.model, directory)
-            return
-        if self.fsdp:  # collective, streamed a bucket of layers at a time; rank 0 writes
-            from fastrlhf.engine.checkpoint import export_hf
-            export_hf(self.model, directory, tokenizer=self.tokenizer)
             return
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
