@@ -337,7 +337,7 @@ def sync_weights(runtime: Runtime, actor, rollout) -> dict | None:
     from .weight_sync import iter_merged_buckets, iter_weight_buckets, merged_policy_names, policy_parameters
     sched = runtime.scheduler
     ctx = sched.phase("sync") if sched.current is None else contextlib.nullcontext()
-    lora = has_lora(actor)  # LoRA (unsharded): adapters merged into the synced tensors, base names
+    lora = has_lora(actor)  # LoRA: adapters merged into the synced tensors (gathered from FSDP2 units), base names
     with ctx:
         buckets = (iter_merged_buckets if lora else iter_weight_buckets)(actor, rollout.bucket_bytes,
                                                                           dtype=rollout.dtype)
