@@ -1,4 +1,4 @@
-"""Fixtures for engine tests: launching torchrun subprocesses on a free port."""
+"""Fixtures for engine tests: launching torchrun subprocesses on a free port; tiny saved PPO inputs."""
 from __future__ import annotations
 
 import os
@@ -25,3 +25,18 @@ def _run_torchrun(target: str | Path, *args: str, nproc: int = 2, timeout: int =
 @pytest.fixture(scope="session")
 def run_torchrun():
     return _run_torchrun
+
+
+def write_tiny_ppo_inputs(root: Path, prompts: list[str]) -> None:
+    """What ``fastrlhf ppo`` reads, tiny: ``root/sft`` (a Llama policy + the test tokenizer), ``root/rm`` (a
+    reward model) and ``root/data.jsonl`` (one row per prompt)."""
+    import json
+
+    from fastrlhf.data import build_test_tokenizer
+    from fastrlhf.models import RewardModel, tiny_llama
+    tok = build_test_tokenizer()
+    lm = tiny_llama(len(tok), seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    lm.save_pretrained(root / "sft")
+    tok.save_pretrained(root / "sft")
+    RewardModel(tiny_llama(len(tok), seed=1)).save_pretrained(root / "rm")
+    (root / "data.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("peft")
 
 from fastrlhf.telemetry.metrics import read_metrics  # noqa: E402
+from tests.engine.conftest import write_tiny_ppo_inputs  # noqa: E402
 
 HERE = Path(__file__).parent
 LORA_RANK = 4
@@ -85,18 +86,9 @@ ITERATIONS = 2
 
 
 def _ppo_setup(root: Path) -> Path:
-    import json
-
     import yaml
 
-    from fastrlhf.data import build_test_tokenizer
-    from fastrlhf.models import RewardModel, tiny_llama
-    tok = build_test_tokenizer()
-    lm = tiny_llama(len(tok), seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    lm.save_pretrained(root / "sft")
-    tok.save_pretrained(root / "sft")
-    RewardModel(tiny_llama(len(tok), seed=1)).save_pretrained(root / "rm")
-    (root / "data.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    write_tiny_ppo_inputs(root, PROMPTS)
     cfg = {"model": str(root / "sft"), "reward_model": str(root / "rm"), "data": str(root / "data.jsonl"),
            "output_dir": str(root / "whole"), "iterations": ITERATIONS, "rollout_batch_size": 2,
            "minibatch_size": 1, "ppo_epochs": 2, "checkpoint_every": 1, "keep_checkpoints": 2,

@@ -15,21 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastrlhf.data import build_test_tokenizer
 from fastrlhf.engine.distributed import free_port
-from fastrlhf.models import RewardModel, tiny_llama
+from tests.engine.conftest import write_tiny_ppo_inputs
 
 PROMPTS = ["hello cat", "the big red dog is here", "what", "i like the small green bird", "a dog", "the cat is red"]
 ITERATIONS = 3
 
 
 def _setup(root: Path) -> None:
-    tok = build_test_tokenizer()
-    lm = tiny_llama(len(tok), seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    lm.save_pretrained(root / "sft")
-    tok.save_pretrained(root / "sft")
-    RewardModel(tiny_llama(len(tok), seed=1)).save_pretrained(root / "rm")
-    (root / "data.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    write_tiny_ppo_inputs(root, PROMPTS)
 
 
 def _config(root: Path, name: str) -> Path:
