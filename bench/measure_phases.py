@@ -1,6 +1,7 @@
 """Per-phase timeline and peak memory of PPO iterations on a random-weight model (no downloads).
 
-    python -m bench.measure_phases --model qwen0.5b --iterations 3 [--rollout hf|vllm] [--out F]
+    python -m bench.measure_phases --model qwen0.5b --iterations 3 [--rollout hf|vllm] [--gradient-checkpointing]
+                                   [--out F]
     torchrun --nproc_per_node N -m bench.measure_phases ...        (FSDP2 over N ranks)
 
 Builds actor, reference, reward model and critic from one config (``tiny`` = the demo's shape class,
@@ -45,7 +46,7 @@ def build_models(shape: str, dtype: torch.dtype):
 
 
 def run(shape: str, iterations: int, rollout: str, batch: int, new_tokens: int,
-        dtype: str) -> tuple[list[dict], dict | None]:
+        dtype: str, gradient_checkpointing: bool = False) -> tuple[list[dict], dict | None]:
     from fastrlhf.data import build_test_tokenizer
     from fastrlhf.engine.runtime import init_runtime
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer, RolloutConfig
@@ -58,7 +59,7 @@ def run(shape: str, iterations: int, rollout: str, batch: int, new_tokens: int,
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PPOConfig(output_dir=tmp, iterations=iterations, rollout_batch_size=batch,
                         minibatch_size=max(1, batch // 2), ppo_epochs=1, checkpoint_every=10**9,
-                        rollout=RolloutConfig(backend=rollout, max_new_tokens=new_tokens))
+                        gradient_checkpointing=gradient_checkpointing, tensorboard=False, rollout=RolloutConfig(backend=rollout, max_new_tokens=new_tokens))
         trainer = PPOTrainer(cfg, actor=actor, ref=ref, reward_model=reward, critic=critic,
                              tokenizer=build_test_tokenizer(), prompts=prompts, runtime=runtime)
         rows = [trainer.iteration(it) for it in range(iterations)]
@@ -75,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="prompts per rank per iteration")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    rows, plan = run(args.model, args.iterations, args.rollout, args.batch, args.new_tokens, args.dtype)
+    rows, plan = run(args.model, args.iterations, args.rollout, args.batch, args.new_tokens, args.dtype,
+                     args.gradient_checkpointing)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
     phases = ("generate", "score", "train", "sync")
