@@ -11,7 +11,9 @@ it measured:
    GPU profile, until 130 s have passed (the case running then finishes), then the markdown summary;
 3. ``probe``: ``python -m bench.probe_rows`` (row kernels' GB/s against a device copy, registers, spills),
    30 s;
-4. ``rest``: ``pytest -m gpu tests --ignore=tests/kernels`` with the time left.
+4. ``phases``: ``python -m bench.measure_phases`` (two PPO iterations of a Qwen2-0.5B-shaped model, fp32
+   weights, ``precision: auto`` = bf16 compute with fp32 masters, 1-rank FSDP2, HF rollout): each phase's measured peak with the memory planner's prediction under it, 60 s;
+5. ``rest``: ``pytest -m gpu tests --ignore=tests/kernels`` with the time left.
 
 No torch.compile provider, no Triton interpreter, no PPO step. ``--dry-run`` (any machine, no GPU): every
 stage collects its cases and imports its modules instead of running, and the call exits non-zero if
@@ -33,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE = REPO / "bench" / "headline.txt"
 # (stage, share of the budget in seconds at the default budget of 330 s)
-STAGES = (("kernels", 150), ("headline", 130), ("probe", 30), ("rest", None))
+STAGES = (("kernels", 150), ("headline", 130), ("probe", 30), ("phases", 60), ("rest", None))
 NO_TESTS = 5  # pytest's exit code when nothing was selected
 
 
@@ -49,6 +51,11 @@ def stage_command(stage: str, dry: bool, env: dict, out_dir: Path) -> list[str]:
         return [*pytest, *collect, "-m", "gpu", "tests/kernels"]
     if stage == "headline":
         return [*pytest, *collect, *headline_ids()]
+    if stage == "phases":
+        if dry:
+            return [py, "-c", "import bench.measure_phases"]
+        return [py, "-m", "bench.measure_phases", "--model", "qwen0.5b", "--iterations", "2", "--batch", "8",
+                "--new-tokens", "64", "--out", str(out_dir / "phases.json")]
     if stage == "probe":
         return [py, "-m", "bench.probe_rows", *(["--dry-run"] if dry else ["--out", str(out_dir / "probe.jsonl")])]
     return [*pytest, *collect, "-m", "gpu", "tests", "--ignore=tests/kernels"]
