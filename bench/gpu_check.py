@@ -9,13 +9,14 @@ it measured:
    grad_W error at 64 chunks, the parity check, bf16 real shapes), 150 s;
 2. ``headline``: the bench cases listed in ``bench/headline.txt`` (ours, round-1 variants, eager, Liger),
    GPU profile, until 130 s have passed (the case running then finishes), then the markdown summary;
-3. ``probe``: ``python -m bench.probe_rows`` (row kernels' GB/s against a device copy, registers, spills),
+3. ``phases``: ``python -m bench.measure_phases`` (two PPO iterations of a Qwen2-0.5B-shaped model, fp32
+   weights, ``precision: auto`` = bf16 compute with fp32 masters, 1-rank FSDP2, HF rollout): each phase's
+   measured peak with the memory planner's prediction under it, 60 s;
+4. ``probe``: ``python -m bench.probe_rows`` (row kernels' GB/s against a device copy, registers, spills),
    30 s;
-4. ``phases``: ``python -m bench.measure_phases`` (two PPO iterations of a Qwen2-0.5B-shaped model, fp32
-   weights, ``precision: auto`` = bf16 compute with fp32 masters, 1-rank FSDP2, HF rollout): each phase's measured peak with the memory planner's prediction under it, 60 s;
 5. ``rest``: ``pytest -m gpu tests --ignore=tests/kernels`` with the time left.
 
-No torch.compile provider, no Triton interpreter, no PPO step. ``--dry-run`` (any machine, no GPU): every
+No torch.compile provider, no Triton interpreter, no timed PPO step. ``--dry-run`` (any machine, no GPU): every
 stage collects its cases and imports its modules instead of running, and the call exits non-zero if
 anything fails to collect or import.
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE = REPO / "bench" / "headline.txt"
 # (stage, share of the budget in seconds at the default budget of 330 s)
-STAGES = (("kernels", 150), ("headline", 130), ("probe", 30), ("phases", 60), ("rest", None))
+STAGES = (("kernels", 150), ("headline", 130), ("phases", 60), ("probe", 30), ("rest", None))
 NO_TESTS = 5  # pytest's exit code when nothing was selected
 
 

@@ -22,7 +22,7 @@ def test_dry_run_collects_every_stage(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_check-dry-run" / "summary.json").read_text())
-    assert summary["dry_run"] and list(summary["stages"]) == ["kernels", "headline", "probe", "phases", "rest"]
+    assert summary["dry_run"] and list(summary["stages"]) == ["kernels", "headline", "phases", "probe", "rest"]
     assert all(s["rc"] == 0 for s in summary["stages"].values()), summary
     ids = gpu_check.headline_ids()
     assert summary["stages"]["headline"]["summary"].startswith(f"{len(ids)} tests collected")
