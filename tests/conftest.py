@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
 def seeded():
     torch.manual_seed(0)
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
+    from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
+    reason = interpreter_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -16,37 +16,33 @@ import torch
 
 from fastrlhf.kernels import gae, masked_whiten
 
+from .registry import Registry
 from .rewards import last_valid_index
 
 # name -> (adapter, needs_critic)
-_ADV_ESTIMATORS: dict[str, tuple[Callable, bool]] = {}
+_ADV_ESTIMATORS: Registry[tuple[Callable, bool]] = Registry("advantage estimator", "advantage_estimator")
 
 
 def register_adv_est(name: str, *, needs_critic: bool = False):
     """Decorator: register an adapter ``fn(*, scores, rewards, values, mask, group_size, gamma, lam,
     norm_std, whiten, backend) -> (advantages [B, T], returns [B, T])`` under ``name``."""
     def wrap(fn):
-        if name in _ADV_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        _ADV_ESTIMATORS[name] = (fn, needs_critic)
+        _ADV_ESTIMATORS.register(name, (fn, needs_critic))
         return fn
     return wrap
 
 
 def adv_estimator_names() -> tuple[str, ...]:
-    return tuple(_ADV_ESTIMATORS)
+    return _ADV_ESTIMATORS.names()
 
 
 def get_adv_estimator(name: str) -> Callable:
-    if name not in _ADV_ESTIMATORS:
-        raise ValueError(f"advantage_estimator must be one of {adv_estimator_names()}, got {name!r}")
-    return _ADV_ESTIMATORS[name][0]
+    return _ADV_ESTIMATORS.get(name)[0]
 
 
 def needs_critic(name: str) -> bool:
     """Whether estimator ``name`` uses values (a critic); critic-free ones build no critic, no value loss."""
-    get_adv_estimator(name)
-    return _ADV_ESTIMATORS[name][1]
+    return _ADV_ESTIMATORS.get(name)[1]
 
 
 # ------------------------------------------------------------------------------------------ the math

@@ -15,26 +15,24 @@ import torch
 
 from fastrlhf.kernels import fused_ppo_loss, linear_token_logprobs, masked_mean, ppo_policy_loss
 
-_POLICY_LOSSES: dict[str, Callable] = {}
+from .registry import Registry
+
+_POLICY_LOSSES: Registry[Callable] = Registry("policy loss", "policy_loss")
 
 
 def register_policy_loss(name: str):
     def wrap(fn):
-        if name in _POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        _POLICY_LOSSES[name] = fn
+        _POLICY_LOSSES.register(name, fn)
         return fn
     return wrap
 
 
 def policy_loss_names() -> tuple[str, ...]:
-    return tuple(_POLICY_LOSSES)
+    return _POLICY_LOSSES.names()
 
 
 def get_policy_loss(name: str) -> Callable:
-    if name not in _POLICY_LOSSES:
-        raise ValueError(f"policy_loss must be one of {policy_loss_names()}, got {name!r}")
-    return _POLICY_LOSSES[name]
+    return _POLICY_LOSSES.get(name)
 
 
 @register_policy_loss("ppo")

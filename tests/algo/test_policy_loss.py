@@ -7,18 +7,10 @@ import torch
 
 from fastrlhf.algo import get_policy_loss, gspo_loss, gspo_policy_loss, policy_loss_names, register_policy_loss
 from fastrlhf.kernels import fused_ppo_loss, token_logprobs
-from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 
 B, T, H, V = 5, 6, 16, 37
 CLIP_LOW, CLIP_HIGH = 0.03, 0.05
 
-
-@pytest.fixture
-def interpret(monkeypatch):
-    reason = interpreter_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _inputs(seed=0):

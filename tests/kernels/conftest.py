@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastrlhf.kernels._triton_utils import interpreter_unavailable_reason
 
 MASK_KINDS = ("full", "ragged", "left", "holes")
 
@@ -100,11 +99,3 @@ def float_guard():
     return LargeFloatGuard
 
 
-
-@pytest.fixture
-def interpret(monkeypatch):
-    """TRITON_INTERPRET=1 for this test, or a skip with the reason where the interpreter cannot run."""
-    reason = interpreter_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -11,23 +10,15 @@ from fastrlhf.algo import dpo_loss
 from fastrlhf.cli import main
 from fastrlhf.config import ConfigError
 from fastrlhf.data import build_test_tokenizer
-from fastrlhf.data.tokenizer import TEST_WORDS
 from fastrlhf.models import tiny_llama
 from fastrlhf.trainers.dpo import REF_CACHE, DPOConfig, DPOTrainer, dpo_batch, dpo_pair_features, sequence_logps
+from tests.trainers.helpers import good_bad_pairs
 
-WORDS = [w for w in TEST_WORDS if w not in ("good", "bad")]
 
 
 def pairs(n: int, seed: int) -> list[dict]:
     """Chosen has "good" where rejected has "bad"."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        base = [rng.choice(WORDS) for _ in range(rng.randint(1, 4))]
-        i = rng.randint(0, len(base))
-        rows.append({"prompt": "say " + rng.choice(WORDS), "chosen": " ".join(base[:i] + ["good"] + base[i:]),
-                     "rejected": " ".join(base[:i] + ["bad"] + base[i:])})
-    return rows
+    return good_bad_pairs(n, seed, words=(1, 4))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from fastrlhf.models import RewardModel, ValueModel, tiny_llama
 from fastrlhf.rollout.base import Generation
 from fastrlhf.trainers.ppo import EarlyStopConfig, KLConfig, PPOConfig, PPOTrainer, RolloutConfig
 from fastrlhf.trainers.ppo_batch import PPOBatch, build_batch
+from tests.trainers.helpers import FixedRollout, crash_and_resume
 
 
 @pytest.fixture(scope="module")
@@ -22,28 +23,6 @@ def tok():
 
 
 PROMPTS = ["hello cat", "the big red dog is here", "what", "i like the small green bird"]
-
-
-class FixedRollout:
-    """A RolloutEngine returning fixed responses (cycled), to control response lengths exactly."""
-
-    shares_actor_weights = True
-
-    def __init__(self, responses):
-        self.responses = responses
-
-    def generate(self, prompt_ids, params):
-        toks = [self.responses[i % len(self.responses)] for i in range(len(prompt_ids))]
-        return Generation(toks, [[-1.0] * len(t) for t in toks])
-
-    def update_weights(self, named_tensors):
-        pass
-
-    def sleep(self, level=1):
-        pass
-
-    def wake(self):
-        pass
 
 
 def make_trainer(tmp_path, tok, *, rollout=None, reward_model=None, **overrides):
@@ -305,20 +284,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, tok, monkeypatch)
     kw = dict(iterations=3, minibatch_size=2, reward_norm="running", checkpoint_every=1)
     full = make_trainer(tmp_path / "a", tok, **kw)
     full.train()
-
-    crashed = make_trainer(tmp_path / "b", tok, **kw)
-    real = PPOTrainer.iteration
-
-    def crash_at_2(self, it):
-        if it == 2:
-            raise RuntimeError("simulated crash")
-        return real(self, it)
-
-    monkeypatch.setattr(PPOTrainer, "iteration", crash_at_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.train()
-    monkeypatch.setattr(PPOTrainer, "iteration", real)
-    resumed = make_trainer(tmp_path / "b", tok, **kw)
+    resumed = crash_and_resume(monkeypatch, lambda: make_trainer(tmp_path / "b", tok, **kw), at=2)
     assert len(resumed.train()) == 1  # only iteration 3 ran
 
     a, b = _state(full), _state(resumed)

@@ -18,6 +18,7 @@ from fastrlhf.models import RewardModel, ValueModel, tiny_llama
 from fastrlhf.rollout.base import Generation
 from fastrlhf.trainers.ppo import EarlyStopConfig, KLConfig, PPOConfig, PPOTrainer, RolloutConfig
 from fastrlhf.trainers.ppo_batch import build_batch
+from tests.trainers.helpers import FixedRollout, write_grpo_cli_run
 
 PROMPTS = ["hello cat", "the big red dog is here", "what", "i like the small green bird"]
 # 8 rows = 4 prompts x n=2; EOS is id 1
@@ -27,26 +28,6 @@ RESPONSES = [[20, 21, 1], [22], [23, 24, 25, 26], [27, 1], [28, 1], [29, 1], [20
 @pytest.fixture(scope="module")
 def tok():
     return build_test_tokenizer()
-
-
-class FixedRollout:
-    shares_actor_weights = True
-
-    def __init__(self, responses):
-        self.responses = responses
-
-    def generate(self, prompt_ids, params):  # params.n responses per prompt, prompt-major
-        toks = [self.responses[i % len(self.responses)] for i in range(len(prompt_ids) * params.n)]
-        return Generation(toks, [[-1.0] * len(t) for t in toks])
-
-    def update_weights(self, named_tensors):
-        pass
-
-    def sleep(self, level=1):
-        pass
-
-    def wake(self):
-        pass
 
 
 def n_words(prompts, responses, **row):
@@ -216,16 +197,7 @@ def test_cli_grpo_with_function_reward_only(tmp_path, tok, capsys):
     from fastrlhf.cli import main
 
     lm = tiny_llama(len(tok), seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    lm.save_pretrained(tmp_path / "sft")
-    tok.save_pretrained(tmp_path / "sft")
-    rows = [{"prompt": p, "answer": str(i)} for i, p in enumerate(PROMPTS)]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"model": str(tmp_path / "sft"), "data": str(tmp_path / "data.jsonl"),
-              "output_dir": str(tmp_path / "out"), "iterations": 1, "rollout_batch_size": 2,
-              "minibatch_size": 4, "ppo_epochs": 1, "advantage_estimator": "grpo", "progress": False,
-              "max_prompt_length": 16, "rollout": {"max_new_tokens": 3, "n": 2},
-              "rewards": [{"function": "fastrlhf.data.arithmetic_task:exact_answer_reward", "weight": 1.0}]}
-    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(config))
+    config = write_grpo_cli_run(tmp_path, lm, tok, PROMPTS)
     assert main(["ppo", "--config", str(tmp_path / "ppo.yaml")]) == 0
     out_rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert out_rows[-1]["iteration"] == 1 and out_rows[-1]["rm_score"] == 0.0  # no "=" in random answers

@@ -15,6 +15,7 @@ from fastrlhf.models.policy import PolicyWithLoss  # noqa: E402
 from fastrlhf.rollout.base import Generation  # noqa: E402
 from fastrlhf.trainers.ppo import EarlyStopConfig, PPOConfig, PPOTrainer, RolloutConfig  # noqa: E402
 from fastrlhf.trainers.ppo_batch import build_batch  # noqa: E402
+from tests.trainers.helpers import FixedRollout, crash_and_resume, write_grpo_cli_run  # noqa: E402
 
 PROMPTS = ["hello cat", "the big red dog is here", "what", "i like the small green bird"]
 RESPONSES = [[20, 21, 1], [22], [23, 24, 25, 26], [27, 1]]
@@ -23,17 +24,6 @@ RESPONSES = [[20, 21, 1], [22], [23, 24, 25, 26], [27, 1]]
 @pytest.fixture(scope="module")
 def tok():
     return build_test_tokenizer()
-
-
-class FixedRollout:
-    shares_actor_weights = True
-
-    def generate(self, prompt_ids, params):
-        toks = [RESPONSES[i % len(RESPONSES)] for i in range(len(prompt_ids))]
-        return Generation(toks, [[-1.0] * len(t) for t in toks])
-
-    def update_weights(self, named_tensors):
-        pass
 
 
 def _lm(tok, seed):
@@ -50,7 +40,7 @@ def make(tmp_path, tok, *, ref=None, **overrides):
     cfg = PPOConfig(**fields)
     critic = None if cfg.shared_critic else ValueModel(_lm(tok, 2))
     return PPOTrainer(cfg, actor=_lm(tok, 0), ref=ref, reward_model=RewardModel(_lm(tok, 1)), critic=critic,
-                      tokenizer=tok, prompts=PROMPTS, rollout=FixedRollout(), output_dir=tmp_path)
+                      tokenizer=tok, prompts=PROMPTS, rollout=FixedRollout(RESPONSES), output_dir=tmp_path)
 
 
 def _batch(trainer):
@@ -121,19 +111,7 @@ def test_lora_ppo_resume_after_crash_equals_uninterrupted_run(tmp_path, tok, mon
     kw = dict(iterations=3)
     full = make(tmp_path / "a", tok, **kw)
     full.train()
-    crashed = make(tmp_path / "b", tok, **kw)
-    real = PPOTrainer.iteration
-
-    def crash_at_2(self, it):
-        if it == 2:
-            raise RuntimeError("simulated crash")
-        return real(self, it)
-
-    monkeypatch.setattr(PPOTrainer, "iteration", crash_at_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.train()
-    monkeypatch.setattr(PPOTrainer, "iteration", real)
-    resumed = make(tmp_path / "b", tok, **kw)
+    resumed = crash_and_resume(monkeypatch, lambda: make(tmp_path / "b", tok, **kw), at=2)
     assert len(resumed.train()) == 1
     a, b = _state(full), _state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -157,24 +135,12 @@ def test_lora_ppo_config_errors(tmp_path, tok):
 
 
 def test_cli_ppo_with_lora_loads_no_reference_and_exports_merged(tmp_path, tok, monkeypatch, capsys):
-    import json
-
-    import yaml
     from transformers import AutoModelForCausalLM
 
     from fastrlhf.cli import main
     from fastrlhf.trainers import ppo_cli
 
-    _lm(tok, 0).save_pretrained(tmp_path / "sft")
-    tok.save_pretrained(tmp_path / "sft")
-    rows = [{"prompt": p, "answer": str(i)} for i, p in enumerate(PROMPTS)]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"model": str(tmp_path / "sft"), "data": str(tmp_path / "data.jsonl"),
-              "output_dir": str(tmp_path / "out"), "iterations": 1, "rollout_batch_size": 2,
-              "minibatch_size": 4, "ppo_epochs": 1, "advantage_estimator": "grpo", "progress": False,
-              "max_prompt_length": 16, "rollout": {"max_new_tokens": 3, "n": 2}, "lora_rank": 4,
-              "rewards": [{"function": "fastrlhf.data.arithmetic_task:exact_answer_reward", "weight": 1.0}]}
-    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(config))
+    write_grpo_cli_run(tmp_path, _lm(tok, 0), tok, PROMPTS, lora_rank=4)
     loaded = {}
     real = ppo_cli.load_ppo_models
     monkeypatch.setattr(ppo_cli, "load_ppo_models",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ import torch
 from fastrlhf.algo import bradley_terry_loss
 from fastrlhf.config import ConfigError, load_config
 from fastrlhf.data import DataError, build_test_tokenizer
-from fastrlhf.data.tokenizer import TEST_WORDS
 from fastrlhf.models import RewardModel, tiny_gpt2, tiny_llama
 from fastrlhf.telemetry.metrics import read_metrics
 from fastrlhf.trainers.reward import (
@@ -21,22 +19,15 @@ from fastrlhf.trainers.reward import (
     score_pairs,
     pair_features,
 )
+from tests.trainers.helpers import good_bad_pairs
 
 CPU = torch.device("cpu")
-WORDS = [w for w in TEST_WORDS if w not in ("good", "bad")]
 
 
 def synthetic_pairs(n: int, seed: int) -> list[dict]:
     """The chosen response has "good" where the rejected one has "bad", at a random position among
     random words: the reward model must find one token anywhere in the sequence."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        base = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
-        i = rng.randint(0, len(base))
-        rows.append({"prompt": "say " + rng.choice(WORDS), "chosen": " ".join(base[:i] + ["good"] + base[i:]),
-                     "rejected": " ".join(base[:i] + ["bad"] + base[i:])})
-    return rows
+    return good_bad_pairs(n, seed, words=(2, 6))
 
 
 @pytest.fixture(scope="module")
