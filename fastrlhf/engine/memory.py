@@ -21,28 +21,6 @@ class MemoryPlanError(RuntimeError):
     """The planner's verdict is "does not fit" on this device; the message is its whole table."""
 
 
-@dataclass(frozen=True)
-class ModelSize:
-    """``numel`` parameters of ``param_bytes`` bytes each; ``trained`` adds grads + Adam state for the
-    ``trainable`` of them (None: all; fewer with LoRA, where the base weights are frozen)."""
-
-    numel: int
-    param_bytes: int = 4
-    trained: bool = False
-    optim_bytes_per_param: int = 8  # Adam exp_avg + exp_avg_sq in fp32
-    trainable: int | None = None
-
-
-def model_size(model, *, trained: bool) -> ModelSize:
-    """Parameter count and bytes/param of ``model`` (full, unsharded: DTensor shapes are global)."""
-    params = list(model.parameters())
-    numel = sum(p.numel() for p in params)
-    pbytes = params[0].element_size() if params else 4
-    trainable = sum(p.numel() for p in params if p.requires_grad) if trained else None
-    return ModelSize(numel=numel, param_bytes=pbytes, trained=trained,
-                     trainable=None if trainable == numel else trainable)
-
-
 @dataclass
 class MemoryPlan:
     """``placement[phase][item]``: "resident", "offloaded", "sequential" (onloaded only for its own SCORE

@@ -80,8 +80,19 @@ class Arch:
         return 7 * self.hidden + 2 * self.intermediate
 
 
+_ARCHS: dict[str, Arch] = {}  # config JSON -> Arch: the trainer plans before loading and again after
+
+
 def arch_from_config(config) -> Arch:
-    """Count an HF ``PretrainedConfig`` by building its causal LM on the meta device."""
+    """Count an HF ``PretrainedConfig`` by building its causal LM on the meta device (once per distinct
+    config in a process: actor and reference share one, and the re-plans after loading reuse it)."""
+    key = f"{type(config).__name__}:{config.to_json_string(use_diff=False)}"
+    if key not in _ARCHS:
+        _ARCHS[key] = _count_arch(config)
+    return _ARCHS[key]
+
+
+def _count_arch(config) -> Arch:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -476,18 +487,18 @@ def plan_ppo(spec: PlanSpec, offload: str | None = None, *, levels: tuple[str, .
 
 
 # ----------------------------------------------------------------------------------- the scheduler's plan
-def scheduler_plan(plan: Plan, *, device: str, models: tuple[str, ...] | None = None):
+def scheduler_plan(plan: Plan, *, device: str):
     """The placement the scheduler applies (``memory.MemoryPlan``) from the planner's ``plan``: an item is
     resident in a phase when the plan counts it there; in SCORE, with ``one_model.params``, each model's
     parameters are "sequential" (the trainer scores model by model, onloading each for its own turn);
     with offload=all the trained models' state lives on the host under FSDP2's ``CPUOffloadPolicy`` and
-    the scheduler leaves it where it is. ``models``: the models that exist (default: the plan's).
+    the scheduler leaves it where it is.
     The vLLM items follow the engine's sleep: resident in GENERATE, weights only in SYNC, released in
     SCORE / TRAIN (resident everywhere with ``vllm_sleeps`` False)."""
     from .memory import MemoryPlan
 
     spec = plan.spec
-    names = [m for m in (models or tuple(plan.models)) if m in plan.models]
+    names = list(plan.models)  # the models that exist (the spec says which)
     trained = [m for m in names if plan.models[m]["optim"]]
     nbytes: dict[str, int] = {}
     for m in names:

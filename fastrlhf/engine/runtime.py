@@ -26,7 +26,7 @@ import torch
 from fastrlhf.utils import set_seed
 
 from .distributed import init_distributed
-from .memory import MemoryPlanError, ModelSize, model_size
+from .memory import MemoryPlanError
 from .planner import OFFLOADS, PlanSpec
 from .scheduler import PhaseScheduler
 
@@ -40,13 +40,11 @@ class Runtime:
     world_size: int = 1
     scheduler: PhaseScheduler = field(default=None)  # type: ignore[assignment]
     local_rank: int = 0
-    sizes: dict[str, ModelSize | None] = field(default_factory=dict)
     precision: str = "fp32"  # resolved: "bf16" | "fp32" (prepare_models)
     gradient_checkpointing: bool = False
     autocast_bf16: bool = False  # plain modules under bf16 compute by autocast (FSDP2 casts by policy)
     offload: str = "auto"  # the config's offload key, applied to the memory plan
     fsdp: bool = False  # models go through FSDP2 (distributed.use_fsdp; init_runtime decides)
-    fsdp_models: bool = False  # prepare_models sharded the models
     plan_spec: PlanSpec | None = None  # the planner's input (prepare_models), re-planned by make_rollout
     plan_levels: tuple[str, ...] = OFFLOADS  # offload levels "auto" may pick (no "all" for plain modules)
 
@@ -125,10 +123,6 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
     runtime.gradient_checkpointing = gradient_checkpointing
     runtime.autocast_bf16 = runtime.precision == "bf16" and not use_fsdp
     models = dict(zip(_NAMES, (actor, critic, ref, reward_model), strict=True))
-    # Sizes before sharding (global numel either way); frozen models at the compute dtype they are kept in.
-    frozen_bytes = 2 if runtime.precision == "bf16" else None
-    runtime.sizes = {n: _size(m, trained=n in ("actor", "critic"), frozen_bytes=frozen_bytes)
-                     for n, m in models.items()}
     runtime.offload = offload
     runtime.plan_levels = OFFLOADS if use_fsdp else OFFLOADS[:-1]  # CPUOffloadPolicy needs FSDP2
     runtime.plan_spec = _plan_spec(runtime, {n: _arch(m) for n, m in models.items()}, config)
@@ -157,20 +151,10 @@ def prepare_models(runtime: Runtime, *, actor, critic, ref, reward_model, fsdp: 
             out[name].train()
             if gradient_checkpointing:
                 enable_gradient_checkpointing(out[name])
-    runtime.fsdp_models = any(m is not None and is_fsdp(m) for m in out.values())
     runtime.print(f"[fastrlhf] models: FSDP2 over {runtime.world_size} rank(s), precision {runtime.precision}"
                   if use_fsdp else f"[fastrlhf] models: plain modules on {runtime.device}, precision {runtime.precision}")
     runtime.scheduler.bind(models=out)
     return tuple(out[n] for n in _NAMES)
-
-
-def _size(model, *, trained: bool, frozen_bytes: int | None) -> ModelSize | None:
-    if model is None:
-        return None
-    size = model_size(model, trained=trained)
-    if not trained and frozen_bytes is not None:
-        return ModelSize(numel=size.numel, param_bytes=frozen_bytes, trained=False)
-    return size
 
 
 def _arch(model):
@@ -259,8 +243,7 @@ def _replan(runtime: Runtime, *, has_vllm: bool, gpu_memory_utilization: float |
         spec = dataclasses.replace(spec, gpu_memory_utilization=gpu_memory_utilization)
     runtime.plan_spec = spec
     plan = _checked_plan(runtime, spec)
-    names = tuple(n for n, size in runtime.sizes.items() if size is not None)
-    memory_plan = scheduler_plan(plan, device=str(runtime.device), models=names)
+    memory_plan = scheduler_plan(plan, device=str(runtime.device))
     runtime.scheduler.bind(plan=memory_plan)
     runtime.print(memory_plan.format())
     return plan.offload

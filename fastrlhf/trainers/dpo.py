@@ -189,16 +189,16 @@ class DPOTrainer(common.StepTrainer):
     def _score_all(self, model, features: list[dict]) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        parts = []
-        for mb in self.micro_batches(features):
-            mb = {k: v.to(self.device) for k, v in mb.items()}
+        parts, groups = [], self.micro_rows(features)
+        for rows in groups:
+            mb = {k: v.to(self.device) for k, v in dpo_batch([features[i] for i in rows], self.pad_id).items()}
             with common.autocast(self.device, self.cfg.bf16):
                 lp, _ = sequence_logps(model, mb, backend=self.cfg.kernel_backend, packing=self.cfg.packing)
             parts.append(lp.float().view(2, -1).T.cpu())
         model.train(was_training)
         if not parts:
             return torch.zeros(0, 2)
-        order = torch.tensor([i for rows in self.micro_rows(features) for i in rows])
+        order = torch.tensor([i for rows in groups for i in rows])
         out = torch.empty(len(features), 2)
         out[order] = torch.cat(parts)  # micro-batches by tokens need not hold consecutive pairs
         return out

@@ -52,7 +52,7 @@ def _batch(trainer):
 @pytest.mark.parametrize("shared_critic", [False, True])
 def test_lora_ppo_trains_adapters_and_reference_is_the_base_model(tmp_path, tok, shared_critic):
     trainer = make(tmp_path, tok, shared_critic=shared_critic)
-    assert trainer.ref is None and trainer.runtime.sizes["ref"] is None  # no fourth model, none planned
+    assert trainer.ref is None and "ref.params" not in trainer.runtime.scheduler.plan.bytes  # none planned
     base = _lm(tok, 0)
     trainable = {n for n, p in trainer.actor.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
