@@ -4,7 +4,7 @@ The byte counts and the choice of offload level come from the planner (``engine/
 behind ``fastrlhf plan``): ``prepare_models`` / ``make_rollout`` build a :class:`~fastrlhf.engine.planner.PlanSpec`
 from the models' HF configs, the runtime (ranks, precision, checkpointing, offload) and the trainer's token
 budget, and ``planner.scheduler_plan`` turns ``plan_ppo``'s answer into this placement (item ->
-resident / offloaded / sequential per phase). On a CPU device there is nothing to offload to: all resident.
+resident / offloaded / sequential / host per phase). On a CPU device there is nothing to offload to: all resident.
 
 Items: ``<model>.params`` (parameters, per rank), ``<model>.optim`` (fp32 grads + AdamW moments of the
 trainable parameters), ``vllm.weights`` and ``vllm.kv`` (the engine's share: asleep outside GENERATE /
